@@ -1,0 +1,14 @@
+/* Linux calls Glibc's Swift overlay hides behind _GNU_SOURCE. */
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <unistd.h>
+#include <linux/falloc.h>
+
+static inline int rewind_punch_hole(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+static inline off_t rewind_seek_data(int fd, off_t offset) { return lseek(fd, offset, SEEK_DATA); }
+static inline off_t rewind_seek_hole(int fd, off_t offset) { return lseek(fd, offset, SEEK_HOLE); }
+static inline ssize_t rewind_copy_file_range(int in, off_t *inOffset, int out, off_t *outOffset, size_t length) {
+    return copy_file_range(in, inOffset, out, outOffset, length, 0);
+}

@@ -1,0 +1,258 @@
+import Glibc
+
+/// What one compaction did.
+public struct CompactionReport: Sendable, Codable {
+    public var fromHorizon: UInt64
+    public var toHorizon: UInt64
+    /// Distinct blocks written into base.img: each folded block exactly once.
+    public var blocksWritten: UInt64
+    public var recordsRemoved: UInt64
+    public var bytesFolded: UInt64
+    public var bookmarksRemoved: [String]
+}
+
+/// Folds the oldest records into base.img as they leave the retention window.
+///
+/// Protocol (crash-safe at every instant):
+/// 1. Under an exclusive `base.lock`, record the target horizon j in the header and make it
+///    durable. From then on points before j are refused.
+/// 2. For each block changed in (horizon, j], write its newest content at or before j into
+///    base.img — once per block — then fsync base.img.
+/// 3. Delete, in bounded transactions, each block's index entries <= j (all of a block's at
+///    once), the records <= j, the segments wholly <= j and bookmarks before j; then set
+///    horizon = j.
+/// A reader at any point >= j finds either a block's old entries (whose newest <= j equals
+/// what step 2 wrote) or none (then base.img, already rewritten): the same bytes. On open, a
+/// target above the horizon means a crash in 2 or 3: both are idempotent and are redone.
+struct Compactor {
+    let mirror: Mirror
+    /// Blocks handled per read or write transaction, so the live writer is never held up long.
+    static let chunkBlocks = 4096
+    /// Records deleted per write transaction.
+    static let chunkRecords = 16384
+
+    /// Compact up to `target`, which must lie in (horizon, lastSeq].
+    func compact(to target: UInt64, progress: Progress?) throws -> CompactionReport {
+        let lock = try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
+                                holder: "a restore or export is reading an old point; try again when it ends")
+        defer { lock.release() }
+        let journal = mirror.journal
+        let before = try journal.env.write { txn -> MirrorMeta in
+            var m = try journal.readMeta(txn)
+            if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
+            guard target <= m.lastSeq else { throw RewindError.pointAfterLatest(point: "seq:\(target)", latest: m.lastSeq) }
+            guard target >= m.oldestPoint else {
+                throw RewindError.pointBeforeHorizon(point: "seq:\(target)", horizon: m.oldestPoint)
+            }
+            if target > m.target { m.target = target }
+            try journal.writeMeta(txn, m)
+            return m
+        }
+        try mirror.sync()
+        return try finish(target: before.target, progress: progress, lockHeld: true)
+    }
+
+    /// Steps 2 and 3 for a recorded target (also the crash-recovery path).
+    func finish(target: UInt64, progress: Progress?, lockHeld: Bool = false) throws -> CompactionReport {
+        let lock = lockHeld ? nil : try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
+                                                 holder: "a reader holds an old point")
+        defer { lock?.release() }
+        let journal = mirror.journal
+        let start = try mirror.meta()
+        guard target > start.horizon else {
+            return CompactionReport(fromHorizon: start.horizon, toHorizon: start.horizon, blocksWritten: 0,
+                                    recordsRemoved: 0, bytesFolded: 0, bookmarksRemoved: [])
+        }
+        let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
+        let written = try fold(upTo: target, progress: progress)
+        try mirror.base.sync()
+        try deleteIndex(upTo: target, progress: progress)
+        let removed = try deleteRecords(after: start.horizon, upTo: target)
+        var dropped: [String] = []
+        try journal.env.write { txn in
+            var m = try journal.readMeta(txn)
+            for (name, seq) in try journal.allBookmarks(txn) where seq < target {
+                try journal.delete(bookmark: name, txn)
+                dropped.append(name)
+            }
+            m.horizon = target
+            m.horizonTime = horizonRecord.timestamp
+            m.horizonCumulative = horizonRecord.cumulative
+            if m.target < target { m.target = target }
+            try journal.writeMeta(txn, m)
+        }
+        try mirror.sync()
+        return CompactionReport(fromHorizon: start.horizon, toHorizon: target, blocksWritten: written,
+                                recordsRemoved: removed, bytesFolded: horizonRecord.cumulative - start.horizonCumulative,
+                                bookmarksRemoved: dropped)
+    }
+
+    /// Step 2: write each block's newest content <= target into base.img, once per block.
+    private func fold(upTo target: UInt64, progress: Progress?) throws -> UInt64 {
+        let journal = mirror.journal
+        let base = mirror.base
+        let bs = UInt64(mirror.blockSize)
+        var written: UInt64 = 0
+        var resume: [UInt8] = blockKey(0, 0)
+        let total = try journal.env.read { try $0.count(journal.blocks) }
+        progress?.begin(phase: "folding into base", total: UInt64(total))
+        var scanned: UInt64 = 0
+        var finished = false
+        while !finished {
+            // One bounded read transaction per chunk of blocks.
+            try journal.env.read { txn in
+                let cursor = try txn.cursor(journal.blocks)
+                var entry = try cursor.seek(atLeast: resume)
+                var blocksInChunk = 0
+                var current: (block: UInt64, seq: UInt64, value: BlockContent)?
+                func emit() throws {
+                    guard let c = current else { return }
+                    switch c.value {
+                    case .zero: try base.punchHole(at: c.block * bs, length: bs)
+                    case let .data(segment, off, hash):
+                        let bytes = try journal.segmentBytes(txn, segment, seq: c.seq)
+                        let s = Int(off), e = s + mirror.blockSize
+                        guard e <= bytes.count else { throw RewindError.corruptBlock(seq: c.seq, block: c.block, why: "points past its segment") }
+                        let slice = UnsafeRawBufferPointer(rebasing: bytes[s..<e])
+                        guard xxh3(slice) == hash else {
+                            throw RewindError.corruptBlock(seq: c.seq, block: c.block, why: "payload checksum mismatch (data damaged on disk)")
+                        }
+                        try base.write(at: c.block * bs, from: slice)
+                    }
+                    written += 1
+                    current = nil
+                }
+                while let e = entry, let key = decodeBlockKey(e.key) {
+                    if key.block != current?.block {
+                        try emit()
+                        if blocksInChunk >= Self.chunkBlocks { resume = blockKey(key.block, 0); return }
+                        blocksInChunk += 1
+                    }
+                    if key.seq <= target { current = (key.block, key.seq, try BlockContent.decode(e.value, seq: key.seq, block: key.block)) }
+                    scanned += 1
+                    entry = try cursor.next()
+                }
+                try emit()
+                finished = true
+            }
+            progress?.update(done: scanned)
+        }
+        progress?.end()
+        return written
+    }
+
+    /// Step 3a: delete index entries <= target, all of one block's in the same transaction.
+    private func deleteIndex(upTo target: UInt64, progress: Progress?) throws {
+        let journal = mirror.journal
+        var resume = blockKey(0, 0)
+        var finished = false
+        while !finished {
+            try journal.env.write { txn in
+                let cursor = try txn.cursor(journal.blocks)
+                var entry = try cursor.seek(atLeast: resume)
+                var blocksInChunk = 0
+                var lastBlock: UInt64?
+                while let e = entry, let key = decodeBlockKey(e.key) {
+                    if key.block != lastBlock {
+                        if blocksInChunk >= Self.chunkBlocks { resume = blockKey(key.block, 0); return }
+                        blocksInChunk += 1
+                        lastBlock = key.block
+                    }
+                    if key.seq <= target {
+                        try cursor.deleteCurrent()
+                        // After a delete LMDB's MDB_NEXT returns the entry that followed, without skipping.
+                        entry = try cursor.next()
+                    } else {
+                        entry = try cursor.next()
+                    }
+                }
+                finished = true
+            }
+        }
+    }
+
+    /// Step 3b: delete records (from, to] and every segment none of whose records survive.
+    private func deleteRecords(after from: UInt64, upTo to: UInt64) throws -> UInt64 {
+        let journal = mirror.journal
+        var removed: UInt64 = 0
+        var next = from + 1
+        while next <= to {
+            let end = min(to, next + UInt64(Self.chunkRecords) - 1)
+            try journal.env.write { txn in
+                for seq in next...end where try txn.delete(journal.records, seqKey(seq)) { removed += 1 }
+            }
+            next = end + 1
+        }
+        // A segment s holds payloads of records s..<(next segment's key); it goes when they all do.
+        try journal.env.write { txn in
+            let m = try journal.readMeta(txn)
+            let cursor = try txn.cursor(journal.segments)
+            var ids: [UInt64] = []
+            var entry = try cursor.first()
+            while let e = entry {
+                let id = e.key.loadBE(at: 0)
+                ids.append(id)
+                if id > to { break }
+                entry = try cursor.next()
+            }
+            for (i, id) in ids.enumerated() where id <= to {
+                let lastRecordInSegment = i + 1 < ids.count ? ids[i + 1] - 1 : m.lastSeq
+                if lastRecordInSegment <= to { try txn.delete(journal.segments, seqKey(id)) }
+            }
+        }
+        return removed
+    }
+}
+
+extension Journal {
+    func delete(bookmark name: String, _ txn: LMDBTransaction) throws {
+        try txn.delete(bookmarks, Array(name.utf8))
+    }
+}
+
+extension Mirror {
+    /// Compact up to `point` (folding every record at or before it into the base).
+    public func compact(to point: Point, progress: Progress? = nil) throws -> CompactionReport {
+        let target = try resolve(point)
+        return try Compactor(mirror: self).compact(to: target, progress: progress)
+    }
+
+    /// Compact what falls outside a window of `keepAgeNanoseconds` and/or `keepBytes` of journal
+    /// payload. Returns nil when nothing is outside it.
+    public func compact(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds(),
+                        progress: Progress? = nil) throws -> CompactionReport? {
+        guard let target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
+            return nil
+        }
+        return try Compactor(mirror: self).compact(to: target, progress: progress)
+    }
+
+    /// The newest seq that falls outside the window, or nil.
+    func retentionTarget(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64) throws -> UInt64? {
+        try journal.env.read { txn in
+            let m = try journal.readMeta(txn)
+            var target = m.oldestPoint
+            func header(_ s: UInt64) throws -> RecordHeader { try journal.header(txn, seq: s) }
+            if let age = keepAgeNanoseconds {
+                let cutoff = now > age ? now - age : 0
+                // Newest record strictly older than the cutoff.
+                var lo = m.oldestPoint, hi = m.lastSeq
+                while lo < hi {
+                    let mid = lo + (hi - lo + 1) / 2
+                    if try header(mid).timestamp < cutoff { lo = mid } else { hi = mid - 1 }
+                }
+                if lo > m.oldestPoint { target = max(target, lo) }
+            }
+            if let keep = keepBytes, m.lastCumulative - m.horizonCumulative > keep {
+                // Smallest seq s with lastCumulative - cumulative(s) <= keep.
+                var lo = max(m.oldestPoint, m.horizon + 1), hi = m.lastSeq
+                while lo < hi {
+                    let mid = lo + (hi - lo) / 2
+                    if m.lastCumulative - (try header(mid).cumulative) <= keep { hi = mid } else { lo = mid + 1 }
+                }
+                target = max(target, lo)
+            }
+            return target > m.horizon ? target : nil
+        }
+    }
+}

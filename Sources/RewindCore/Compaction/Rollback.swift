@@ -1,0 +1,146 @@
+import Glibc
+
+/// What a rollback did.
+public struct RollbackReport: Sendable, Codable {
+    public var fromSeq: UInt64
+    public var toSeq: UInt64
+    public var recordsRemoved: UInt64
+    /// Blocks rewritten in the source (with `--source`): only those changed after the point.
+    public var sourceBlocksRewritten: UInt64
+    public var bookmarksRemoved: [String]
+}
+
+extension Mirror {
+    /// Cut the mirror back to `point`: records after it are removed and the next write gets
+    /// seq point+1. With `source`, first revert that image in place by rewriting only the
+    /// blocks changed after the point.
+    ///
+    /// Crash-safe: the target is recorded (`pendingRollback`) and made durable first; until
+    /// the cut completes, points after it are refused and writers stop with a message to
+    /// re-run the same rollback, which redoes the idempotent steps.
+    public func rollback(to point: Point, source: String?, progress: Progress? = nil) throws -> RollbackReport {
+        let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
+                                 holder: "another rewind process (serve) owns this mirror; stop it first")
+        defer { owner.release() }
+        let before = try journal.env.write { txn -> MirrorMeta in
+            var m = try journal.readMeta(txn)
+            let k = try resolve(point, txn)
+            if m.pendingRollback != MirrorMeta.none && m.pendingRollback != k {
+                throw RewindError.interruptedRollback(target: m.pendingRollback)
+            }
+            if m.target > m.horizon && k < m.target {
+                throw RewindError.pointBeforeHorizon(point: point.description, horizon: m.target)
+            }
+            m.pendingRollback = k
+            try journal.writeMeta(txn, m)
+            return m
+        }
+        try sync()
+        let k = before.pendingRollback
+        var rewritten: UInt64 = 0
+        if let source {
+            rewritten = try revertSource(source, to: k, progress: progress)
+        }
+        let removed = try cutJournal(after: k, last: before.lastSeq)
+        var dropped: [String] = []
+        try journal.env.write { txn in
+            var m = try journal.readMeta(txn)
+            for (name, seq) in try journal.allBookmarks(txn) where seq > k {
+                try journal.delete(bookmark: name, txn)
+                dropped.append(name)
+            }
+            if k == m.horizon {
+                m.lastTime = m.horizonTime
+                m.lastCumulative = m.horizonCumulative
+            } else {
+                let h = try journal.header(txn, seq: k)
+                m.lastTime = h.timestamp
+                m.lastCumulative = h.cumulative
+            }
+            m.lastSeq = k
+            m.generation += 1
+            m.pendingRollback = MirrorMeta.none
+            m.sourceSyncedSeq = min(m.sourceSyncedSeq, k)
+            try journal.writeMeta(txn, m)
+        }
+        try sync()
+        return RollbackReport(fromSeq: before.lastSeq, toSeq: k, recordsRemoved: removed,
+                              sourceBlocksRewritten: rewritten, bookmarksRemoved: dropped)
+    }
+
+    /// Write into `path` the content at seq k of every block changed after k; fsync.
+    private func revertSource(_ path: String, to k: UInt64, progress: Progress?) throws -> UInt64 {
+        let file = try BlockFile(path: path, mode: .readWrite)
+        let size = try file.size()
+        guard size == volumeSize else {
+            throw RewindError.invalidArgument("\(path) is \(size) bytes but the mirror's volume is \(volumeSize): not its source")
+        }
+        let snapshot = try Snapshot(mirror: self, point: .seq(k))
+        defer { snapshot.close() }
+        let bs = UInt64(blockSize)
+        var buffer = [UInt8](repeating: 0, count: blockSize)
+        var rewritten: UInt64 = 0
+        let total = try journal.env.read { try $0.count(journal.blocks) }
+        progress?.begin(phase: "reverting source", total: UInt64(total))
+        let scan = try snapshot.txn.cursor(journal.blocks)
+        var entry = try scan.first()
+        var scanned: UInt64 = 0
+        var block: UInt64?
+        var changedAfter = false
+        func emit() throws {
+            guard let b = block, changedAfter else { return }
+            try buffer.withUnsafeMutableBytes { try snapshot.read(at: b * bs, into: $0) }
+            try file.write(at: b * bs, buffer)
+            rewritten += 1
+        }
+        while let e = entry, let key = decodeBlockKey(e.key) {
+            if key.block != block { try emit(); block = key.block; changedAfter = false }
+            if key.seq > k { changedAfter = true }
+            scanned += 1
+            if scanned % 4096 == 0 { progress?.update(done: scanned) }
+            entry = try scan.next()
+        }
+        try emit()
+        try file.sync()
+        progress?.end()
+        return rewritten
+    }
+
+    /// Delete index entries, records and segments after k, in bounded transactions.
+    private func cutJournal(after k: UInt64, last: UInt64) throws -> UInt64 {
+        var resume = blockKey(0, 0)
+        var finished = false
+        while !finished {
+            try journal.env.write { txn in
+                let cursor = try txn.cursor(journal.blocks)
+                var entry = try cursor.seek(atLeast: resume)
+                var count = 0
+                while let e = entry, let key = decodeBlockKey(e.key) {
+                    if count >= Compactor.chunkBlocks * 4 { resume = blockKey(key.block, key.seq); return }
+                    count += 1
+                    if key.seq > k { try cursor.deleteCurrent() }
+                    entry = try cursor.next()  // after a delete, the entry that followed
+                }
+                finished = true
+            }
+        }
+        var removed: UInt64 = 0
+        var next = k + 1
+        while next <= last {
+            let end = min(last, next + UInt64(Compactor.chunkRecords) - 1)
+            try journal.env.write { txn in
+                for seq in next...end where try txn.delete(journal.records, seqKey(seq)) { removed += 1 }
+            }
+            next = end + 1
+        }
+        try journal.env.write { txn in
+            let cursor = try txn.cursor(journal.segments)
+            var entry = try cursor.seek(atLeast: seqKey(k + 1))
+            while entry != nil {
+                try cursor.deleteCurrent()
+                entry = try cursor.next()
+            }
+        }
+        return removed
+    }
+}

@@ -1,0 +1,182 @@
+import Glibc
+import CLinux
+
+/// A raw image file (base.img, a source volume, a restored image) with positioned I/O.
+/// Every method names the C call it wraps and turns errno into `RewindError.io` with the path.
+public final class BlockFile: @unchecked Sendable {
+    public let path: String
+    public let fd: Int32
+
+    public enum Mode { case readOnly, readWrite, createNew, createOrTruncate }
+
+    public init(path: String, mode: Mode) throws {
+        self.path = path
+        let flags: Int32
+        switch mode {
+        case .readOnly: flags = O_RDONLY
+        case .readWrite: flags = O_RDWR
+        case .createNew: flags = O_RDWR | O_CREAT | O_EXCL
+        case .createOrTruncate: flags = O_RDWR | O_CREAT | O_TRUNC
+        }
+        let fd = open(path, flags | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw RewindError.io(path: path, operation: "open", errno: errno) }
+        self.fd = fd
+    }
+
+    deinit { close(fd) }
+
+    /// Size in bytes (`fstat`); for a block device, its capacity.
+    public func size() throws -> UInt64 {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw err("fstat") }
+        if (st.st_mode & S_IFMT) == S_IFBLK {
+            let end = lseek(fd, 0, SEEK_END)
+            guard end >= 0 else { throw err("lseek") }
+            return UInt64(end)
+        }
+        return UInt64(st.st_size)
+    }
+
+    /// Bytes actually allocated on disk (`st_blocks` × 512).
+    public func allocatedBytes() throws -> UInt64 {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw err("fstat") }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    /// Set the length. The corresponding C function is `ftruncate`.
+    public func truncate(to size: UInt64) throws {
+        guard ftruncate(fd, off_t(size)) == 0 else { throw err("ftruncate") }
+    }
+
+    /// Read exactly `buffer.count` bytes at `offset`, looping over short reads (`pread`).
+    /// Past end of file reads zeros.
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw err("pread")
+            }
+            if n == 0 {
+                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+                return
+            }
+            done += n
+        }
+    }
+
+    /// Write all of `buffer` at `offset`, looping over short writes (`pwrite`).
+    public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws {
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw err("pwrite")
+            }
+            done += n
+        }
+    }
+
+    public func write(at offset: UInt64, _ bytes: [UInt8]) throws {
+        try bytes.withUnsafeBytes { try write(at: offset, from: $0) }
+    }
+
+    /// Make the range read as zeros and free its space:
+    /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`, falling back to writing zeros
+    /// where the file system cannot punch holes.
+    public func punchHole(at offset: UInt64, length: UInt64) throws {
+        guard length > 0 else { return }
+        if rewind_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
+        let e = errno
+        guard e == EOPNOTSUPP || e == ENOSYS || e == EINVAL || e == ENODEV else {
+            throw RewindError.io(path: path, operation: "fallocate(PUNCH_HOLE)", errno: e)
+        }
+        let chunk = [UInt8](repeating: 0, count: 1 << 20)
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(UInt64(chunk.count), offset + length - at))
+            try chunk.withUnsafeBytes { try write(at: at, from: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            at += UInt64(n)
+        }
+    }
+
+    /// Flush data and metadata to stable storage. The corresponding C function is `fsync`.
+    public func sync() throws {
+        guard fsync(fd) == 0 else { throw err("fsync") }
+    }
+
+    /// The allocated (data) extents of the file within `range` (default [0, size)), by
+    /// `lseek(SEEK_DATA/SEEK_HOLE)`. Without hole reporting, one extent covers everything.
+    public func dataExtents(size: UInt64, from: UInt64 = 0) throws -> [Range<UInt64>] {
+        var result: [Range<UInt64>] = []
+        var at = off_t(from)
+        while UInt64(at) < size {
+            let start = rewind_seek_data(fd, at)
+            if start < 0 {
+                if errno == ENXIO { break }
+                return [UInt64(at)..<size]
+            }
+            guard UInt64(start) < size else { break }
+            var end = rewind_seek_hole(fd, start)
+            if end < 0 { end = off_t(size) }
+            let e = min(UInt64(end), size)
+            result.append(UInt64(start)..<e)
+            at = off_t(e)
+        }
+        return result
+    }
+
+    /// Copy `length` bytes from `source` at `offset` to the same offset here, in the kernel
+    /// (`copy_file_range`), falling back to read/write.
+    public func copyRange(from source: BlockFile, offset: UInt64, length: UInt64) throws {
+        var inOff = off_t(offset), outOff = off_t(offset)
+        var left = Int(length)
+        while left > 0 {
+            let n = rewind_copy_file_range(source.fd, &inOff, fd, &outOff, min(left, 1 << 30))
+            if n < 0 {
+                if errno == EINTR { continue }
+                if errno == EXDEV || errno == ENOSYS || errno == EOPNOTSUPP || errno == EINVAL {
+                    try copyByReading(from: source, offset: UInt64(inOff), length: UInt64(left))
+                    return
+                }
+                throw err("copy_file_range")
+            }
+            if n == 0 { break }
+            left -= n
+        }
+    }
+
+    private func copyByReading(from source: BlockFile, offset: UInt64, length: UInt64) throws {
+        let chunk = 1 << 20
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        var at = offset
+        while at < offset + length {
+            let n = Int(min(UInt64(chunk), offset + length - at))
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try source.read(at: at, into: slice)
+            try write(at: at, from: UnsafeRawBufferPointer(slice))
+            at += UInt64(n)
+        }
+    }
+
+    private func err(_ operation: String) -> RewindError {
+        RewindError.io(path: path, operation: operation, errno: errno)
+    }
+}
+
+/// True if every byte of `buffer` is zero.
+@inline(__always)
+func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
+    var i = 0
+    let n = buffer.count
+    while i + 8 <= n {
+        if buffer.loadUnaligned(fromByteOffset: i, as: UInt64.self) != 0 { return false }
+        i += 8
+    }
+    while i < n { if buffer[i] != 0 { return false }; i += 1 }
+    return true
+}

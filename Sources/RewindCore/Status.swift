@@ -1,0 +1,41 @@
+/// What `status` shows.
+public struct MirrorStatus: Sendable, Codable {
+    public var path: String
+    public var uuid: String
+    public var format: UInt32
+    public var volumeSize: UInt64
+    public var blockSize: UInt32
+    public var records: UInt64
+    public var oldestSeq: UInt64
+    public var oldestTime: String
+    public var newestSeq: UInt64
+    public var newestTime: String
+    /// Payload bytes the journal holds (what `--keep-size` counts).
+    public var journalPayloadBytes: UInt64
+    /// Bytes the LMDB data file spans.
+    public var journalFileBytes: UInt64
+    public var baseAllocatedBytes: UInt64
+    public var generation: UInt64
+    public var compactionPending: UInt64?
+    public var rollbackPending: UInt64?
+    public var bookmarks: [String: UInt64]
+}
+
+extension Mirror {
+    public func status() throws -> MirrorStatus {
+        let m = try meta()
+        let oldest = m.oldestPoint
+        let oldestTime = oldest == m.horizon ? m.horizonTime : try journal.env.read { try journal.header($0, seq: oldest).timestamp }
+        var marks: [String: UInt64] = [:]
+        for b in try bookmarks() { marks[b.name] = b.seq }
+        return MirrorStatus(path: path, uuid: m.uuidString, format: m.format, volumeSize: m.volumeSize,
+                            blockSize: m.blockSize, records: m.lastSeq - oldest, oldestSeq: oldest,
+                            oldestTime: formatRFC3339(oldestTime), newestSeq: m.lastSeq,
+                            newestTime: formatRFC3339(m.lastTime), journalPayloadBytes: m.journalBytes,
+                            journalFileBytes: try journal.env.usedBytes(), baseAllocatedBytes: try base.allocatedBytes(),
+                            generation: m.generation,
+                            compactionPending: m.target > m.horizon ? m.target : nil,
+                            rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,
+                            bookmarks: marks)
+    }
+}

@@ -1,0 +1,85 @@
+/// One interval of `timeline --every`: what the journal holds between `start` and `start+width`.
+public struct TimelineBucket: Sendable, Codable {
+    public var start: UInt64
+    public var firstSeq: UInt64
+    public var lastSeq: UInt64
+    public var records: UInt64 = 0
+    public var bytes: UInt64 = 0
+    public var writes: UInt64 = 0
+    public var zeroes: UInt64 = 0
+    public var trims: UInt64 = 0
+    public var flushes: UInt64 = 0
+}
+
+extension Mirror {
+    /// Visit the records with seq in `range`, in order, inside one read transaction.
+    /// Reads only the small headers: fast and bounded in memory whatever the journal's size.
+    public func forEachRecord(in range: ClosedRange<UInt64>, _ body: (Record) throws -> Void) throws {
+        try journal.env.read { txn in
+            let cursor = try txn.cursor(journal.records)
+            var entry = try cursor.seek(atLeast: seqKey(range.lowerBound))
+            while let e = entry {
+                let seq = e.key.loadBE(at: 0)
+                guard seq <= range.upperBound else { break }
+                try body(Record(seq: seq, header: try RecordHeader.decode(e.value, seq: seq)))
+                entry = try cursor.next()
+            }
+        }
+    }
+
+    /// Group the records in `range` into intervals of `widthNanoseconds` (aligned to the epoch),
+    /// handing each finished interval to `body`. Empty intervals are skipped.
+    public func forEachBucket(in range: ClosedRange<UInt64>, widthNanoseconds: UInt64,
+                              _ body: (TimelineBucket) throws -> Void) throws {
+        var bucket: TimelineBucket?
+        try forEachRecord(in: range) { r in
+            let start = r.header.timestamp - r.header.timestamp % widthNanoseconds
+            if let b = bucket, b.start != start { try body(b); bucket = nil }
+            if bucket == nil { bucket = TimelineBucket(start: start, firstSeq: r.seq, lastSeq: r.seq) }
+            bucket!.lastSeq = r.seq
+            bucket!.records += 1
+            bucket!.bytes += r.header.length
+            switch r.header.kind {
+            case .write: bucket!.writes += 1
+            case .zero: bucket!.zeroes += 1
+            case .trim: bucket!.trims += 1
+            case .flush: bucket!.flushes += 1
+            }
+        }
+        if let b = bucket { try body(b) }
+    }
+
+    // MARK: bookmarks
+
+    /// Name the point `point` (default latest). Works beside a live writer: one short transaction.
+    @discardableResult
+    public func setBookmark(_ name: String, at point: Point = .latest, replace: Bool = false) throws -> UInt64 {
+        try validateBookmarkName(name)
+        return try journal.env.write { txn in
+            let seq = try resolve(point, txn)
+            if !replace, try journal.bookmark(txn, name) != nil {
+                throw RewindError.invalidArgument("bookmark \"\(name)\" already exists")
+            }
+            var v = [UInt8](); v.appendBE(seq)
+            try txn.put(journal.bookmarks, Array(name.utf8), v)
+            return seq
+        }
+    }
+
+    public func deleteBookmark(_ name: String) throws {
+        try journal.env.write { txn in
+            guard try txn.delete(journal.bookmarks, Array(name.utf8)) else { throw RewindError.noSuchBookmark(name) }
+        }
+    }
+
+    /// Every bookmark with its seq and that record's time.
+    public func bookmarks() throws -> [(name: String, seq: UInt64, time: UInt64)] {
+        try journal.env.read { txn in
+            let m = try journal.readMeta(txn)
+            return try journal.allBookmarks(txn).map { b in
+                let t = b.seq <= m.horizon ? m.horizonTime : (try? journal.header(txn, seq: b.seq).timestamp) ?? 0
+                return (b.name, b.seq, t)
+            }
+        }
+    }
+}

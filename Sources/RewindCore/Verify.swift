@@ -1,0 +1,136 @@
+/// What `verify` checked.
+public struct VerifyReport: Sendable, Codable {
+    public var records: UInt64 = 0
+    public var payloadBytes: UInt64 = 0
+    public var indexEntries: UInt64 = 0
+    public var comparedBytes: UInt64 = 0
+    public var comparedAt: UInt64?
+}
+
+extension Mirror {
+    /// Check every record (header checksum, seq continuity, time order, bounds, payload XXH3)
+    /// and every index entry (points at a live record, block XXH3); with `image`, compare the
+    /// volume as of `point` with it byte for byte. Throws on the first fault, naming the record
+    /// (by seq) or the offset.
+    public func verify(at point: Point? = nil, against image: String? = nil, progress: Progress? = nil) throws -> VerifyReport {
+        var report = VerifyReport()
+        let bs = UInt64(blockSize)
+        try journal.env.read { txn in
+            let m = try journal.readMeta(txn)
+            let cursor = try txn.cursor(journal.records)
+            var expected = m.horizon + 1
+            var lastTime = m.horizonTime
+            var cumulative = m.horizonCumulative
+            progress?.begin(phase: "verifying records", total: m.lastSeq - m.horizon)
+            var entry = try cursor.seek(atLeast: seqKey(m.horizon + 1))
+            while let e = entry {
+                guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
+                let seq = e.key.loadBE(at: 0)
+                guard seq == expected else {
+                    throw RewindError.corruptRecord(seq: expected, why: seq > expected ? "missing (next record is seq:\(seq))" : "duplicated")
+                }
+                let h = try RecordHeader.decode(e.value, seq: seq)
+                guard h.timestamp >= lastTime else {
+                    throw RewindError.corruptRecord(seq: seq, why: "timestamp \(formatRFC3339(h.timestamp)) is before the previous record's")
+                }
+                guard h.offset <= volumeSize, h.length <= volumeSize - h.offset else {
+                    throw RewindError.corruptRecord(seq: seq, why: "range \(h.offset)+\(h.length) lies outside the volume")
+                }
+                let expectedStored = Self.storedBytes(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs)
+                guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {
+                    throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedLength) does not match its \(h.kind.name) of \(h.length) bytes")
+                }
+                let payload = try journal.payload(txn, seq: seq, header: h)
+                if h.storedLength > 0 {
+                    let sum = xxh3(payload)
+                    guard sum == h.checksum else {
+                        throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (stored \(hex(h.checksum)), computed \(hex(sum)))")
+                    }
+                }
+                report.records += 1
+                report.payloadBytes += UInt64(h.storedLength)
+                cumulative = h.cumulative
+                lastTime = h.timestamp
+                expected += 1
+                if report.records % 4096 == 0 { progress?.update(done: report.records) }
+                entry = try cursor.next()
+            }
+            guard expected == m.lastSeq + 1 else {
+                throw RewindError.corruptRecord(seq: expected, why: "missing: the journal ends at seq:\(expected - 1) but its header says seq:\(m.lastSeq)")
+            }
+            progress?.end()
+            try verifyIndex(txn, meta: m, report: &report, progress: progress)
+        }
+        if let image {
+            try compare(at: point ?? .latest, with: image, report: &report, progress: progress)
+        }
+        return report
+    }
+
+    /// Bytes a record of this kind and range stores (see `Mirror.append`).
+    static func storedBytes(kind: ChangeKind, offset: UInt64, length: UInt64, blockSize bs: UInt64) -> UInt64 {
+        guard length > 0, kind != .flush else { return 0 }
+        let end = offset + length
+        let first = offset / bs, last = (end - 1) / bs
+        if kind == .write { return (last - first + 1) * bs }
+        var blocks: UInt64 = offset % bs != 0 ? 1 : 0
+        if end % bs != 0 && !(blocks == 1 && first == last) { blocks += 1 }
+        return blocks * bs
+    }
+
+    private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, report: inout VerifyReport, progress: Progress?) throws {
+        let cursor = try txn.cursor(journal.blocks)
+        progress?.begin(phase: "verifying index", total: UInt64(try txn.count(journal.blocks)))
+        var entry = try cursor.first()
+        let oldestEntry = m.target > m.horizon ? 0 : m.horizon + 1  // an unfinished compaction leaves older entries
+        while let e = entry {
+            guard let key = decodeBlockKey(e.key) else { throw RewindError.damagedMirror(path: path, why: "malformed index key") }
+            guard key.seq >= oldestEntry, key.seq <= m.lastSeq, key.block < m.blockCount else {
+                throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "index entry outside the journal")
+            }
+            if case let .data(segment, off, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block) {
+                let bytes = try journal.segmentBytes(txn, segment, seq: key.seq)
+                let s = Int(off), end = s + blockSize
+                guard end <= bytes.count, xxh3(UnsafeRawBufferPointer(rebasing: bytes[s..<end])) == hash else {
+                    throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "payload checksum mismatch (data damaged on disk)")
+                }
+            }
+            report.indexEntries += 1
+            if report.indexEntries % 4096 == 0 { progress?.update(done: report.indexEntries) }
+            entry = try cursor.next()
+        }
+        progress?.end()
+    }
+
+    /// Compare the volume as of `point` with `image`, 1 MiB at a time.
+    private func compare(at point: Point, with image: String, report: inout VerifyReport, progress: Progress?) throws {
+        let file = try BlockFile(path: image, mode: .readOnly)
+        let size = try file.size()
+        guard size == volumeSize else {
+            throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(image) is \(size) bytes, the volume is \(volumeSize)")
+        }
+        let snapshot = try Snapshot(mirror: self, point: point)
+        defer { snapshot.close() }
+        report.comparedAt = snapshot.seq
+        let chunk = 1 << 20
+        var mine = [UInt8](repeating: 0, count: chunk), theirs = mine
+        progress?.begin(phase: "comparing with \(image)", total: volumeSize)
+        var at: UInt64 = 0
+        while at < volumeSize {
+            let n = Int(min(UInt64(chunk), volumeSize - at))
+            try mine.withUnsafeMutableBytes { try snapshot.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            try theirs.withUnsafeMutableBytes { try file.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            if mine[0..<n] != theirs[0..<n] {
+                let i = (0..<n).first { mine[$0] != theirs[$0] } ?? 0
+                throw RewindError.mismatch(offset: at + UInt64(i),
+                                           why: "the mirror at seq:\(snapshot.seq) has 0x\(String(mine[i], radix: 16)), \(image) has 0x\(String(theirs[i], radix: 16))")
+            }
+            at += UInt64(n)
+            report.comparedBytes = at
+            progress?.update(done: at)
+        }
+        progress?.end()
+    }
+}
+
+func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16).leftPadded(16) }
