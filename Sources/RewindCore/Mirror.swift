@@ -35,7 +35,7 @@ public final class Mirror: @unchecked Sendable {
     /// The directory is built beside `path` and renamed into place, so a crash leaves no half mirror.
     @discardableResult
     public static func create(at path: String, size: UInt64? = nil, from image: String? = nil,
-                              blockSize: Int = defaultBlockSize, progress: Progress? = nil) throws -> Mirror {
+                              blockSize: Int = defaultBlockSize, progress: ProgressObserver? = nil) throws -> Mirror {
         guard blockSize >= 512, blockSize <= 1 << 20, blockSize & (blockSize - 1) == 0 else {
             throw RewindError.invalidArgument("block size \(blockSize) must be a power of two from 512 to 1M")
         }
@@ -136,7 +136,7 @@ public final class Mirror: @unchecked Sendable {
 
 /// Copy `source` into the fresh, zero-length-extended `target`, leaving holes where the
 /// source has holes or all-zero blocks (like `cp --sparse=always`).
-func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, blockSize: Int, progress: Progress?) throws {
+func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, blockSize: Int, progress: ProgressObserver?) throws {
     let chunk = 1 << 20
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { buffer.deallocate() }

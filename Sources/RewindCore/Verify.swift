@@ -12,7 +12,7 @@ extension Mirror {
     /// and every index entry (points at a live record, block XXH3); with `image`, compare the
     /// volume as of `point` with it byte for byte. Throws on the first fault, naming the record
     /// (by seq) or the offset.
-    public func verify(at point: Point? = nil, against image: String? = nil, progress: Progress? = nil) throws -> VerifyReport {
+    public func verify(at point: Point? = nil, against image: String? = nil, progress: ProgressObserver? = nil) throws -> VerifyReport {
         var report = VerifyReport()
         let bs = UInt64(blockSize)
         try journal.env.read { txn in
@@ -78,7 +78,7 @@ extension Mirror {
         return blocks * bs
     }
 
-    private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, report: inout VerifyReport, progress: Progress?) throws {
+    private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, report: inout VerifyReport, progress: ProgressObserver?) throws {
         let cursor = try txn.cursor(journal.blocks)
         progress?.begin(phase: "verifying index", total: UInt64(try txn.count(journal.blocks)))
         var entry = try cursor.first()
@@ -103,7 +103,7 @@ extension Mirror {
     }
 
     /// Compare the volume as of `point` with `image`, 1 MiB at a time.
-    private func compare(at point: Point, with image: String, report: inout VerifyReport, progress: Progress?) throws {
+    private func compare(at point: Point, with image: String, report: inout VerifyReport, progress: ProgressObserver?) throws {
         let file = try BlockFile(path: image, mode: .readOnly)
         let size = try file.size()
         guard size == volumeSize else {

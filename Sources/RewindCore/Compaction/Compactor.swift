@@ -32,7 +32,7 @@ struct Compactor {
     static let chunkRecords = 16384
 
     /// Compact up to `target`, which must lie in (horizon, lastSeq].
-    func compact(to target: UInt64, progress: Progress?) throws -> CompactionReport {
+    func compact(to target: UInt64, progress: ProgressObserver?) throws -> CompactionReport {
         let lock = try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
                                 holder: "a restore or export is reading an old point; try again when it ends")
         defer { lock.release() }
@@ -53,7 +53,7 @@ struct Compactor {
     }
 
     /// Steps 2 and 3 for a recorded target (also the crash-recovery path).
-    func finish(target: UInt64, progress: Progress?, lockHeld: Bool = false) throws -> CompactionReport {
+    func finish(target: UInt64, progress: ProgressObserver?, lockHeld: Bool = false) throws -> CompactionReport {
         let lock = lockHeld ? nil : try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
                                                  holder: "a reader holds an old point")
         defer { lock?.release() }
@@ -88,7 +88,7 @@ struct Compactor {
     }
 
     /// Step 2: write each block's newest content <= target into base.img, once per block.
-    private func fold(upTo target: UInt64, progress: Progress?) throws -> UInt64 {
+    private func fold(upTo target: UInt64, progress: ProgressObserver?) throws -> UInt64 {
         let journal = mirror.journal
         let base = mirror.base
         let bs = UInt64(mirror.blockSize)
@@ -142,7 +142,7 @@ struct Compactor {
     }
 
     /// Step 3a: delete index entries <= target, all of one block's in the same transaction.
-    private func deleteIndex(upTo target: UInt64, progress: Progress?) throws {
+    private func deleteIndex(upTo target: UInt64, progress: ProgressObserver?) throws {
         let journal = mirror.journal
         var resume = blockKey(0, 0)
         var finished = false
@@ -212,7 +212,7 @@ extension Journal {
 
 extension Mirror {
     /// Compact up to `point` (folding every record at or before it into the base).
-    public func compact(to point: Point, progress: Progress? = nil) throws -> CompactionReport {
+    public func compact(to point: Point, progress: ProgressObserver? = nil) throws -> CompactionReport {
         let target = try resolve(point)
         return try Compactor(mirror: self).compact(to: target, progress: progress)
     }
@@ -220,7 +220,7 @@ extension Mirror {
     /// Compact what falls outside a window of `keepAgeNanoseconds` and/or `keepBytes` of journal
     /// payload. Returns nil when nothing is outside it.
     public func compact(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds(),
-                        progress: Progress? = nil) throws -> CompactionReport? {
+                        progress: ProgressObserver? = nil) throws -> CompactionReport? {
         guard let target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
             return nil
         }

@@ -18,7 +18,7 @@ extension Mirror {
     /// Crash-safe: the target is recorded (`pendingRollback`) and made durable first; until
     /// the cut completes, points after it are refused and writers stop with a message to
     /// re-run the same rollback, which redoes the idempotent steps.
-    public func rollback(to point: Point, source: String?, progress: Progress? = nil) throws -> RollbackReport {
+    public func rollback(to point: Point, source: String?, progress: ProgressObserver? = nil) throws -> RollbackReport {
         let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
                                  holder: "another rewind process (serve) owns this mirror; stop it first")
         defer { owner.release() }
@@ -69,7 +69,7 @@ extension Mirror {
     }
 
     /// Write into `path` the content at seq k of every block changed after k; fsync.
-    private func revertSource(_ path: String, to k: UInt64, progress: Progress?) throws -> UInt64 {
+    private func revertSource(_ path: String, to k: UInt64, progress: ProgressObserver?) throws -> UInt64 {
         let file = try BlockFile(path: path, mode: .readWrite)
         let size = try file.size()
         guard size == volumeSize else {

@@ -13,7 +13,7 @@ extension Mirror {
     /// changed in (horizon, seq] once, with its content at seq, in block order. The image is
     /// built as `path.partial`, fsynced and renamed into place: never a half image under `path`.
     @discardableResult
-    public func restore(at point: Point, to path: String, force: Bool = false, progress: Progress? = nil) throws -> RestoreReport {
+    public func restore(at point: Point, to path: String, force: Bool = false, progress: ProgressObserver? = nil) throws -> RestoreReport {
         var st = stat()
         let exists = stat(path, &st) == 0
         if exists && !force { throw RewindError.fileExists(path: path) }
@@ -50,7 +50,7 @@ extension Mirror {
     /// Write every block whose content at the snapshot's seq comes from the journal into
     /// `out`, which must already hold base.img's content. Adjacent blocks are coalesced into
     /// writes of up to 1 MiB and zero runs into hole punches. Returns the blocks written.
-    func applyChangedBlocks(_ snapshot: Snapshot, to out: BlockFile, progress: Progress?) throws -> UInt64 {
+    func applyChangedBlocks(_ snapshot: Snapshot, to out: BlockFile, progress: ProgressObserver?) throws -> UInt64 {
         let bs = UInt64(blockSize)
         let flushBytes = 1 << 20
         var pending: [UInt8] = []

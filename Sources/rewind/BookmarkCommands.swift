@@ -1,0 +1,48 @@
+import ArgumentParser
+import RewindCore
+
+struct BookmarkCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "bookmark", abstract: "Name a point in time (works while the mirror is being served).")
+
+    @Argument(help: "The mirror directory.") var mirror: String
+    @Argument(help: "The bookmark's name.") var name: String
+    @Option(help: "The point to name (default latest).", transform: parsePoint) var at: Point = .latest
+    @Flag(help: "Move an existing bookmark of this name.") var force = false
+    @Flag(help: "Remove the bookmark instead.") var delete = false
+    @Flag(help: "Print the result as JSON.") var json = false
+
+    struct Line: Encodable { var name: String; var seq: UInt64 }
+
+    func run() throws {
+        try reporting {
+            let m = try Mirror.open(at: mirror)
+            if delete {
+                try m.deleteBookmark(name)
+                if !json { print("removed bookmark \(name)") }
+                return
+            }
+            let seq = try m.setBookmark(name, at: at, replace: force)
+            if json { printJSON(Line(name: name, seq: seq)) } else { print("bookmark \(name) = seq:\(seq)") }
+        }
+    }
+}
+
+struct BookmarksCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "bookmarks", abstract: "List the bookmarks.")
+
+    @Argument(help: "The mirror directory.") var mirror: String
+    @Flag(help: "JSON Lines, one bookmark per line.") var json = false
+
+    struct Line: Encodable { var name: String; var seq: UInt64; var time: String }
+
+    func run() throws {
+        try reporting {
+            let m = try Mirror.open(at: mirror)
+            for b in try m.bookmarks() {
+                let line = Line(name: b.name, seq: b.seq, time: formatRFC3339(b.time))
+                if json { printJSON(line) } else { print("\(b.name)\tseq:\(b.seq)\t\(line.time)") }
+            }
+        }
+    }
+}

@@ -1,0 +1,49 @@
+import ArgumentParser
+import Foundation
+import RewindCore
+
+/// Run a command body; engine errors become one line on stderr and exit status 1.
+func reporting(_ body: () throws -> Void) throws {
+    do {
+        try body()
+    } catch let error as RewindError {
+        printError(error.description)
+        throw ExitCode(1)
+    } catch let error as LMDBError {
+        printError(error.description)
+        throw ExitCode(1)
+    }
+}
+
+func printError(_ message: String) {
+    FileHandle.standardError.write(Data("rewind: error: \(message)\n".utf8))
+}
+
+/// One JSON object per line (JSON Lines), keys sorted so output is stable.
+func printJSON<T: Encodable>(_ value: T) {
+    let encoder = JSONEncoder()
+    encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
+    if let data = try? encoder.encode(value), let text = String(data: data, encoding: .utf8) {
+        print(text)
+    }
+}
+
+func parsePoint(_ text: String) throws -> Point {
+    do { return try Point(parsing: text) } catch let e as RewindError { throw ValidationError(e.description) }
+}
+
+func parseSize(_ text: String) throws -> UInt64 {
+    do { return try Parse.size(text) } catch let e as RewindError { throw ValidationError(e.description) }
+}
+
+func parseDuration(_ text: String) throws -> UInt64 {
+    do { return try Parse.duration(text) } catch let e as RewindError { throw ValidationError(e.description) }
+}
+
+/// Human-readable binary size: `4.0 GiB`.
+func humanBytes(_ n: UInt64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"]
+    var v = Double(n), i = 0
+    while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
+    return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
+}
