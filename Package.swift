@@ -23,7 +23,9 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Test helper: a deterministic append/compact workload that crash tests SIGKILL.
-        .executableTarget(name: "rewind-torture", dependencies: ["RewindCore"]),
-        .testTarget(name: "RewindCoreTests", dependencies: ["RewindCore"]),
+        // Deterministic workloads shared by tests, the crash-test child and benchmarks.
+        .target(name: "RewindWorkload", dependencies: ["RewindCore"]),
+        .executableTarget(name: "rewind-torture", dependencies: ["RewindCore", "RewindWorkload"]),
+        .testTarget(name: "RewindCoreTests", dependencies: ["RewindCore", "RewindWorkload"]),
     ]
 )

@@ -20,19 +20,15 @@ public final class LMDBEnvironment: @unchecked Sendable {
         try check(mdb_env_create(&handle), "mdb_env_create")
         guard let handle else { throw LMDBError(code: EINVAL, operation: "mdb_env_create") }
         env = handle
-        do {
-            try check(mdb_env_set_maxdbs(env, Self.maxNamedDatabases), "mdb_env_set_maxdbs")
-            try check(mdb_env_set_mapsize(env, mapSizeBytes), "mdb_env_set_mapsize")
-            try check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders")
-            var flags = UInt32(MDB_NOTLS | MDB_NORDAHEAD)
-            flags |= syncEachCommit ? UInt32(MDB_NOMETASYNC) : UInt32(MDB_NOSYNC)
-            try check(mdb_env_open(env, directory, flags, 0o644), "mdb_env_open(\(directory))")
-            var dead: Int32 = 0
-            _ = mdb_reader_check(env, &dead)  // clear reader slots left by killed processes
-        } catch {
-            mdb_env_close(env)
-            throw error
-        }
+        // From here a throw still runs deinit (the object is fully initialised), which closes env.
+        try check(mdb_env_set_maxdbs(env, Self.maxNamedDatabases), "mdb_env_set_maxdbs")
+        try check(mdb_env_set_mapsize(env, mapSizeBytes), "mdb_env_set_mapsize")
+        try check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders")
+        var flags = UInt32(MDB_NOTLS | MDB_NORDAHEAD)
+        flags |= syncEachCommit ? UInt32(MDB_NOMETASYNC) : UInt32(MDB_NOSYNC)
+        try check(mdb_env_open(env, directory, flags, 0o644), "mdb_env_open(\(directory))")
+        var dead: Int32 = 0
+        _ = mdb_reader_check(env, &dead)  // clear reader slots left by killed processes
     }
 
     deinit { mdb_env_close(env) }
