@@ -16,7 +16,49 @@ func say(_ line: String, fd: Int32 = 1) {
     _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
 }
 
+/// Other modes, for the CLI scripts:
+///   rewind-torture append MIRROR SEED COUNT [BATCH]  append changes lastSeq+1... of stream SEED, then sync
+///   rewind-torture model SEED SIZE BLOCKSIZE K OUT   write the volume after change K of stream SEED
+///   rewind-torture describe SEED SIZE BLOCKSIZE K    print change K's kind, offset and length
 let args = CommandLine.arguments
+do {
+    switch (args.count, args.count > 1 ? args[1] : "") {
+    case (5, "append"), (6, "append"):
+        guard let seed = UInt64(args[3]), let count = UInt64(args[4]) else { break }
+        let batchSize = args.count == 6 ? UInt64(args[5]) ?? 1 : 1
+        let mirror = try Mirror.open(at: args[2], recover: true)
+        var done: UInt64 = 0
+        while done < count {
+            let last = try mirror.meta().lastSeq
+            let n = min(batchSize, count - done)
+            try mirror.append((1...n).map {
+                streamChange(seed: seed, index: last + $0, size: mirror.volumeSize, blockSize: mirror.blockSize)
+            })
+            done += n
+        }
+        try mirror.sync()
+        exit(0)
+    case (7, "model"):
+        guard let seed = UInt64(args[2]), let size = UInt64(args[3]), let bs = Int(args[4]), let k = UInt64(args[5]) else { break }
+        let state = streamStates(seed: seed, points: [k], size: size, blockSize: bs)[k]!
+        let out = try BlockFile(path: args[6], mode: .createOrTruncate)
+        try out.write(at: 0, state)
+        exit(0)
+    case (6, "describe"):
+        guard let seed = UInt64(args[2]), let size = UInt64(args[3]), let bs = Int(args[4]), let k = UInt64(args[5]) else { break }
+        let c = streamChange(seed: seed, index: k, size: size, blockSize: bs)
+        say("\(c.kind.name) \(c.offset) \(c.length)")
+        exit(0)
+    case (3, _):
+        break
+    default:
+        say("usage: rewind-torture MIRROR SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K", fd: 2)
+        exit(2)
+    }
+} catch {
+    say("rewind-torture: \(error)", fd: 2)
+    exit(1)
+}
 guard args.count == 3, let seed = UInt64(args[2]) else {
     say("usage: rewind-torture MIRROR SEED", fd: 2)
     exit(2)
