@@ -26,6 +26,9 @@ let package = Package(
         // Deterministic workloads shared by tests, the crash-test child and benchmarks.
         .target(name: "RewindWorkload", dependencies: ["RewindCore"]),
         .executableTarget(name: "rewind-torture", dependencies: ["RewindCore", "RewindWorkload"]),
+        // Benchmarks: rewind beside plain-file peers in one run (benchmarks/README.md).
+        .executableTarget(name: "rewind-bench", dependencies: ["RewindCore", "RewindWorkload"],
+                          path: "benchmarks/RewindBench"),
         .testTarget(name: "RewindCoreTests", dependencies: ["RewindCore", "RewindWorkload"]),
     ]
 )

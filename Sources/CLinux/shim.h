@@ -12,3 +12,9 @@ static inline off_t rewind_seek_hole(int fd, off_t offset) { return lseek(fd, of
 static inline ssize_t rewind_copy_file_range(int in, off_t *inOffset, int out, off_t *outOffset, size_t length) {
     return copy_file_range(in, inOffset, out, outOffset, length, 0);
 }
+
+#include <malloc.h>
+static inline void rewind_tune_malloc(int mmapThreshold, int trimThreshold) {
+    mallopt(M_MMAP_THRESHOLD, mmapThreshold);
+    mallopt(M_TRIM_THRESHOLD, trimThreshold);
+}

@@ -42,7 +42,7 @@ extension Mirror {
                 }
                 let payload = try journal.payload(txn, seq: seq, header: h)
                 if h.storedLength > 0 {
-                    let sum = xxh3(payload)
+                    let sum = payloadChecksum(payload, blockSize: blockSize)
                     guard sum == h.checksum else {
                         throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (stored \(hex(h.checksum)), computed \(hex(sum)))")
                     }

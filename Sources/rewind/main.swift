@@ -1,4 +1,5 @@
 import ArgumentParser
+import RewindCore
 
 /// rewind: continuous data protection and block replication for NBD volumes.
 struct Rewind: ParsableCommand {
@@ -11,4 +12,5 @@ struct Rewind: ParsableCommand {
                       StatusCommand.self])
 }
 
+tuneAllocatorForLargeBuffers()
 Rewind.main()

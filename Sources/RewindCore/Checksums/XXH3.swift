@@ -9,3 +9,24 @@ public func xxh3(_ bytes: UnsafeRawBufferPointer) -> UInt64 {
 public func xxh3(_ bytes: [UInt8]) -> UInt64 {
     bytes.withUnsafeBytes { xxh3($0) }
 }
+
+/// A record's checksum: XXH3-64 over the XXH3-64 of each stored block (little-endian, in
+/// block order). Equivalent in strength to hashing the payload, but lets the append path hash
+/// each byte once, since the per-block hashes are needed for the index anyway.
+public func payloadChecksum(blockHashes: [UInt64]) -> UInt64 {
+    blockHashes.withUnsafeBytes { raw in
+        // Hashes are stored little-endian; this machine is little-endian (x86_64, arm64).
+        xxh3(raw)
+    }
+}
+
+/// The record checksum of a stored payload made of `blockSize`-byte blocks.
+public func payloadChecksum(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> UInt64 {
+    var hashes = [UInt64](); hashes.reserveCapacity(payload.count / blockSize)
+    var at = 0
+    while at < payload.count {
+        hashes.append(xxh3(UnsafeRawBufferPointer(rebasing: payload[at..<min(at + blockSize, payload.count)])))
+        at += blockSize
+    }
+    return payloadChecksum(blockHashes: hashes)
+}

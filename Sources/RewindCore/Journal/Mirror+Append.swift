@@ -57,34 +57,27 @@ extension Mirror {
                 }
                 if segment.count == 0 { segment.id = seq }
                 let start = segment.count
-                segment.grow(by: bytes)
+                let aligned = change.kind == .write && change.offset % bs == 0 && change.length % bs == 0
+                if aligned {
+                    segment.append(change.data)  // the common case: one copy, no read-modify-write
+                } else {
+                    segment.grow(by: bytes)
+                }
+                var blockHashes = [UInt64](); blockHashes.reserveCapacity(stored.count)
                 for (i, block) in stored.enumerated() {
-                    let blockStart = block * bs
                     let slot = start + i * blockSize
-                    let covered = max(blockStart, change.offset)..<min(blockStart + bs, end)
-                    if covered.count < blockSize {
-                        try scratch.withUnsafeMutableBytes { try currentContent(txn, cursor, segment, block: block, into: $0) }
-                        scratch.withUnsafeBytes { src in segment.withSlot(slot, blockSize) { $0.copyMemory(from: src) } }
-                    }
-                    segment.withSlot(slot, blockSize) { dst in
-                        let at = Int(covered.lowerBound - blockStart)
-                        if change.kind == .write {
-                            change.data.withUnsafeBytes { src in
-                                let from = Int(covered.lowerBound - change.offset)
-                                (dst.baseAddress! + at).copyMemory(from: src.baseAddress! + from, byteCount: covered.count)
-                            }
-                        } else {
-                            (dst.baseAddress! + at).initializeMemory(as: UInt8.self, repeating: 0, count: covered.count)
-                        }
+                    if !aligned {
+                        try fillBlock(slot: slot, block: block, change: change, end: end, txn, cursor, &segment, &scratch)
                     }
                     let hash = segment.hash(slot, blockSize)
+                    blockHashes.append(hash)
                     try txn.put(journal.blocks, blockKey(block, seq),
                                 BlockContent.data(segment: segment.id, offset: UInt32(slot), hash: hash).encoded())
                 }
                 header.segment = segment.id
                 header.segmentOffset = UInt32(start)
                 header.storedLength = UInt32(bytes)
-                header.checksum = segment.hash(start, bytes)
+                header.checksum = payloadChecksum(blockHashes: blockHashes)
                 cumulative += UInt64(bytes)
                 header.cumulative = cumulative
             }
@@ -98,6 +91,30 @@ extension Mirror {
         meta.lastCumulative = cumulative
         try journal.writeMeta(txn, meta)
         return firstSeq...max(seq, firstSeq)
+    }
+
+    /// Build one stored block of an unaligned write, or a partial edge block of a zero/trim:
+    /// the block's current content with the change's part applied.
+    private func fillBlock(slot: Int, block: UInt64, change: Change, end: UInt64, _ txn: LMDBTransaction, _ cursor: LMDBCursor,
+                           _ segment: inout SegmentBuilder, _ scratch: inout [UInt8]) throws {
+        let bs = UInt64(blockSize)
+        let blockStart = block * bs
+        let covered = max(blockStart, change.offset)..<min(blockStart + bs, end)
+        if covered.count < blockSize {
+            try scratch.withUnsafeMutableBytes { try currentContent(txn, cursor, segment, block: block, into: $0) }
+            scratch.withUnsafeBytes { src in segment.withSlot(slot, blockSize) { $0.copyMemory(from: src) } }
+        }
+        segment.withSlot(slot, blockSize) { dst in
+            let at = Int(covered.lowerBound - blockStart)
+            if change.kind == .write {
+                change.data.withUnsafeBytes { src in
+                    let from = Int(covered.lowerBound - change.offset)
+                    (dst.baseAddress! + at).copyMemory(from: src.baseAddress! + from, byteCount: covered.count)
+                }
+            } else {
+                (dst.baseAddress! + at).initializeMemory(as: UInt8.self, repeating: 0, count: covered.count)
+            }
+        }
     }
 
     private func validate(_ c: Change) throws {
@@ -185,6 +202,7 @@ struct SegmentBuilder {
     var count: Int { bytes.count }
 
     mutating func grow(by n: Int) { bytes.append(contentsOf: repeatElement(0, count: n)) }
+    mutating func append(_ data: [UInt8]) { bytes.append(contentsOf: data) }
 
     mutating func withSlot<T>(_ at: Int, _ n: Int, _ body: (UnsafeMutableRawBufferPointer) throws -> T) rethrows -> T {
         try bytes.withUnsafeMutableBytes { try body(UnsafeMutableRawBufferPointer(rebasing: $0[at..<at + n])) }

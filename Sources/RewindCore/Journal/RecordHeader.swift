@@ -9,7 +9,7 @@
 ///  8     8    timestamp       wall-clock ns since 1970, never decreasing
 /// 16     8    offset          byte offset the host wrote at
 /// 24     8    length          byte length the host wrote
-/// 32     8    checksum        XXH3-64 of the stored payload (0 when there is none)
+/// 32     8    checksum        XXH3-64 over the XXH3-64s of the stored blocks (0 when none)
 /// 40     8    segment         key of the `segments` value holding the payload (0 = none)
 /// 48     4    segmentOffset   where the payload starts in that segment
 /// 52     4    storedLength    payload bytes: the whole blocks the change touches (writes), or

@@ -1,0 +1,8 @@
+import CLinux
+
+/// Raise glibc's mmap threshold and trim threshold so the multi-MiB buffers of group commits
+/// (LMDB's dirty overflow pages, segment buffers) are reused from the heap instead of being
+/// mmapped, page-faulted and zeroed afresh on every commit. Call once at process start.
+public func tuneAllocatorForLargeBuffers() {
+    rewind_tune_malloc(32 << 20, 256 << 20)
+}
