@@ -18,11 +18,16 @@ extension Mirror {
         try journal.env.read { txn in
             let m = try journal.readMeta(txn)
             let cursor = try txn.cursor(journal.records)
-            var expected = m.horizon + 1
+            // An unfinished compaction is removing records up to its target: check from there.
+            var expected = m.oldestPoint + 1
             var lastTime = m.horizonTime
             var cumulative = m.horizonCumulative
-            progress?.begin(phase: "verifying records", total: m.lastSeq - m.horizon)
-            var entry = try cursor.seek(atLeast: seqKey(m.horizon + 1))
+            if m.oldestPoint > m.horizon {
+                let h = try journal.header(txn, seq: m.oldestPoint)
+                (lastTime, cumulative) = (h.timestamp, h.cumulative)
+            }
+            progress?.begin(phase: "verifying records", total: m.lastSeq - m.oldestPoint)
+            var entry = try cursor.seek(atLeast: seqKey(expected))
             while let e = entry {
                 guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
                 let seq = e.key.loadBE(at: 0)

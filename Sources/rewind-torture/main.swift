@@ -49,6 +49,23 @@ do {
         let c = streamChange(seed: seed, index: k, size: size, blockSize: bs)
         say("\(c.kind.name) \(c.offset) \(c.length)")
         exit(0)
+    case (6, "compact-then-rollback"):
+        // Append COUNT changes, compact to COUNT/2, roll back to 3*COUNT/4 with --source SOURCE.
+        // Run with REWIND_CRASH_AT set to die inside one step.
+        guard let seed = UInt64(args[3]), let count = UInt64(args[4]) else { break }
+        let mirror = try Mirror.open(at: args[2], recover: true)
+        for first in stride(from: UInt64(1), through: count, by: 10) {
+            try mirror.append((first...min(first + 9, count)).map {
+                streamChange(seed: seed, index: $0, size: mirror.volumeSize, blockSize: mirror.blockSize)
+            })
+        }
+        try mirror.sync()
+        let source = try BlockFile(path: args[5], mode: .createOrTruncate)
+        try source.write(at: 0, streamStates(seed: seed, points: [count], size: mirror.volumeSize, blockSize: mirror.blockSize)[count]!)
+        try source.sync()
+        _ = try mirror.compact(to: .seq(count / 2))
+        _ = try mirror.rollback(to: .seq(count * 3 / 4), source: args[5])
+        exit(0)
     case (3, _):
         break
     default:

@@ -49,6 +49,7 @@ struct Compactor {
             return m
         }
         try mirror.sync()
+        CrashPoint.hit("compact.target-recorded")
         return try finish(target: before.target, progress: progress, lockHeld: true)
     }
 
@@ -65,12 +66,18 @@ struct Compactor {
         }
         let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
         let written = try fold(upTo: target, progress: progress)
+        CrashPoint.hit("compact.folded")
         try mirror.base.sync()
+        CrashPoint.hit("compact.base-synced")
         try deleteIndex(upTo: target, progress: progress)
-        let removed = try deleteRecords(after: start.horizon, upTo: target)
+        // Record `target` itself goes in the last transaction, with the header update, so an
+        // interrupted compaction can always read the new horizon's time and byte count.
+        var removed = try deleteRecords(after: start.horizon, upTo: target - 1, segmentsUpTo: target)
+        CrashPoint.hit("compact.records-deleted")
         var dropped: [String] = []
         try journal.env.write { txn in
             var m = try journal.readMeta(txn)
+            if try txn.delete(journal.records, seqKey(target)) { removed += 1 }
             for (name, seq) in try journal.allBookmarks(txn) where seq < target {
                 try journal.delete(bookmark: name, txn)
                 dropped.append(name)
@@ -168,11 +175,13 @@ struct Compactor {
                 }
                 finished = true
             }
+            CrashPoint.hit("compact.index-chunk-deleted")
         }
     }
 
-    /// Step 3b: delete records (from, to] and every segment none of whose records survive.
-    private func deleteRecords(after from: UInt64, upTo to: UInt64) throws -> UInt64 {
+    /// Step 3b: delete records (from, to] and every segment none of whose records after
+    /// `segmentsUpTo` survive.
+    private func deleteRecords(after from: UInt64, upTo to: UInt64, segmentsUpTo: UInt64) throws -> UInt64 {
         let journal = mirror.journal
         var removed: UInt64 = 0
         var next = from + 1
@@ -192,12 +201,12 @@ struct Compactor {
             while let e = entry {
                 let id = e.key.loadBE(at: 0)
                 ids.append(id)
-                if id > to { break }
+                if id > segmentsUpTo { break }
                 entry = try cursor.next()
             }
-            for (i, id) in ids.enumerated() where id <= to {
+            for (i, id) in ids.enumerated() where id <= segmentsUpTo {
                 let lastRecordInSegment = i + 1 < ids.count ? ids[i + 1] - 1 : m.lastSeq
-                if lastRecordInSegment <= to { try txn.delete(journal.segments, seqKey(id)) }
+                if lastRecordInSegment <= segmentsUpTo { try txn.delete(journal.segments, seqKey(id)) }
             }
         }
         return removed

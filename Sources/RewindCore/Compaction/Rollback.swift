@@ -36,12 +36,15 @@ extension Mirror {
             return m
         }
         try sync()
+        CrashPoint.hit("rollback.target-recorded")
         let k = before.pendingRollback
         var rewritten: UInt64 = 0
         if let source {
             rewritten = try revertSource(source, to: k, progress: progress)
+            CrashPoint.hit("rollback.source-reverted")
         }
         let removed = try cutJournal(after: k, last: before.lastSeq)
+        CrashPoint.hit("rollback.records-deleted")
         var dropped: [String] = []
         try journal.env.write { txn in
             var m = try journal.readMeta(txn)
@@ -123,6 +126,7 @@ extension Mirror {
                 }
                 finished = true
             }
+            CrashPoint.hit("rollback.index-chunk-deleted")
         }
         var removed: UInt64 = 0
         var next = k + 1

@@ -1,4 +1,3 @@
-import Glibc
 import CLMDB
 
 /// The LMDB side of a mirror: one environment in `MIRROR/journal/` with five named databases.
@@ -25,7 +24,7 @@ public final class Journal: @unchecked Sendable {
     init(directory: String, mirrorPath: String, create: Bool) throws {
         path = mirrorPath
         do {
-            env = try LMDBEnvironment(directory: directory, syncEachCommit: getenv("REWIND_EXPERIMENT_NOSYNC") == nil)
+            env = try LMDBEnvironment(directory: directory)
             let dbs = try env.openDatabases(Self.names, create: create)
             (meta, records, segments, blocks, bookmarks) = (dbs[0], dbs[1], dbs[2], dbs[3], dbs[4])
         } catch let e as LMDBError where e.code == MDB_NOTFOUND {
