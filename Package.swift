@@ -10,6 +10,11 @@ let package = Package(
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.8.2"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.101.2"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.16.2"),
+        .package(url: "https://github.com/apple/swift-metrics", from: "2.13.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
+        .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", path: "Sources/CLMDB",
@@ -18,8 +23,24 @@ let package = Package(
                        providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
         .target(name: "RewindCore", dependencies: ["CLMDB", "CXXHash", "CLinux"]),
+        .target(name: "RewindNBD", dependencies: [
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .target(name: "RewindDaemon", dependencies: [
+            "RewindCore", "RewindNBD",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "Metrics", package: "swift-metrics"),
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "ServiceLifecycle", package: "swift-service-lifecycle"),
+        ]),
         .executableTarget(name: "rewind", dependencies: [
-            "RewindCore",
+            "RewindCore", "RewindDaemon",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Test helper: a deterministic append/compact workload that crash tests SIGKILL.
@@ -30,5 +51,10 @@ let package = Package(
         .executableTarget(name: "rewind-bench", dependencies: ["RewindCore", "RewindWorkload"],
                           path: "benchmarks/RewindBench"),
         .testTarget(name: "RewindCoreTests", dependencies: ["RewindCore", "RewindWorkload"]),
+        .testTarget(name: "RewindNBDTests", dependencies: [
+            "RewindNBD",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ]),
     ]
 )

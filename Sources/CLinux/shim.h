@@ -18,3 +18,10 @@ static inline void rewind_tune_malloc(int mmapThreshold, int trimThreshold) {
     mallopt(M_MMAP_THRESHOLD, mmapThreshold);
     mallopt(M_TRIM_THRESHOLD, trimThreshold);
 }
+
+static inline int rewind_zero_range(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);
+}
+static inline int rewind_fadvise_willneed(int fd, off_t offset, off_t length) {
+    return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
+}

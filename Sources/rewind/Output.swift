@@ -15,6 +15,18 @@ func reporting(_ body: () throws -> Void) throws {
     }
 }
 
+func reportingAsync(_ body: () async throws -> Void) async throws {
+    do {
+        try await body()
+    } catch let error as RewindError {
+        printError(error.description)
+        throw ExitCode(1)
+    } catch let error as LMDBError {
+        printError(error.description)
+        throw ExitCode(1)
+    }
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("rewind: error: \(message)\n".utf8))
 }

@@ -38,7 +38,7 @@ struct TimelineCommand: ParsableCommand {
                     }
                 }
             } else {
-                if !json { print("SEQ        TIME                            KIND   OFFSET          LENGTH") }
+                if !json { print("SEQ        TIME                            KIND      OFFSET          LENGTH") }
                 try m.forEachRecord(in: first...last) { r in
                     let h = r.header
                     if json {
@@ -47,7 +47,7 @@ struct TimelineCommand: ParsableCommand {
                                              checksum: "0x" + String(h.checksum, radix: 16)))
                     } else {
                         let kind = h.kind.name + (h.fua ? "+fua" : "")
-                        print("\(String(r.seq).padding(toLength: 10, withPad: " ", startingAt: 0)) \(formatRFC3339(h.timestamp))  \(kind.padding(toLength: 6, withPad: " ", startingAt: 0)) \(String(h.offset).padding(toLength: 15, withPad: " ", startingAt: 0)) \(h.length)")
+                        print("\(String(r.seq).padding(toLength: 10, withPad: " ", startingAt: 0)) \(formatRFC3339(h.timestamp))  \(kind.padding(toLength: 9, withPad: " ", startingAt: 0)) \(String(h.offset).padding(toLength: 15, withPad: " ", startingAt: 0)) \(h.length)")
                     }
                 }
             }

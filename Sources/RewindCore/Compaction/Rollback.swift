@@ -78,34 +78,8 @@ extension Mirror {
         guard size == volumeSize else {
             throw RewindError.invalidArgument("\(path) is \(size) bytes but the mirror's volume is \(volumeSize): not its source")
         }
-        let snapshot = try Snapshot(mirror: self, point: .seq(k))
-        defer { snapshot.close() }
-        let bs = UInt64(blockSize)
-        var buffer = [UInt8](repeating: 0, count: blockSize)
-        var rewritten: UInt64 = 0
-        let total = try journal.env.read { try $0.count(journal.blocks) }
-        progress?.begin(phase: "reverting source", total: UInt64(total))
-        let scan = try snapshot.txn.cursor(journal.blocks)
-        var entry = try scan.first()
-        var scanned: UInt64 = 0
-        var block: UInt64?
-        var changedAfter = false
-        func emit() throws {
-            guard let b = block, changedAfter else { return }
-            try buffer.withUnsafeMutableBytes { try snapshot.read(at: b * bs, into: $0) }
-            try file.write(at: b * bs, buffer)
-            rewritten += 1
-        }
-        while let e = entry, let key = decodeBlockKey(e.key) {
-            if key.block != block { try emit(); block = key.block; changedAfter = false }
-            if key.seq > k { changedAfter = true }
-            scanned += 1
-            if scanned % 4096 == 0 { progress?.update(done: scanned) }
-            entry = try scan.next()
-        }
-        try emit()
+        let rewritten = try rewriteBlocks(changedAfter: k, asOf: .seq(k), into: file, progress: progress)
         try file.sync()
-        progress?.end()
         return rewritten
     }
 

@@ -94,13 +94,38 @@ public final class BlockFile: @unchecked Sendable {
         guard e == EOPNOTSUPP || e == ENOSYS || e == EINVAL || e == ENODEV else {
             throw RewindError.io(path: path, operation: "fallocate(PUNCH_HOLE)", errno: e)
         }
-        let chunk = [UInt8](repeating: 0, count: 1 << 20)
+        try writeZeros(at: offset, length: length)
+    }
+
+    /// Make the range read as zeros keeping it allocated: `fallocate(FALLOC_FL_ZERO_RANGE)`.
+    /// Returns false where the file system cannot (then the caller writes zeros or refuses).
+    public func zeroRange(at offset: UInt64, length: UInt64) throws -> Bool {
+        guard length > 0 else { return true }
+        if rewind_zero_range(fd, off_t(offset), off_t(length)) == 0 { return true }
+        let e = errno
+        if e == EOPNOTSUPP || e == ENOSYS || e == EINVAL || e == ENODEV { return false }
+        throw RewindError.io(path: path, operation: "fallocate(ZERO_RANGE)", errno: e)
+    }
+
+    /// Write `length` zero bytes at `offset`, 1 MiB at a time.
+    public func writeZeros(at offset: UInt64, length: UInt64) throws {
+        let chunk = [UInt8](repeating: 0, count: Int(min(length, 1 << 20)))
         var at = offset
         while at < offset + length {
             let n = Int(min(UInt64(chunk.count), offset + length - at))
             try chunk.withUnsafeBytes { try write(at: at, from: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
             at += UInt64(n)
         }
+    }
+
+    /// Hint that the range will be read soon (`posix_fadvise(POSIX_FADV_WILLNEED)`).
+    public func willNeed(at offset: UInt64, length: UInt64) {
+        _ = rewind_fadvise_willneed(fd, off_t(offset), off_t(length))
+    }
+
+    /// Flush data to stable storage (`fdatasync`).
+    public func dataSync() throws {
+        guard fdatasync(fd) == 0 else { throw err("fdatasync") }
     }
 
     /// Flush data and metadata to stable storage. The corresponding C function is `fsync`.

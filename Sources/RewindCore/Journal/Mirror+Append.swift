@@ -8,17 +8,20 @@ extension Mirror {
     /// entry names a complete block and a point read is one seek. Zero and trim records store
     /// only their partial edge blocks; their whole blocks get empty ("zero") index entries,
     /// and none at all where the block already reads as zeros.
+    /// `sourceSynced`, when given, records that the served source is fsynced up to that seq
+    /// (what a restart must replay from), at no extra commit.
     @discardableResult
-    public func append(_ changes: [Change]) throws -> ClosedRange<UInt64> {
+    public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
         do {
-            return try journal.env.write { txn in try appendInTransaction(txn, changes) }
+            return try journal.env.write { txn in try appendInTransaction(txn, changes, sourceSynced: sourceSynced) }
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
     }
 
-    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change]) throws -> ClosedRange<UInt64> {
+    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
         var meta = try journal.readMeta(txn)
+        if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
         if meta.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
         for c in changes { try validate(c) }
         let cursor = try txn.cursor(journal.blocks)

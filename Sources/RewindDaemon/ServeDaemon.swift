@@ -1,0 +1,199 @@
+import Foundation
+import Logging
+import Metrics
+import NIOCore
+import NIOPosix
+import Prometheus
+import RewindCore
+import RewindNBD
+import ServiceLifecycle
+
+/// `rewind serve`: open (or create) the source and its mirror, bring the source up to the
+/// journal after an unclean stop, then serve NBD until SIGTERM/SIGINT, when in-flight
+/// requests are answered, source and journal synced and the journal closed cleanly.
+public enum ServeDaemon {
+    public static func run(_ options: ServeOptions, progress: ProgressObserver?) async throws {
+        let level = Logger.Level(rawValue: options.logLevel) ?? .info
+        LoggingSystem.bootstrap { label in
+            var h = StreamLogHandler.standardError(label: label)
+            h.logLevel = level
+            return h
+        }
+        let logger = Logger(label: "rewind.serve")
+        var registry: PrometheusCollectorRegistry?
+        if options.metrics != nil {
+            let r = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: r))
+            registry = r
+        }
+        let metrics = ServeMetrics()
+
+        // The volume: source, mirror, ownership, recovery.
+        let prepared = try prepare(options, logger: logger, progress: progress)
+        let writer = VolumeWriter(mirror: prepared.mirror, source: prepared.source, syncedSeq: prepared.syncedSeq,
+                                  metrics: metrics, logger: logger)
+        writer.start()
+        let pool = NIOThreadPool(numberOfThreads: 4)
+        pool.start()
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: max(1, System.coreCount))
+        let volume = try ServeVolume(source: prepared.source, writer: writer, pool: pool,
+                                     canFastZero: probeZeroRange(near: options.source))
+        let exportName = options.export ?? URL(fileURLWithPath: options.source).lastPathComponent
+        let export = NBDExport(name: exportName, description: options.description ?? "rewind: \(options.source)", target: volume)
+        let server = NBDServer(export: export, group: group, maxConnections: options.maxConnections, observer: metrics,
+                               logger: logger)
+        let addresses = options.listen.isEmpty ? [ListenAddress.tcp(host: "127.0.0.1", port: NBD.defaultPort)] : options.listen
+        let bound: [String]
+        do {
+            bound = try await server.start(addresses)
+        } catch {
+            writer.stop()
+            try? await group.shutdownGracefully()
+            throw RewindError.invalidArgument("cannot listen on \(addresses.map(\.description).joined(separator: ", ")): \(error)")
+        }
+        var metricsChannel: Channel?
+        if let address = options.metrics, let registry {
+            metricsChannel = try await startMetricsServer(address, registry: registry, group: group)
+        }
+        announce(options: options, mirror: prepared.mirror, export: exportName, bound: bound,
+                 metrics: metricsChannel.flatMap { c in c.localAddress.map { "\($0.ipAddress ?? "127.0.0.1"):\($0.port ?? 0)" } })
+
+        var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger)]
+        if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
+            services.append(RetentionService(mirror: prepared.mirror, options: options, pool: pool, metrics: metrics, logger: logger))
+        }
+        let group2 = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
+                                                       gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await group2.run()
+        try? await metricsChannel?.close()
+        try? await pool.shutdownGracefully()
+        try? await group.shutdownGracefully()
+        prepared.lock.release()
+        logger.info("stopped cleanly; journal at seq:\((try? prepared.mirror.meta().lastSeq) ?? 0)")
+    }
+
+    struct Prepared {
+        var mirror: Mirror
+        var source: BlockFile
+        var lock: FileLock
+        var syncedSeq: UInt64
+    }
+
+    static func prepare(_ o: ServeOptions, logger: Logger, progress: ProgressObserver?) throws -> Prepared {
+        let mirrorPath = o.mirror ?? o.source + ".rewind"
+        if access(o.source, F_OK) != 0 {
+            guard let size = o.size else {
+                throw RewindError.invalidArgument("\(o.source) does not exist (give --size to create it)")
+            }
+            guard size > 0, size % UInt64(o.blockSize) == 0 else {
+                throw RewindError.invalidArgument("--size \(size) must be a positive multiple of the block size \(o.blockSize)")
+            }
+            let f = try BlockFile(path: o.source, mode: .createNew)
+            try f.truncate(to: size)
+            logger.info("created sparse source \(o.source) of \(size) bytes")
+        }
+        let source = try BlockFile(path: o.source, mode: .readWrite)
+        let sourceSize = try source.size()
+        if access(mirrorPath, F_OK) != 0 {
+            logger.info("creating mirror \(mirrorPath) from \(o.source)")
+            try Mirror.create(at: mirrorPath, from: o.source, blockSize: o.blockSize, progress: progress)
+        }
+        let lock = try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 0,
+                                holder: "another rewind process (serve or rollback) owns this mirror")
+        let mirror = try Mirror.open(at: mirrorPath, recover: true)
+        guard mirror.volumeSize == sourceSize else {
+            throw RewindError.invalidArgument("\(o.source) is \(sourceSize) bytes but mirror \(mirrorPath) holds a volume of \(mirror.volumeSize): not its mirror")
+        }
+        var meta = try mirror.meta()
+        if meta.pendingRollback != UInt64.max { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
+        if meta.sourceSyncedSeq < meta.lastSeq {
+            // Unclean stop: records may have reached the journal but not the source (write-ahead).
+            logger.notice("replaying records seq:\(meta.sourceSyncedSeq + 1)...seq:\(meta.lastSeq) into \(o.source)")
+            let n = try mirror.rewriteBlocks(changedAfter: meta.sourceSyncedSeq, asOf: .latest, into: source, progress: progress)
+            try source.sync()
+            try mirror.markSourceSynced(meta.lastSeq)
+            logger.notice("replayed \(n) blocks")
+            meta = try mirror.meta()
+        }
+        return Prepared(mirror: mirror, source: source, lock: lock, syncedSeq: meta.sourceSyncedSeq)
+    }
+
+    /// Can the file system beside the source zero a range without writing (FALLOC_FL_ZERO_RANGE)?
+    static func probeZeroRange(near source: String) -> Bool {
+        let dir = URL(fileURLWithPath: source).deletingLastPathComponent().path
+        let probe = dir + "/.rewind-probe-\(getpid())"
+        defer { unlink(probe) }
+        guard let f = try? BlockFile(path: probe, mode: .createOrTruncate),
+              (try? f.write(at: 0, [UInt8](repeating: 1, count: 4096))) != nil else { return false }
+        return (try? f.zeroRange(at: 0, length: 4096)) ?? false
+    }
+
+    static func announce(options: ServeOptions, mirror: Mirror, export: String, bound: [String], metrics: String?) {
+        let first = bound.first ?? ""
+        let uri = first.hasPrefix("unix:") ? "nbd+unix:///\(export)?socket=\(first.dropFirst(5))" : "nbd://\(first)/\(export)"
+        if options.json {
+            let payload: [String: Any] = ["source": options.source, "mirror": mirror.path, "export": export,
+                                          "listening": bound, "uri": uri, "size": mirror.volumeSize,
+                                          "metrics": metrics ?? NSNull()]
+            if let data = try? JSONSerialization.data(withJSONObject: payload, options: [.sortedKeys, .withoutEscapingSlashes]) {
+                FileHandle.standardOutput.write(data + Data("\n".utf8))
+            }
+        } else {
+            var text = "rewind: serving \(options.source) (\(mirror.volumeSize) bytes) with mirror \(mirror.path)\n"
+            for b in bound { text += "  listening on \(b)\n" }
+            if let metrics { text += "  metrics on http://\(metrics)/metrics\n" }
+            text += "  connect with: nbdinfo '\(uri)'\n"
+            FileHandle.standardOutput.write(Data(text.utf8))
+        }
+    }
+}
+
+/// Runs until graceful shutdown, then stops accepting, drains in-flight requests, and has the
+/// writer answer everything queued, sync and record the source as synced.
+struct ServeService: Service {
+    let server: NBDServer
+    let writer: VolumeWriter
+    let logger: Logger
+
+    func run() async throws {
+        try? await gracefulShutdown()
+        logger.info("shutting down: draining connections")
+        await server.shutdown()
+        writer.stop()
+    }
+}
+
+/// Folds records that leave the retention window into the base, in the background, off the
+/// event loops; compaction works in bounded transactions so the writer is never held up long.
+struct RetentionService: Service {
+    let mirror: Mirror
+    let options: ServeOptions
+    let pool: NIOThreadPool
+    let metrics: ServeMetrics
+    let logger: Logger
+
+    func run() async throws {
+        let interval = UInt64(options.retentionIntervalSeconds * 1e9)
+        let (mirror, options) = (self.mirror, self.options)
+        while !Task.isShuttingDownGracefully {
+            try? await cancelWhenGracefulShutdown {
+                try await Task.sleep(nanoseconds: interval)
+            }
+            if Task.isShuttingDownGracefully { break }
+            do {
+                let report = try await pool.runIfActive {
+                    try mirror.compact(keepAgeNanoseconds: options.keepAgeNanoseconds, keepBytes: options.keepBytes)
+                }
+                if let r = report, r.toHorizon > r.fromHorizon {
+                    metrics.compactions.increment()
+                    metrics.compactedBlocks.increment(by: Int64(r.blocksWritten))
+                    metrics.horizon.record(Int64(r.toHorizon))
+                    logger.info("retention: compacted seq:\(r.fromHorizon)..seq:\(r.toHorizon), \(r.blocksWritten) blocks into the base")
+                }
+                metrics.journalPayload.record(Int64(try mirror.meta().journalBytes))
+            } catch {
+                logger.warning("retention pass failed: \(error)")
+            }
+        }
+    }
+}

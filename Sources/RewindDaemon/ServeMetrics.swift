@@ -1,0 +1,65 @@
+import CoreMetrics
+import Foundation
+import Metrics
+import NIOConcurrencyHelpers
+import RewindNBD
+
+/// The serve daemon's metrics, through swift-metrics (exported by swift-prometheus on
+/// `--metrics`): requests, bytes and latency by command, in-flight requests, connections,
+/// journal records and bytes, flush latency, compaction progress.
+final class ServeMetrics: NBDObserver, @unchecked Sendable {
+    private let requests: [NBDCommand: Counter]
+    private let bytes: [NBDCommand: Counter]
+    private let latency: [NBDCommand: Metrics.Timer]
+    private let errors = Counter(label: "rewind_nbd_request_errors_total")
+    private let inflightGauge = Gauge(label: "rewind_nbd_inflight_requests")
+    private let connectionsGauge = Gauge(label: "rewind_nbd_connections")
+    private let journalRecords = Counter(label: "rewind_journal_records_total")
+    private let journalBytes = Counter(label: "rewind_journal_payload_bytes_total")
+    private let lastSeq = Gauge(label: "rewind_journal_last_seq")
+    private let flushLatency = Metrics.Timer(label: "rewind_flush_duration_seconds")
+    let compactions = Counter(label: "rewind_compactions_total")
+    let compactedBlocks = Counter(label: "rewind_compaction_blocks_written_total")
+    let horizon = Gauge(label: "rewind_journal_horizon_seq")
+    let journalPayload = Gauge(label: "rewind_journal_payload_bytes")
+    private let state = NIOLockedValueBox((inflight: 0, connections: 0))
+
+    init() {
+        var r: [NBDCommand: Counter] = [:], b: [NBDCommand: Counter] = [:], l: [NBDCommand: Metrics.Timer] = [:]
+        for c in NBDCommand.allCases {
+            r[c] = Counter(label: "rewind_nbd_requests_total", dimensions: [("command", c.name)])
+            b[c] = Counter(label: "rewind_nbd_bytes_total", dimensions: [("command", c.name)])
+            l[c] = Metrics.Timer(label: "rewind_nbd_request_duration_seconds", dimensions: [("command", c.name)])
+        }
+        requests = r; bytes = b; latency = l
+    }
+
+    func requestStarted(_ command: NBDCommand) {
+        let n = state.withLockedValue { $0.inflight += 1; return $0.inflight }
+        inflightGauge.record(n)
+    }
+
+    func requestFinished(_ command: NBDCommand, bytes n: UInt64, nanoseconds: UInt64, error: NBDErrno?) {
+        let n2 = state.withLockedValue { $0.inflight = max(0, $0.inflight - 1); return $0.inflight }
+        inflightGauge.record(n2)
+        requests[command]?.increment()
+        if let error {
+            errors.increment()
+            _ = error
+        } else {
+            bytes[command]?.increment(by: Int64(n))
+            latency[command]?.recordNanoseconds(Int64(nanoseconds))
+        }
+    }
+
+    func connectionOpened() { connectionsGauge.record(state.withLockedValue { $0.connections += 1; return $0.connections }) }
+    func connectionClosed() { connectionsGauge.record(state.withLockedValue { $0.connections -= 1; return $0.connections }) }
+
+    func journalAppended(records: Int, bytes: Int, lastSeq seq: UInt64) {
+        journalRecords.increment(by: Int64(records))
+        journalBytes.increment(by: Int64(bytes))
+        lastSeq.record(Int64(seq))
+    }
+
+    func flushed(nanoseconds: UInt64) { flushLatency.recordNanoseconds(Int64(nanoseconds)) }
+}

@@ -1,0 +1,41 @@
+import NIOCore
+
+/// One contiguous piece of a read: data, or a hole that reads as zeros.
+public enum ReadExtent: Sendable {
+    case data(offset: UInt64, bytes: ByteBuffer)
+    case hole(offset: UInt64, length: UInt32)
+}
+
+/// One `base:allocation` extent.
+public struct AllocationExtent: Sendable, Equatable {
+    public var length: UInt32
+    public var flags: NBDExtentFlags
+    public init(length: UInt32, flags: NBDExtentFlags) { self.length = length; self.flags = flags }
+    public static func == (a: Self, b: Self) -> Bool { a.length == b.length && a.flags.rawValue == b.flags.rawValue }
+}
+
+/// What an NBD export serves. The NBD layer knows nothing else of the engine: requests reach
+/// the target already validated (in range, flags allowed), and its answers are futures so no
+/// blocking call ever runs on an event loop. A failed future carries an `NBDErrno`.
+public protocol BlockTarget: AnyObject, Sendable {
+    var size: UInt64 { get }
+    var readOnly: Bool { get }
+    /// Whether FAST_ZERO can be honoured (zeroing without writing data).
+    var canFastZero: Bool { get }
+
+    func read(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[ReadExtent]>
+    func write(offset: UInt64, data: [UInt8], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
+    func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
+    func trim(offset: UInt64, length: UInt32, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
+    func flush(on loop: EventLoop) -> EventLoopFuture<Void>
+    func cache(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<Void>
+    func blockStatus(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[AllocationExtent]>
+}
+
+/// Per-request observations for metrics, reported by the connection handler.
+public protocol NBDObserver: Sendable {
+    func requestStarted(_ command: NBDCommand)
+    func requestFinished(_ command: NBDCommand, bytes: UInt64, nanoseconds: UInt64, error: NBDErrno?)
+    func connectionOpened()
+    func connectionClosed()
+}

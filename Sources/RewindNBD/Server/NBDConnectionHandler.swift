@@ -1,0 +1,437 @@
+import Logging
+import NIOCore
+
+/// One NBD connection: the fixed-newstyle handshake, then the transmission phase.
+///
+/// Bytes accumulate in `input` and are parsed by `process()` according to `phase`. Every
+/// request is validated once here (`validate`), so the target only sees well-formed ones.
+/// Requests are dispatched as they arrive and answered as they complete (out of order, by
+/// cookie); at most `maxInflight` at once, after which reads from the socket pause.
+final class NBDConnectionHandler: ChannelDuplexHandler {
+    typealias InboundIn = ByteBuffer
+    typealias OutboundIn = ByteBuffer
+    typealias OutboundOut = ByteBuffer
+
+    /// Requests in flight per connection before we stop reading the socket (backpressure).
+    static let maxInflight = 256
+    /// The handshake must finish within this (qemu uses 10 s: CVE-2024-7409).
+    static let handshakeDeadline = TimeAmount.seconds(10)
+
+    private enum Phase {
+        case clientFlags
+        case options
+        /// Discarding the rest of an oversized option, then answering it ERR_TOO_BIG.
+        case discardOption(option: UInt32, remaining: UInt64)
+        case transmission
+        /// Discarding a refused WRITE's payload, then answering it.
+        case discardPayload(cookie: UInt64, remaining: UInt64, error: NBDErrno)
+        case closing
+    }
+
+    private let export: NBDExport
+    private let observer: (any NBDObserver)?
+    private let logger: Logger
+    private var phase = Phase.clientFlags
+    private var input = ByteBuffer()
+    private var noZeroes = false
+    private var structuredReplies = false
+    private var metaContextSelected = false
+    private var optionsSeen = 0
+    private var inflight = 0
+    private var readHeld = false
+    private var disconnecting = false
+    private var deadline: Scheduled<Void>?
+    private weak var channel: Channel?
+
+    init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger) {
+        self.export = export
+        self.observer = observer
+        self.logger = logger
+    }
+
+    // MARK: channel events
+
+    func channelActive(context: ChannelHandlerContext) {
+        channel = context.channel
+        observer?.connectionOpened()
+        var greeting = context.channel.allocator.buffer(capacity: 18)
+        greeting.writeInteger(NBD.nbdMagic)
+        greeting.writeInteger(NBD.ihaveopt)
+        greeting.writeInteger(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
+        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        let channel = context.channel
+        let logger = self.logger
+        deadline = context.eventLoop.scheduleTask(in: Self.handshakeDeadline) {
+            logger.info("closing connection: \(NBDProtocolError.handshakeTimeout)")
+            channel.close(promise: nil)
+        }
+        context.fireChannelActive()
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        deadline?.cancel()
+        observer?.connectionClosed()
+        phase = .closing
+        context.fireChannelInactive()
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        var bytes = unwrapInboundIn(data)
+        input.writeBuffer(&bytes)
+        do {
+            try process(context: context)
+        } catch {
+            logger.info("closing connection: \(error)")
+            phase = .closing
+            context.close(promise: nil)
+        }
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        logger.debug("connection error: \(error)")
+        context.close(promise: nil)
+    }
+
+    /// Hold socket reads while too many requests are in flight.
+    func read(context: ChannelHandlerContext) {
+        if inflight >= Self.maxInflight { readHeld = true; return }
+        context.read()
+    }
+
+    // MARK: parsing
+
+    private func process(context: ChannelHandlerContext) throws {
+        parsing: while true {
+            switch phase {
+            case .closing:
+                input.clear()
+                return
+            case .clientFlags:
+                guard let flags: UInt32 = input.readInteger() else { break parsing }
+                guard flags & ~(NBD.clientFixedNewstyle | NBD.clientNoZeroes) == 0 else {
+                    throw NBDProtocolError.unknownClientFlags(flags)
+                }
+                noZeroes = flags & NBD.clientNoZeroes != 0
+                phase = .options
+            case .options:
+                guard let header = try peekOptionHeader() else { break parsing }
+                optionsSeen += 1
+                guard optionsSeen <= NBD.maxOptions else { throw NBDProtocolError.tooManyOptions }
+                if header.length > UInt32(NBD.maxOptionBytes) {
+                    input.moveReaderIndex(forwardBy: NBDOptionHeader.size)
+                    phase = .discardOption(option: header.option, remaining: UInt64(header.length))
+                    continue
+                }
+                guard input.readableBytes >= NBDOptionHeader.size + Int(header.length) else { break parsing }
+                input.moveReaderIndex(forwardBy: NBDOptionHeader.size)
+                let data = input.readSlice(length: Int(header.length))!
+                try handleOption(header.option, data: data, context: context)
+            case let .discardOption(option, remaining):
+                let n = min(UInt64(input.readableBytes), remaining)
+                input.moveReaderIndex(forwardBy: Int(n))
+                if n < remaining { phase = .discardOption(option: option, remaining: remaining - n); break parsing }
+                phase = .options
+                replyOption(context, option, .errTooBig, message: "option data longer than \(NBD.maxOptionBytes) bytes")
+            case .transmission:
+                if disconnecting || inflight >= Self.maxInflight { break parsing }
+                guard input.readableBytes >= NBDRequestHeader.size else { break parsing }
+                var peek = input
+                guard let header = try NBDRequestHeader.read(from: &peek) else { break parsing }
+                let validated = validate(header, NBDValidationContext(
+                    size: export.target.size, readOnly: export.target.readOnly,
+                    structuredReplies: structuredReplies, metaContextNegotiated: metaContextSelected))
+                if header.hasPayload {
+                    if case .failure(let error) = validated {
+                        // A refused WRITE's payload is read and discarded, never buffered whole.
+                        input = peek
+                        phase = .discardPayload(cookie: header.cookie, remaining: UInt64(header.length), error: error)
+                        continue
+                    }
+                    guard peek.readableBytes >= Int(header.length) else { break parsing }
+                }
+                input = peek
+                switch validated {
+                case .failure(let error):
+                    if let kind = NBDCommand(rawValue: header.type) { observer?.requestStarted(kind) }
+                    sendError(context, header, error, message: "invalid request")
+                case .success(let command):
+                    dispatch(context, header, command)
+                }
+            case let .discardPayload(cookie, remaining, error):
+                let n = min(UInt64(input.readableBytes), remaining)
+                input.moveReaderIndex(forwardBy: Int(n))
+                if n < remaining { phase = .discardPayload(cookie: cookie, remaining: remaining - n, error: error); break parsing }
+                phase = .transmission
+                var reply = context.channel.allocator.buffer(capacity: 16)
+                reply.writeSimpleReply(cookie: cookie, error: error.rawValue)
+                context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+                observer?.requestStarted(.write)
+                observer?.requestFinished(.write, bytes: 0, nanoseconds: 0, error: error)
+            }
+        }
+        if input.readerIndex > 1 << 20 { input.discardReadBytes() }
+    }
+
+    private func peekOptionHeader() throws -> NBDOptionHeader? {
+        var peek = input
+        return try NBDOptionHeader.read(from: &peek)
+    }
+
+    // MARK: handshake
+
+    private func replyOption(_ context: ChannelHandlerContext, _ option: UInt32, _ type: NBDOptionReply,
+                             data: ByteBuffer? = nil, message: String? = nil) {
+        var out = context.channel.allocator.buffer(capacity: 32)
+        if let message { out.writeOptionError(option: option, type: type, message: message) } else {
+            out.writeOptionReply(option: option, type: type, data: data)
+        }
+        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+    }
+
+    private func handleOption(_ raw: UInt32, data: ByteBuffer, context: ChannelHandlerContext) throws {
+        guard let option = NBDOption(rawValue: raw) else {
+            replyOption(context, raw, .errUnsupported, message: "option \(raw) is not supported")
+            return
+        }
+        switch option {
+        case .exportName:
+            var d = data
+            guard let name = d.readValidUTF8(length: d.readableBytes), export.answers(to: name) else {
+                throw NBDProtocolError.abort  // NBD_OPT_EXPORT_NAME has no error reply: close
+            }
+            var out = context.channel.allocator.buffer(capacity: 134)
+            out.writeInteger(export.target.size)
+            out.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
+            if !noZeroes { out.writeRepeatingByte(0, count: 124) }
+            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+            enterTransmission()
+        case .abort:
+            replyOption(context, raw, .ack)
+            context.close(promise: nil)
+            phase = .closing
+        case .list:
+            guard data.readableBytes == 0 else {
+                replyOption(context, raw, .errInvalid, message: "NBD_OPT_LIST takes no data"); return
+            }
+            var entry = ByteBuffer()
+            entry.writeInteger(UInt32(export.name.utf8.count))
+            entry.writeString(export.name)
+            replyOption(context, raw, .server, data: entry)
+            replyOption(context, raw, .ack)
+        case .startTLS:
+            if data.readableBytes != 0 {
+                replyOption(context, raw, .errInvalid, message: "NBD_OPT_STARTTLS takes no data")
+            } else {
+                replyOption(context, raw, .errUnsupported, message: "TLS is not offered on this port")
+            }
+        case .structuredReply:
+            if data.readableBytes != 0 {
+                replyOption(context, raw, .errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data")
+            } else if structuredReplies {
+                replyOption(context, raw, .errInvalid, message: "structured replies already negotiated")
+            } else {
+                structuredReplies = true
+                replyOption(context, raw, .ack)
+            }
+        case .info, .go:
+            guard let request = NBDInfoRequest.parse(data) else {
+                replyOption(context, raw, .errInvalid, message: "malformed NBD_OPT_INFO/GO request"); return
+            }
+            guard export.answers(to: request.name) else {
+                replyOption(context, raw, .errUnknown, message: "no export named \"\(request.name)\""); return
+            }
+            var info = ByteBuffer()
+            info.writeInteger(NBDInfo.export.rawValue)
+            info.writeInteger(export.target.size)
+            info.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
+            replyOption(context, raw, .info, data: info)
+            var sizes = ByteBuffer()
+            sizes.writeInteger(NBDInfo.blockSize.rawValue)
+            sizes.writeInteger(UInt32(1))
+            sizes.writeInteger(NBD.preferredBlockSize)
+            sizes.writeInteger(UInt32(NBD.maxPayloadBytes))
+            replyOption(context, raw, .info, data: sizes)
+            if request.infos.contains(NBDInfo.name.rawValue) {
+                var b = ByteBuffer(); b.writeInteger(NBDInfo.name.rawValue); b.writeString(export.name)
+                replyOption(context, raw, .info, data: b)
+            }
+            if request.infos.contains(NBDInfo.description.rawValue) {
+                var b = ByteBuffer(); b.writeInteger(NBDInfo.description.rawValue); b.writeString(export.description)
+                replyOption(context, raw, .info, data: b)
+            }
+            replyOption(context, raw, .ack)
+            if option == .go { enterTransmission() }
+        case .listMetaContext, .setMetaContext:
+            guard let request = NBDMetaContextRequest.parse(data) else {
+                replyOption(context, raw, .errInvalid, message: "malformed meta context request"); return
+            }
+            if option == .setMetaContext && !structuredReplies {
+                replyOption(context, raw, .errInvalid, message: "negotiate structured replies first"); return
+            }
+            guard export.answers(to: request.exportName) else {
+                replyOption(context, raw, .errUnknown, message: "no export named \"\(request.exportName)\""); return
+            }
+            let matches: Bool
+            if option == .listMetaContext {
+                matches = request.queries.isEmpty || request.queries.contains { $0 == baseAllocationContext || $0 == "base:" }
+            } else {
+                matches = request.queries.contains(baseAllocationContext)
+                metaContextSelected = matches
+            }
+            if matches {
+                var b = ByteBuffer()
+                b.writeInteger(option == .setMetaContext ? baseAllocationContextID : 0)
+                b.writeString(baseAllocationContext)
+                replyOption(context, raw, .metaContext, data: b)
+            }
+            replyOption(context, raw, .ack)
+        }
+    }
+
+    private func enterTransmission() {
+        deadline?.cancel()
+        deadline = nil
+        phase = .transmission
+    }
+
+    // MARK: transmission
+
+    private func sendError(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ error: NBDErrno, message: String) {
+        var reply = context.channel.allocator.buffer(capacity: 64)
+        if structuredReplies && (h.type == NBDCommand.read.rawValue || h.type == NBDCommand.blockStatus.rawValue) {
+            reply.writeErrorChunk(cookie: h.cookie, error: error, message: message)
+        } else {
+            reply.writeSimpleReply(cookie: h.cookie, error: error.rawValue)
+        }
+        context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
+        if let command = NBDCommand(rawValue: h.type) {
+            observer?.requestFinished(command, bytes: 0, nanoseconds: 0, error: error)
+        }
+    }
+
+    private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand) {
+        let target = export.target
+        let loop = context.eventLoop
+        let started = NIODeadline.now()
+        let kind = NBDCommand(rawValue: h.type)!
+        observer?.requestStarted(kind)
+        let bytes = UInt64(h.length)
+        switch command {
+        case .disconnect:
+            disconnecting = true
+            if inflight == 0 { context.close(promise: nil) }
+            return
+        case let .read(offset, length, df):
+            track(context, h, kind, started, bytes, target.read(offset: offset, length: length, on: loop)) { [structuredReplies] extents in
+                var out = context.channel.allocator.buffer(capacity: 32 + Int(length))
+                if structuredReplies {
+                    Self.writeStructuredRead(&out, cookie: h.cookie, offset: offset, length: length, extents: extents, df: df)
+                } else {
+                    out.writeSimpleReply(cookie: h.cookie)
+                    Self.writeFlat(&out, extents)
+                }
+                return out
+            }
+        case let .write(offset, fua):
+            let data = input.readBytes(length: Int(h.length))!
+            track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+            }
+        case let .writeZeroes(offset, length, fua, noHole, fastZero):
+            if fastZero && !target.canFastZero { sendError(context, h, .notsup, message: "zeroing is not fast here"); return }
+            track(context, h, kind, started, bytes, target.writeZeroes(offset: offset, length: length, noHole: noHole,
+                                                                      fastZero: fastZero, fua: fua, on: loop)) { _ in
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+            }
+        case let .trim(offset, length, fua):
+            track(context, h, kind, started, bytes, target.trim(offset: offset, length: length, fua: fua, on: loop)) { _ in
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+            }
+        case .flush:
+            track(context, h, kind, started, 0, target.flush(on: loop)) { _ in
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+            }
+        case let .cache(offset, length):
+            track(context, h, kind, started, bytes, target.cache(offset: offset, length: length, on: loop)) { _ in
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+            }
+        case let .blockStatus(offset, length, reqOne):
+            track(context, h, kind, started, 0, target.blockStatus(offset: offset, length: length, on: loop)) { extents in
+                var list = extents.filter { $0.length > 0 }
+                if reqOne { list = Array(list.prefix(1)) }
+                var out = context.channel.allocator.buffer(capacity: 32 + 8 * list.count)
+                out.writeChunkHeader(cookie: h.cookie, type: .blockStatus, done: true, length: 4 + 8 * list.count)
+                out.writeInteger(baseAllocationContextID)
+                for e in list { out.writeInteger(e.length); out.writeInteger(e.flags.rawValue) }
+                return out
+            }
+        }
+    }
+
+    /// Count a request in flight until its future completes, then write its reply.
+    private func track<T>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
+                          _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> ByteBuffer) {
+        inflight += 1
+        future.hop(to: context.eventLoop).whenComplete { [self] result in
+            inflight -= 1
+            let elapsed = UInt64(max(0, (NIODeadline.now() - started).nanoseconds))
+            switch result {
+            case .success(let value):
+                context.writeAndFlush(wrapOutboundOut(reply(value)), promise: nil)
+                observer?.requestFinished(kind, bytes: bytes, nanoseconds: elapsed, error: nil)
+            case .failure(let error):
+                let errno = error as? NBDErrno ?? .io
+                if errno == .io { logger.warning("\(kind.name) at \(h.offset)+\(h.length) failed: \(error)") }
+                sendError(context, h, errno, message: "\(kind.name) failed")
+            }
+            if disconnecting && inflight == 0 { context.close(promise: nil); return }
+            if readHeld && inflight < Self.maxInflight { readHeld = false; context.read() }
+            if case .transmission = phase, input.readableBytes > 0 {
+                do { try process(context: context) } catch {
+                    logger.info("closing connection: \(error)")
+                    phase = .closing
+                    context.close(promise: nil)
+                }
+            }
+        }
+    }
+
+    /// Simple-reply payload: every extent as bytes, holes as zeros.
+    private static func writeFlat(_ out: inout ByteBuffer, _ extents: [ReadExtent]) {
+        for e in extents {
+            switch e {
+            case .data(_, var bytes): out.writeBuffer(&bytes)
+            case .hole(_, let length): out.writeRepeatingByte(0, count: Int(length))
+            }
+        }
+    }
+
+    /// Structured READ: one OFFSET_DATA or OFFSET_HOLE chunk per extent, DONE on the last;
+    /// under DF a single data chunk; a zero-length read gets one NONE chunk.
+    private static func writeStructuredRead(_ out: inout ByteBuffer, cookie: UInt64, offset: UInt64, length: UInt32,
+                                            extents: [ReadExtent], df: Bool) {
+        if length == 0 || extents.isEmpty {
+            out.writeChunkHeader(cookie: cookie, type: .none, done: true, length: 0)
+            return
+        }
+        if df && extents.count > 1 {
+            out.writeChunkHeader(cookie: cookie, type: .offsetData, done: true, length: 8 + Int(length))
+            out.writeInteger(offset)
+            writeFlat(&out, extents)
+            return
+        }
+        for (i, e) in extents.enumerated() {
+            let last = i == extents.count - 1
+            switch e {
+            case .data(let at, var bytes):
+                out.writeChunkHeader(cookie: cookie, type: .offsetData, done: last, length: 8 + bytes.readableBytes)
+                out.writeInteger(at)
+                out.writeBuffer(&bytes)
+            case .hole(let at, let n):
+                out.writeChunkHeader(cookie: cookie, type: .offsetHole, done: last, length: 12)
+                out.writeInteger(at)
+                out.writeInteger(n)
+            }
+        }
+    }
+}

@@ -1,0 +1,61 @@
+import ArgumentParser
+import Foundation
+import RewindCore
+import RewindDaemon
+import RewindNBD
+
+struct ServeCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "serve",
+        abstract: "Serve SOURCE over NBD; every write-nature command is also journalled into its mirror.")
+
+    @Argument(help: "The volume: a raw image or block device (created sparse with --size if missing).") var source: String?
+    @Option(help: "The mirror directory (default SOURCE.rewind; created from SOURCE if missing).") var mirror: String?
+    @Option(help: "Create SOURCE of this size if it does not exist.", transform: parseSize) var size: UInt64?
+    @Option(help: "Listen on HOST:PORT or unix:PATH (repeatable; default 127.0.0.1:10809).") var listen: [String] = []
+    @Option(help: "Export name (default: SOURCE's file name); \"\" always works too.") var export: String?
+    @Option(help: "Block size for a new mirror.") var blockSize: Int?
+    @Option(help: "Keep this much history; older records are folded into the base (e.g. 7d).", transform: parseDuration) var keepAge: UInt64?
+    @Option(help: "Keep at most this much journal payload (e.g. 10G).", transform: parseSize) var keepSize: UInt64?
+    @Option(help: "Serve Prometheus metrics on HOST:PORT.") var metrics: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+    @Option(help: "Most NBD connections at once.") var maxConnections: Int?
+    @Option(help: "Read options from FILE (key = value, same names as the options).") var config: String?
+    @Flag(help: "Print the listening addresses as one JSON line.") var json = false
+
+    func run() async throws {
+        try await reportingAsync {
+            var fromConfig: [(key: String, value: String)] = []
+            if let config { fromConfig = try ServeOptions.readConfig(config) }
+            guard let path = source ?? fromConfig.last(where: { $0.key == "source" })?.value else {
+                throw ValidationError("give SOURCE (or `source = ...` in the config file)")
+            }
+            var o = ServeOptions(source: path)
+            var set: Set<String> = []
+            if let mirror { o.mirror = mirror; set.insert("mirror") }
+            if let size { o.size = size; set.insert("size") }
+            if !listen.isEmpty {
+                o.listen = try listen.map { text in
+                    do { return try ListenAddress(parsing: text) } catch let e as ListenAddressError { throw ValidationError(e.description) }
+                }
+                set.insert("listen")
+            }
+            if let export { o.export = export; set.insert("export") }
+            if let blockSize { o.blockSize = blockSize; set.insert("block-size") }
+            if let keepAge { o.keepAgeNanoseconds = keepAge; set.insert("keep-age") }
+            if let keepSize { o.keepBytes = keepSize; set.insert("keep-size") }
+            if let metrics {
+                do { o.metrics = try ListenAddress(parsing: metrics, defaultPort: 9810) } catch let e as ListenAddressError { throw ValidationError(e.description) }
+                set.insert("metrics")
+            }
+            if let logLevel { o.logLevel = logLevel; set.insert("log-level") }
+            if let maxConnections { o.maxConnections = maxConnections; set.insert("max-connections") }
+            try o.apply(config: fromConfig, setOnCommandLine: set)
+            guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(o.logLevel) else {
+                throw ValidationError("invalid log level \"\(o.logLevel)\"")
+            }
+            o.json = json
+            try await ServeDaemon.run(o, progress: ProgressPrinter(command: "serve"))
+        }
+    }
+}
