@@ -38,3 +38,37 @@ expect_output() {
 requires() { command -v "$1" >/dev/null 2>&1 || { echo "SKIP: $1 not installed" >&2; exit 77; }; }
 
 finish() { echo "$(basename "$0"): $CHECKS checks passed"; }
+
+# start_server SOURCE [serve options...] — starts `rewind serve` on a Unix socket and a free
+# TCP port; sets SERVER_PID, SOCK, PORT, UNIX_URI, TCP_URI. Waits until it listens.
+start_server() {
+    local source=$1; shift
+    SOCK="$T/nbd-$RANDOM.sock"
+    local log="$T/serve-$RANDOM.json"
+    "$REWIND" serve "$source" --listen "unix:$SOCK" --listen 127.0.0.1:0 --json "$@" >"$log" 2>>"$T/serve.log" &
+    SERVER_PID=$!
+    PIDS+=("$SERVER_PID")
+    for _ in $(seq 1 300); do
+        if [ -s "$log" ]; then break; fi
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$T/serve.log" >&2; fail "rewind serve exited early"; }
+        sleep 0.1
+    done
+    [ -s "$log" ] || fail "rewind serve did not start listening"
+    PORT=$(sed 's/.*"127.0.0.1:\([0-9]*\)".*/\1/' "$log")
+    local name; name=$(sed 's/.*"export":"\([^"]*\)".*/\1/' "$log")
+    UNIX_URI="nbd+unix:///$name?socket=$SOCK"
+    TCP_URI="nbd://127.0.0.1:$PORT/$name"
+}
+
+# stop_server — SIGTERM and wait: a clean stop (drain, sync, close the journal).
+stop_server() {
+    kill -TERM "$SERVER_PID" 2>/dev/null || true
+    local status=0
+    wait "$SERVER_PID" || status=$?
+    [ $status = 0 ] || fail "rewind serve exited $status on SIGTERM"
+}
+
+# Debian's python3 (python3-libnbd's `nbd` module lives there, not in the first python3 on PATH).
+PY=/usr/bin/python3
+# nbdsh's `#!/usr/bin/env python3` would find the wrong python3 first on PATH here.
+nbdsh() { "$PY" -m nbd "$@"; }
