@@ -1,6 +1,7 @@
 # Shared helpers for the interop and CLI scripts (in the style of nbdkit's tests/functions.sh).
 # Each script: set -euo pipefail; . functions.sh; then checks. A failed check exits non-zero.
 set -euo pipefail
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REWIND=${REWIND:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.build/debug/rewind}
 T=$(mktemp -d /tmp/rewind-interop.XXXXXX)
 PIDS=()

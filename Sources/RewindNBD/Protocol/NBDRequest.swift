@@ -91,6 +91,8 @@ func validate(_ h: NBDRequestHeader, _ ctx: NBDValidationContext) -> Result<NBDV
     guard allowed.isSuperset(of: flags) else { return .failure(.inval) }
     let isWrite = command == .write || command == .writeZeroes || command == .trim
     if isWrite && ctx.readOnly { return .failure(.perm) }
+    // Over the advertised maximum block size: a protocol violation whatever the range.
+    if (command == .read || command == .write) && Int(h.length) > NBD.maxPayloadBytes { return .failure(.inval) }
     switch command {
     case .flush, .disconnect:
         guard h.offset == 0 && h.length == 0 else { return .failure(.inval) }
@@ -101,10 +103,8 @@ func validate(_ h: NBDRequestHeader, _ ctx: NBDValidationContext) -> Result<NBDV
     let fua = flags.contains(.fua)
     switch command {
     case .read:
-        guard Int(h.length) <= NBD.maxPayloadBytes else { return .failure(.inval) }
         return .success(.read(offset: h.offset, length: h.length, df: flags.contains(.df)))
     case .write:
-        guard Int(h.length) <= NBD.maxPayloadBytes else { return .failure(.inval) }
         return .success(.write(offset: h.offset, fua: fua))
     case .writeZeroes:
         return .success(.writeZeroes(offset: h.offset, length: h.length, fua: fua, noHole: flags.contains(.noHole),
