@@ -20,7 +20,7 @@ extension Mirror {
     /// re-run the same rollback, which redoes the idempotent steps.
     public func rollback(to point: Point, source: String?, progress: ProgressObserver? = nil) throws -> RollbackReport {
         let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
-                                 holder: "another rewind process (serve) owns this mirror; stop it first")
+                                 holder: "another rewind process (serve or rollback) owns this mirror")
         defer { owner.release() }
         let before = try journal.env.write { txn -> MirrorMeta in
             var m = try journal.readMeta(txn)
