@@ -51,6 +51,12 @@ let package = Package(
         .executableTarget(name: "rewind-bench", dependencies: ["RewindCore", "RewindWorkload"],
                           path: "benchmarks/RewindBench"),
         .testTarget(name: "RewindCoreTests", dependencies: ["RewindCore", "RewindWorkload"]),
+        // libFuzzer target over the whole NBD connection state machine; built only by
+        // scripts/fuzz.sh with -sanitize=fuzzer (no main: libFuzzer provides it).
+        .executableTarget(name: "rewind-fuzz-nbd", dependencies: [
+            "RewindNBD",
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+        ], path: "Tests/Fuzz/NBDFuzz", swiftSettings: [.unsafeFlags(["-parse-as-library"])]),
         .testTarget(name: "RewindNBDTests", dependencies: [
             "RewindNBD",
             .product(name: "NIOCore", package: "swift-nio"),

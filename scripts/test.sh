@@ -11,6 +11,11 @@ if swift test --skip-build 2>&1 | tee /tmp/rewind-swift-test.log; then
 else
     failed=$((failed + 1)); echo "FAILED: swift test" >&2
 fi
+if timeout 900 scripts/fuzz.sh "${REWIND_FUZZ_SECONDS:-60}"; then
+    passed=$((passed + 1))
+else
+    failed=$((failed + 1)); echo "FAILED: fuzzing the NBD decoders" >&2
+fi
 export REWIND="$PWD/.build/debug/rewind"
 for t in Tests/Interop/*.sh; do
     case "$t" in */functions.sh) continue ;; esac

@@ -61,9 +61,10 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
         let channel = context.channel
         let logger = self.logger
-        deadline = context.eventLoop.scheduleTask(in: Self.handshakeDeadline) {
+        // Weak: the scheduled task must not keep the channel (and this handler) alive.
+        deadline = context.eventLoop.scheduleTask(in: Self.handshakeDeadline) { [weak channel] in
             logger.info("closing connection: \(NBDProtocolError.handshakeTimeout)")
-            channel.close(promise: nil)
+            channel?.close(promise: nil)
         }
         context.fireChannelActive()
     }
