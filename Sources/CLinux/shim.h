@@ -25,3 +25,4 @@ static inline int rewind_zero_range(int fd, off_t offset, off_t length) {
 static inline int rewind_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
+static inline void rewind_limit_arenas(int n) { mallopt(M_ARENA_MAX, n); }

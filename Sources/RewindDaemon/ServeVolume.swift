@@ -16,6 +16,8 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
     private let pool: NIOThreadPool
     /// Extents reported per BLOCK_STATUS reply, bounding its size.
     static let maxExtents = 1024
+    /// Reads up to this size are answered as data without asking the file system for holes.
+    static let holeDetectionMinBytes: UInt32 = 64 * 1024
 
     init(source: BlockFile, writer: VolumeWriter, pool: NIOThreadPool, canFastZero: Bool) throws {
         self.source = source
@@ -52,9 +54,28 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
 
     func read(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[ReadExtent]> {
         guard length > 0 else { return loop.makeSucceededFuture([]) }
-        let source = self.source
+        let (source, writer) = (self.source, self.writer)
         return pool.runIfActive(eventLoop: loop) {
             let end = offset + UInt64(length)
+            // Answered writes not yet in the source: read, then lay them over in order.
+            let pending = writer.overlay(offset..<end)
+            if !pending.isEmpty {
+                var bytes = [UInt8](repeating: 0, count: Int(length))
+                try bytes.withUnsafeMutableBytes { try source.read(at: offset, into: $0) }
+                for op in pending { Self.lay(op, over: &bytes, at: offset) }
+                var buffer = ByteBufferAllocator().buffer(capacity: bytes.count)
+                buffer.writeBytes(bytes)
+                return [.data(offset: offset, bytes: buffer)]
+            }
+            // Small reads skip hole detection (two lseeks) and just read.
+            if length <= Self.holeDetectionMinBytes {
+                var buffer = ByteBufferAllocator().buffer(capacity: Int(length))
+                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { raw in
+                    try source.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(length)]))
+                    return Int(length)
+                }
+                return [.data(offset: offset, bytes: buffer)]
+            }
             var extents: [ReadExtent] = []
             var at = offset
             for data in try source.dataExtents(size: end, from: offset) {
@@ -73,15 +94,32 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
         }.flatMapErrorThrowing { _ in throw NBDErrno.io }
     }
 
+    /// Apply one queued change to `bytes`, which hold the volume from `base` on.
+    static func lay(_ op: VolumeWriter.Op, over bytes: inout [UInt8], at base: UInt64) {
+        let r = op.range.clamped(to: base..<base + UInt64(bytes.count))
+        guard !r.isEmpty else { return }
+        let dst = Int(r.lowerBound - base)
+        switch op.kind {
+        case .write(let data):
+            let src = Int(r.lowerBound - op.offset)
+            bytes.replaceSubrange(dst..<dst + r.count, with: data[src..<src + r.count])
+        case .zero, .trim:
+            for i in dst..<dst + r.count { bytes[i] = 0 }
+        case .flush: break
+        }
+    }
+
     func cache(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<Void> {
         source.willNeed(at: offset, length: UInt64(length))
         return loop.makeSucceededVoidFuture()
     }
 
     func blockStatus(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[AllocationExtent]> {
-        let source = self.source
+        let (source, writer) = (self.source, self.writer)
         return pool.runIfActive(eventLoop: loop) {
             let end = offset + UInt64(length)
+            // Queued writes make the source's holes stale: report the range as data (always true).
+            if !writer.overlay(offset..<end).isEmpty { return [AllocationExtent(length: length, flags: [])] }
             var extents: [AllocationExtent] = []
             var at = offset
             for data in try source.dataExtents(size: end, from: offset) {

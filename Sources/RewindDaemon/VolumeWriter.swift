@@ -1,6 +1,5 @@
 import Foundation
 import Logging
-import NIOConcurrencyHelpers
 import NIOCore
 import RewindCore
 import RewindNBD
@@ -8,12 +7,18 @@ import RewindNBD
 /// The sequencer: one thread per served volume that turns write-nature requests into journal
 /// records and source writes, in one order.
 ///
-/// Requests from every connection join one FIFO queue in the order they arrive. The thread
-/// takes everything queued (a group commit, bounded by `maxBatchBytes`), appends it to the
-/// journal in one LMDB transaction (write-ahead: journal first), applies it to the source in
-/// the same order, and — if the batch holds a FLUSH or a FUA write — fdatasyncs the source and
-/// syncs the journal once for all of them. Then it answers. So overlapping writes in flight,
-/// from any connections, reach the journal and the source in the same order (invariants 2, 5).
+/// Requests from every connection join one FIFO in the order they arrive; that order is the
+/// seq order in the journal and the order of writes to the source (invariants 2 and 5).
+///
+/// Group commit in time: a plain write is answered as soon as it is queued and visible to
+/// reads (`overlay`), like a write into a disk's cache; the commit thread takes everything
+/// queued every `commitIntervalNanoseconds` (or sooner when a FLUSH or FUA write waits, or the
+/// queue passes `ackedBytesMax`), appends it to the journal in one LMDB transaction — the
+/// journal first, write-ahead — then applies it to the source in the same order. A FLUSH or FUA
+/// request is answered only after its batch is committed, the source fdatasynced and the
+/// journal synced, so it covers every write answered before it, on any connection. A crash
+/// can lose answered writes that no FLUSH covered — exactly what NBD allows — but never leaves
+/// the source holding a write the journal lacks.
 final class VolumeWriter: @unchecked Sendable {
     enum Kind {
         case write([UInt8])
@@ -25,25 +30,42 @@ final class VolumeWriter: @unchecked Sendable {
         var kind: Kind
         var offset: UInt64
         var fua: Bool
-        var promise: EventLoopPromise<Void>
+        /// Answered at commit (FLUSH, FUA, or over the acked-bytes bound); nil once answered.
+        var promise: EventLoopPromise<Void>?
         var bytes: Int { if case .write(let d) = kind { return d.count } else { return 0 } }
+        var needsSync: Bool { if fua { return true }; if case .flush = kind { return true }; return false }
+        var range: Range<UInt64> {
+            switch kind {
+            case .write(let d): return offset..<offset + UInt64(d.count)
+            case let .zero(length, _), let .trim(length): return offset..<offset + length
+            case .flush: return 0..<0
+            }
+        }
     }
 
-    /// Bytes taken into one group commit. Bounds the LMDB transaction's dirty pages.
-    static let maxBatchBytes = 64 << 20
-    static let maxBatchOps = 4096
+    /// Longest an answered write waits to be committed: bounds what a crash can lose of
+    /// unflushed writes and amortises the journal's fdatasync over many writes.
+    static let commitIntervalNanoseconds: UInt64 = 5_000_000
+    /// Answered-but-uncommitted bytes at most; past it, writes are answered at commit (backpressure).
+    static let ackedBytesMax = 32 << 20
+    /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
+    static let maxBatchBytes = 32 << 20
+    static let maxBatchOps = 8192
 
     private let mirror: Mirror
     private let source: BlockFile
     private let logger: Logger
     private let metrics: ServeMetrics
-    private let condition = ConditionLock(value: 0)  // value: 1 when work or stop is pending
-    private var queue: [Op] = []
+    private let cond = NSCondition()
+    private var queue: [Op] = []          // not yet taken by the commit thread
+    private var inCommit: [Op] = []       // taken, not yet applied to the source
+    private var queuedBytes = 0
+    private var syncWanted = false
     private var stopping = false
-    private var thread: Thread?
+    private var finished = false
     private var fenced: String?
     private var syncedSeq: UInt64
-    private let stopped = ConditionLock(value: 0)
+    private var lastRelease: UInt64 = 0
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -56,54 +78,88 @@ final class VolumeWriter: @unchecked Sendable {
     func start() {
         let t = Thread { [self] in run() }
         t.name = "rewind-writer"
-        thread = t
         t.start()
     }
 
     func submit(_ op: Op) {
-        condition.lock()
-        if stopping {
-            condition.unlock()
-            op.promise.fail(NBDErrno.shutdown)
-            return
+        var op = op
+        var answerNow: EventLoopPromise<Void>?
+        var refuse: NBDErrno?
+        cond.lock()
+        if stopping { refuse = .shutdown } else if fenced != nil { refuse = .io } else {
+            if !op.needsSync && queuedBytes + op.bytes <= Self.ackedBytesMax {
+                answerNow = op.promise
+                op.promise = nil
+            }
+            if op.needsSync { syncWanted = true }
+            queuedBytes += op.bytes
+            queue.append(op)
+            cond.signal()
         }
-        queue.append(op)
-        condition.unlock(withValue: 1)
+        cond.unlock()
+        if let refuse { op.promise?.fail(refuse) }
+        answerNow?.succeed(())  // after it is in the queue: every later read sees it
     }
 
-    /// Answer everything queued, sync source and journal, record the source as synced, stop.
+    /// Writes answered but not yet in the source that overlap `range`, in order.
+    func overlay(_ range: Range<UInt64>) -> [Op] {
+        cond.lock()
+        defer { cond.unlock() }
+        guard !inCommit.isEmpty || !queue.isEmpty else { return [] }
+        return (inCommit + queue).filter { $0.range.overlaps(range) }
+    }
+
+    /// Commit everything queued, sync source and journal, record the source as synced, stop.
     func stop() {
-        condition.lock()
+        cond.lock()
         stopping = true
-        condition.unlock(withValue: 1)
-        stopped.lock(whenValue: 1)
-        stopped.unlock()
+        cond.broadcast()
+        while !finished { cond.wait() }
+        cond.unlock()
     }
 
     private func run() {
+        cond.lock()
         while true {
-            condition.lock(whenValue: 1)
-            var batch: [Op] = []
-            var bytes = 0
-            while !queue.isEmpty && batch.count < Self.maxBatchOps && (batch.isEmpty || bytes + queue[0].bytes <= Self.maxBatchBytes) {
-                bytes += queue[0].bytes
-                batch.append(queue.removeFirst())
+            while queue.isEmpty && !stopping { cond.wait() }
+            if queue.isEmpty && stopping { break }
+            // Let a group gather, unless someone waits for a sync or the queue is large.
+            let deadline = Date(timeIntervalSinceNow: Double(Self.commitIntervalNanoseconds) / 1e9)
+            while !syncWanted && !stopping && queuedBytes < Self.ackedBytesMax / 2 {
+                if !cond.wait(until: deadline) { break }
             }
-            let done = stopping && queue.isEmpty && batch.isEmpty
-            condition.unlock(withValue: queue.isEmpty && !stopping ? 0 : 1)
-            if done { break }
-            if !batch.isEmpty { process(batch) }
+            var take = 0, bytes = 0
+            while take < queue.count && take < Self.maxBatchOps && (take == 0 || bytes + queue[take].bytes <= Self.maxBatchBytes) {
+                bytes += queue[take].bytes
+                take += 1
+            }
+            inCommit = Array(queue[0..<take])
+            queue.removeFirst(take)
+            queuedBytes -= bytes
+            syncWanted = queue.contains { $0.needsSync }
+            let batch = inCommit
+            cond.unlock()
+            let failure = commit(batch)
+            cond.lock()
+            inCommit.removeAll()
+            cond.broadcast()
+            cond.unlock()
+            for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
+            cond.lock()
         }
+        cond.unlock()
         finalSync()
-        stopped.lock()
-        stopped.unlock(withValue: 1)
+        cond.lock()
+        finished = true
+        cond.broadcast()
+        cond.unlock()
     }
 
-    private func process(_ batch: [Op]) {
+    /// Journal, then source, then (if asked) sync. Returns the errno to answer waiting requests with.
+    private func commit(_ batch: [Op]) -> NBDErrno? {
         if let fenced {
-            for op in batch { op.promise.fail(NBDErrno.io) }
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
-            return
+            return .io
         }
         let changes: [Change] = batch.map { op in
             switch op.kind {
@@ -113,21 +169,24 @@ final class VolumeWriter: @unchecked Sendable {
             case .flush: return .flush
             }
         }
-        // 1. Journal first (write-ahead): a crash after this replays the records into the source.
         let seqs: ClosedRange<UInt64>
         do {
             seqs = try mirror.append(changes, sourceSynced: syncedSeq)
         } catch {
-            let errno: NBDErrno = "\(error)".contains("MDB_MAP_FULL") || "\(error)".contains("No space") ? .nospc : .io
-            logger.error("journal append failed: \(error)")
-            for op in batch { op.promise.fail(errno) }
-            return
+            // Writes already answered are lost to the journal: refuse everything from now on,
+            // so the next FLUSH reports the failure (as a disk reports a writeback error).
+            fence("journal append failed: \(error)")
+            return "\(error)".contains("MDB_MAP_FULL") || "\(error)".contains("No space") ? .nospc : .io
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
-        // 2. The source, in the same order.
-        var sourceError: Error?
-        for op in batch where sourceError == nil {
-            do {
+        let now = DispatchTime.now().uptimeNanoseconds
+        if now - lastRelease > 1_000_000_000 {  // keep resident memory bounded (see releaseMappedPages)
+            let rc = mirror.journal.env.releaseMappedPages()
+            if rc != 0 { logger.debug("madvise(MADV_DONTNEED) on the journal map failed: errno \(rc)") }
+            lastRelease = now
+        }
+        do {
+            for op in batch {
                 switch op.kind {
                 case .write(let data): try source.write(at: op.offset, data)
                 case let .zero(length, noHole):
@@ -139,33 +198,36 @@ final class VolumeWriter: @unchecked Sendable {
                 case let .trim(length): try source.punchHole(at: op.offset, length: length)
                 case .flush: break
                 }
-            } catch { sourceError = error }
+            }
+        } catch {
+            fence("source write failed: \(error)")
+            return .io
         }
-        if let sourceError {
-            fence("source write failed: \(sourceError)")
-            for op in batch { op.promise.fail(NBDErrno.io) }
-            return
-        }
-        // 3. One sync for every FLUSH and FUA in the batch.
-        if batch.contains(where: { $0.fua || { if case .flush = $0.kind { return true } else { return false } }($0) }) {
+        if batch.contains(where: \.needsSync) {
             let started = DispatchTime.now().uptimeNanoseconds
             do {
-                try source.dataSync()
+                // The two syncs touch different files: run them side by side.
+                let sourceSync = SyncResult()
+                let group = DispatchGroup()
+                DispatchQueue.global().async(group: group) { [source] in sourceSync.set { try source.dataSync() } }
                 try mirror.sync()
+                group.wait()
+                try sourceSync.get()
                 syncedSeq = seqs.upperBound
             } catch {
                 // After a failed sync the page cache may have dropped the data: never ack again.
                 fence("sync failed: \(error)")
-                for op in batch { op.promise.fail(NBDErrno.io) }
-                return
+                return .io
             }
             metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
         }
-        for op in batch { op.promise.succeed(()) }
+        return nil
     }
 
     private func fence(_ why: String) {
+        cond.lock()
         fenced = why
+        cond.unlock()
         logger.critical("volume fenced, every further write fails with EIO: \(why)")
     }
 
@@ -179,4 +241,11 @@ final class VolumeWriter: @unchecked Sendable {
             logger.error("final sync failed: \(error)")
         }
     }
+}
+
+/// The outcome of a sync run on another thread.
+final class SyncResult: @unchecked Sendable {
+    private var error: Error?
+    func set(_ body: () throws -> Void) { do { try body() } catch { self.error = error } }
+    func get() throws { if let error { throw error } }
 }

@@ -1,4 +1,5 @@
 import CLMDB
+import Foundation
 import Glibc
 
 /// One LMDB environment (a `data.mdb` + `lock.mdb` directory).
@@ -9,6 +10,7 @@ import Glibc
 /// corrupts the tree; `sync()` (NBD FLUSH/FUA) makes everything committed durable.
 public final class LMDBEnvironment: @unchecked Sendable {
     let env: OpaquePointer
+    let directory: String
 
     /// Address space reserved for the map. It is not allocated on disk; the file grows as
     /// pages are used. 1 TiB leaves room for any journal this machine class will hold.
@@ -16,6 +18,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
     static let maxNamedDatabases: UInt32 = 16
 
     public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true) throws {
+        self.directory = directory
         var handle: OpaquePointer?
         try check(mdb_env_create(&handle), "mdb_env_create")
         guard let handle else { throw LMDBError(code: EINVAL, operation: "mdb_env_create") }
@@ -36,6 +39,41 @@ public final class LMDBEnvironment: @unchecked Sendable {
     /// Flush every committed transaction to disk. The corresponding C function is `mdb_env_sync(env, 1)`.
     public func sync() throws {
         try check(mdb_env_sync(env, 1), "mdb_env_sync")
+    }
+
+    /// Drop this process's page-table entries for the map (`madvise(MADV_DONTNEED)` on a
+    /// shared file mapping; the page cache keeps the data). LMDB reads through the map, so
+    /// without this a long-running writer's resident size grows with the journal.
+    /// LMDB does not expose its map's address (`me_mapaddr` is set only with MDB_FIXEDMAP),
+    /// so it is found once in /proc/self/maps by the data file's path.
+    @discardableResult
+    public func releaseMappedPages() -> Int32 {
+        if mapStart == 0 {
+            guard let (start, end) = Self.findMapping(of: directory + "/data.mdb") else { return ENOENT }
+            (mapStart, mapLength) = (start, end - start)
+        }
+        var info = MDB_envinfo()
+        var stat = MDB_stat()
+        guard mdb_env_info(env, &info) == 0, mdb_env_stat(env, &stat) == 0 else { return EINVAL }
+        let used = min(mapLength, Int(info.me_last_pgno + 1) * Int(stat.ms_psize))
+        return madvise(UnsafeMutableRawPointer(bitPattern: mapStart), used, MADV_DONTNEED) == 0 ? 0 : errno
+    }
+
+    private var mapStart = 0
+    private var mapLength = 0
+
+    static func findMapping(of path: String) -> (Int, Int)? {
+        guard let f = fopen("/proc/self/maps", "r") else { return nil }
+        defer { fclose(f) }
+        var line = [CChar](repeating: 0, count: 4096)
+        let resolved = realpath(path, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? path
+        while fgets(&line, Int32(line.count), f) != nil {
+            let text = String(cString: line).trimmingCharacters(in: .newlines)
+            guard text.hasSuffix(" " + resolved) else { continue }
+            let range = text.prefix { $0 != " " }.split(separator: "-")
+            if range.count == 2, let a = Int(range[0], radix: 16), let b = Int(range[1], radix: 16) { return (a, b) }
+        }
+        return nil
     }
 
     /// Bytes the environment's data file spans (last used page × page size).

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# fio's nbd engine against `rewind serve` (journal on), `nbdkit file` and `qemu-nbd`, on the
+# same file system, in one run; plus FLUSH latency against a plain fdatasync and rewind's peak
+# RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build.
+# usage: benchmarks/serve-bench.sh [DIR] [SECONDS-PER-JOB]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DIR=${1:-/tmp/rewind-serve-bench}
+RUNTIME=${2:-10}
+SIZE=2G
+scripts/install-deps.sh test >/dev/null
+swift build -c release --product rewind >/dev/null
+REWIND=$PWD/.build/release/rewind
+rm -rf "$DIR"; mkdir -p "$DIR"
+SOCK=$DIR/nbd.sock
+SERVER_PID=
+cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }
+trap cleanup EXIT
+
+start() {  # start SERVER: a fresh, fully written 2 GiB volume behind $SOCK
+    rm -rf "$DIR/vol.img" "$DIR/vol.img.rewind" "$SOCK"
+    truncate -s $SIZE "$DIR/vol.img"
+    case $1 in
+        rewind) "$REWIND" serve "$DIR/vol.img" --listen "unix:$SOCK" --log-level warning >/dev/null & ;;
+        nbdkit) nbdkit -f -U "$SOCK" file "$DIR/vol.img" & ;;
+        qemu-nbd) qemu-nbd -f raw -k "$SOCK" -t -e 16 --discard=unmap "$DIR/vol.img" & ;;
+    esac
+    SERVER_PID=$!
+    for _ in $(seq 1 100); do [ -S "$SOCK" ] && break; sleep 0.1; done
+}
+stop() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=; }
+
+fio_json() {  # fio_json NAME RW BS DEPTH [extra...] -> prints "MiB/s IOPS sync_lat_us"
+    local name=$1 rw=$2 bs=$3 depth=$4; shift 4
+    fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$rw" --bs="$bs" --iodepth="$depth" \
+        --size=$SIZE --time_based --runtime="$RUNTIME" --output-format=json "$@" > "$DIR/$name.json" 2>/dev/null
+    /usr/bin/python3 - "$DIR/$name.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+j = json.loads(text[text.index("{"):])["jobs"][0]  # fio's nbd engine prints a line before the JSON
+side = j["write"] if j["write"]["io_bytes"] > 0 else j["read"]
+sync = j.get("sync", {}).get("lat_ns", {}).get("mean", 0) / 1000
+print("%.1f %.0f %.1f" % (side["bw_bytes"] / 1048576, side["iops"], sync))
+PY
+}
+
+declare -A R
+sample_rss() {  # record the largest anonymous (private) resident size of $1 until it exits
+    local pid=$1 max=0 v
+    while kill -0 "$pid" 2>/dev/null; do
+        v=$(awk '/RssAnon/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+        [ "${v:-0}" -gt "$max" ] && max=$v && echo "$max" > "$DIR/anon.max"
+        sleep 0.2
+    done
+}
+for server in rewind nbdkit qemu-nbd; do
+    start $server
+    if [ $server = rewind ]; then sample_rss "$SERVER_PID" & fi
+    # fill the volume first so reads read data, not holes
+    fio --name=fill --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw=write --bs=1M --iodepth=8 --size=$SIZE \
+        --output=/dev/null
+    R[$server,seqwrite]=$(fio_json seqwrite-$server write 1M 8)
+    R[$server,seqread]=$(fio_json seqread-$server read 1M 8)
+    R[$server,randwrite16]=$(fio_json randwrite16-$server randwrite 4k 16)
+    R[$server,randread16]=$(fio_json randread16-$server randread 4k 16)
+    R[$server,randwrite1]=$(fio_json randwrite1-$server randwrite 4k 1)
+    R[$server,randread1]=$(fio_json randread1-$server randread 4k 1)
+    R[$server,flush]=$(fio_json flush-$server randwrite 4k 1 --fsync=1)
+    if [ $server = rewind ]; then
+        R[rewind,rss]=$(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status)
+        R[rewind,anon]=$(cat "$DIR/anon.max")
+        R[rewind,records]=$("$REWIND" status "$DIR/vol.img.rewind" --json | sed 's/.*"newestSeq":\([0-9]*\).*/\1/')
+    fi
+    stop
+done
+# plain fdatasync after each 4 KiB write on the same file system
+fio --name=plain --ioengine=psync --filename="$DIR/plain.img" --rw=randwrite --bs=4k --size=256M --fdatasync=1 \
+    --time_based --runtime="$RUNTIME" --output-format=json > "$DIR/plain.json" 2>/dev/null
+plain_sync=$(/usr/bin/python3 -c "import json; t=open('$DIR/plain.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]; print('%.1f' % (j['sync']['lat_ns']['mean']/1000))")
+
+echo "| workload | rewind | nbdkit | qemu-nbd | rewind ÷ nbdkit | rewind ÷ qemu-nbd | target |"
+echo "|---|---:|---:|---:|---:|---:|---|"
+row() {  # row LABEL KEY FIELD UNIT TARGET
+    local a b c
+    a=$(echo ${R[rewind,$2]} | cut -d' ' -f$3); b=$(echo ${R[nbdkit,$2]} | cut -d' ' -f$3); c=$(echo ${R[qemu-nbd,$2]} | cut -d' ' -f$3)
+    printf "| %s | %s %s | %s | %s | %.2f | %.2f | %s |\n" "$1" "$a" "$4" "$b" "$c" "$(echo "$a / $b" | awk '{print $1/$3}')" "$(echo "$a / $c" | awk '{print $1/$3}')" "$5"
+}
+row "sequential 1 MiB write, QD 8" seqwrite 1 MiB/s "≥ 0.7"
+row "sequential 1 MiB read, QD 8" seqread 1 MiB/s "≥ 0.95"
+row "random 4 KiB write, QD 16" randwrite16 2 IOPS "≥ 0.7"
+row "random 4 KiB read, QD 16" randread16 2 IOPS "≥ 0.95"
+row "random 4 KiB write, QD 1" randwrite1 2 IOPS "≥ 0.7"
+row "random 4 KiB read, QD 1" randread1 2 IOPS "≥ 0.95"
+row "write + FLUSH, QD 1: flush latency (µs)" flush 3 µs ""
+echo
+rf=$(echo ${R[rewind,flush]} | cut -d' ' -f3)
+echo "FLUSH latency: rewind ${rf} µs vs plain fdatasync ${plain_sync} µs = $(awk "BEGIN {printf \"%.2f\", $rf / $plain_sync}")× (target ≤ 2×)"
+echo "rewind serve peak RSS: $(( ${R[rewind,rss]} / 1024 )) MiB in all, of which at most $(( ${R[rewind,anon]} / 1024 )) MiB anonymous (the rest: journal pages mapped by LMDB, clean page cache), over ${R[rewind,records]} journal records (target ≤ 256 MiB)"
