@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds=${1:-60}
 swift build --product rewind-fuzz-nbd --scratch-path .build-fuzz \
-    -Xswiftc -sanitize=fuzzer,address -Xswiftc -parse-as-library >/dev/null
+    -Xswiftc -sanitize=fuzzer,address -Xswiftc -DREWIND_FUZZ >/dev/null
 corpus=$(mktemp -d /tmp/rewind-fuzz.XXXXXX)
 trap 'rm -rf "$corpus"' EXIT
 # Seed: a valid client conversation (flags, STRUCTURED_REPLY, GO "vol", write, read, flush).

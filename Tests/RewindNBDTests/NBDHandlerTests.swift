@@ -37,7 +37,7 @@ final class MemoryTarget: BlockTarget, @unchecked Sendable {
 func makeChannel(size: Int = 1 << 20) throws -> (EmbeddedChannel, MemoryTarget) {
     let target = MemoryTarget(size: size)
     let handler = NBDConnectionHandler(export: NBDExport(name: "vol", description: "test", target: target),
-                                       observer: nil, logger: Logger(label: "test"))
+                                       observer: nil, logger: Logger(label: "test", factory: { _ in SwiftLogNoOpLogHandler() }))
     let channel = EmbeddedChannel(handler: handler)
     try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()
     return (channel, target)

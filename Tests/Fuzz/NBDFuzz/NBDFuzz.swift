@@ -56,6 +56,7 @@ public func fuzz(_ data: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     return 0
 }
 
+#if REWIND_FUZZ
 /// SwiftPM links an executable target's entry point under this name; hand control to
 /// libFuzzer's driver (the corresponding C function is `LLVMFuzzerRunDriver`).
 @_silgen_name("LLVMFuzzerRunDriver")
@@ -68,3 +69,19 @@ public func fuzzMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePoi
     var v = argv
     return LLVMFuzzerRunDriver(&c, &v) { data, count in fuzz(data, count) }
 }
+#else
+import Foundation
+
+/// Without the fuzzer (a plain `swift build`): replay the inputs named on the command line,
+/// e.g. a crash file libFuzzer saved.
+@_cdecl("rewind_fuzz_nbd_main")
+public func replayMain(_ argc: CInt, _ argv: UnsafeMutablePointer<UnsafeMutablePointer<CChar>?>?) -> CInt {
+    for i in 1..<Int(argc) {
+        guard let p = argv?[i], let data = FileManager.default.contents(atPath: String(cString: p)) else { continue }
+        let bytes = [UInt8](data)
+        _ = bytes.withUnsafeBufferPointer { fuzz($0.baseAddress ?? UnsafePointer(bitPattern: 1)!, $0.count) }
+    }
+    print("replayed \(max(0, Int(argc) - 1)) inputs")
+    return 0
+}
+#endif
