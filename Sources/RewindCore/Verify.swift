@@ -53,6 +53,7 @@ extension Mirror {
                     }
                 }
                 report.records += 1
+                journal.touched(RecordHeader.size + 16 + Int(h.storedLength))
                 report.payloadBytes += UInt64(h.storedLength)
                 cumulative = h.cumulative
                 lastTime = h.timestamp
@@ -101,6 +102,7 @@ extension Mirror {
                 }
             }
             report.indexEntries += 1
+            journal.touched(32 + blockSize)
             if report.indexEntries % 4096 == 0 { progress?.update(done: report.indexEntries) }
             entry = try cursor.next()
         }

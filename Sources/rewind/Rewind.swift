@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import RewindCore
 
 /// rewind: continuous data protection and block replication for NBD volumes.
@@ -14,6 +15,7 @@ struct Rewind: AsyncParsableCommand {
 
     static func main() async {
         tuneAllocatorForLargeBuffers()
+        defer { reportPeakMemory() }
         do {
             var command = try parseAsRoot()
             if var asyncCommand = command as? AsyncParsableCommand {
@@ -22,7 +24,18 @@ struct Rewind: AsyncParsableCommand {
                 try command.run()
             }
         } catch {
+            reportPeakMemory()
             exit(withError: error)
         }
+    }
+
+    /// For benchmarks: with REWIND_PEAK_RSS_FILE set, write this process's peak resident size
+    /// (VmHWM, KiB) there at exit. rusage from the parent would inherit the parent's peak.
+    static func reportPeakMemory() {
+        guard let path = ProcessInfo.processInfo.environment["REWIND_PEAK_RSS_FILE"],
+              let status = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8),
+              let line = status.split(separator: "\n").first(where: { $0.hasPrefix("VmHWM:") }) else { return }
+        let kib = line.split(separator: " ", omittingEmptySubsequences: true).dropFirst().first ?? "0"
+        try? String(kib).write(toFile: path, atomically: false, encoding: .utf8)
     }
 }

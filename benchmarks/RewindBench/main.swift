@@ -98,17 +98,29 @@ func appendOnce(recordBytes: Int, totalBytes: Int) throws -> (rewind: Double, pe
 
 // MARK: 2. restore vs cp --sparse=always; 3. compaction
 
+/// Run a command and return its time and peak RSS. The peak is the child's own VmHWM, which
+/// rewind writes to $REWIND_PEAK_RSS_FILE at exit: rusage of a child spawned from this process
+/// would inherit this process's high-water mark at exec (Linux keeps the larger of the two).
 func run(_ argv: [String]) -> (seconds: Double, maxRSSKiB: Int) {
+    let rssFile = root + "/rss.txt"
+    setenv("REWIND_PEAK_RSS_FILE", rssFile, 1)
+    defer { unsetenv("REWIND_PEAK_RSS_FILE") }
+    let result = spawn(argv)
+    let rss = (try? String(contentsOfFile: rssFile, encoding: .utf8)).flatMap { Int($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+    try? FileManager.default.removeItem(atPath: rssFile)
+    return (result, rss)
+}
+
+func spawn(_ argv: [String]) -> Double {
     let t0 = now()
     var pid: pid_t = 0
     var cargs = argv.map { strdup($0) } + [nil]
     defer { cargs.forEach { free($0) } }
-    guard posix_spawn(&pid, argv[0], nil, nil, &cargs, environ) == 0 else { log("cannot run \(argv[0])"); return (0, 0) }
+    guard posix_spawn(&pid, argv[0], nil, nil, &cargs, environ) == 0 else { log("cannot run \(argv[0])"); return 0 }
     var status: Int32 = 0
-    var usage = rusage()
-    wait4(pid, &status, 0, &usage)
+    waitpid(pid, &status, 0)
     if status != 0 { log("\(argv.joined(separator: " ")) exited \(status)") }
-    return (now() - t0, usage.ru_maxrss)
+    return now() - t0
 }
 
 func benchRestoreAndCompaction(volumeBytes: Int) throws {

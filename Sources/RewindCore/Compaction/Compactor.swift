@@ -143,6 +143,7 @@ struct Compactor {
                 finished = true
             }
             progress?.update(done: scanned)
+            journal.env.releaseMappedPages()
         }
         progress?.end()
         return written

@@ -34,6 +34,23 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
+    /// Long scans read the whole journal through LMDB's map; after about this many bytes they
+    /// drop the pages from this process's mapping, so resident memory stays bounded (the data
+    /// stays in the page cache).
+    static let residencyReleaseBytes = 32 << 20
+    /// Bytes read through the map since the last release (approximate across threads: it only
+    /// times the next release).
+    nonisolated(unsafe) private var touchedBytes = 0
+
+    @inline(__always)
+    func touched(_ bytes: Int) {
+        touchedBytes &+= bytes
+        if touchedBytes >= Self.residencyReleaseBytes {
+            touchedBytes = 0
+            env.releaseMappedPages()
+        }
+    }
+
     // MARK: meta
 
     func readMeta(_ txn: LMDBTransaction) throws -> MirrorMeta {

@@ -29,6 +29,7 @@ extension Mirror {
             if key.seq > after { changed = true }
             scanned += 1
             if scanned % 4096 == 0 { progress?.update(done: scanned) }
+            journal.touched(40 + blockSize)
             entry = try scan.next()
         }
         try emit()

@@ -109,8 +109,11 @@ public final class Snapshot: @unchecked Sendable {
             }
         }
         var entry = try scan.first()
+        var count = 0
         while let e = entry {
             guard let key = decodeBlockKey(e.key) else { throw RewindError.damagedMirror(path: mirror.path, why: "malformed index key") }
+            count += 1
+            mirror.journal.touched(40 + mirror.blockSize)
             if key.block != current?.block { try emit(); current = nil }
             if key.seq <= seq { current = (key.block, key.seq, try BlockContent.decode(e.value, seq: key.seq, block: key.block)) }
             entry = try scan.next()

@@ -18,9 +18,12 @@ extension Mirror {
         try journal.env.read { txn in
             let cursor = try txn.cursor(journal.records)
             var entry = try cursor.seek(atLeast: seqKey(range.lowerBound))
+            var count = 0
             while let e = entry {
                 let seq = e.key.loadBE(at: 0)
                 guard seq <= range.upperBound else { break }
+                count += 1
+                journal.touched(RecordHeader.size + 16)
                 try body(Record(seq: seq, header: try RecordHeader.decode(e.value, seq: seq)))
                 entry = try cursor.next()
             }

@@ -7,10 +7,10 @@ import NIOCore
 /// request is validated once here (`validate`), so the target only sees well-formed ones.
 /// Requests are dispatched as they arrive and answered as they complete (out of order, by
 /// cookie); at most `maxInflight` at once, after which reads from the socket pause.
-final class NBDConnectionHandler: ChannelDuplexHandler {
-    typealias InboundIn = ByteBuffer
-    typealias OutboundIn = ByteBuffer
-    typealias OutboundOut = ByteBuffer
+public final class NBDConnectionHandler: ChannelDuplexHandler {
+    public typealias InboundIn = ByteBuffer
+    public typealias OutboundIn = ByteBuffer
+    public typealias OutboundOut = ByteBuffer
 
     /// Requests in flight per connection before we stop reading the socket (backpressure).
     static let maxInflight = 256
@@ -43,7 +43,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
     private var deadline: Scheduled<Void>?
     private weak var channel: Channel?
 
-    init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger) {
+    public init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger) {
         self.export = export
         self.observer = observer
         self.logger = logger
@@ -51,7 +51,7 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
 
     // MARK: channel events
 
-    func channelActive(context: ChannelHandlerContext) {
+    public func channelActive(context: ChannelHandlerContext) {
         channel = context.channel
         observer?.connectionOpened()
         var greeting = context.channel.allocator.buffer(capacity: 18)
@@ -69,14 +69,14 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         context.fireChannelActive()
     }
 
-    func channelInactive(context: ChannelHandlerContext) {
+    public func channelInactive(context: ChannelHandlerContext) {
         deadline?.cancel()
         observer?.connectionClosed()
         phase = .closing
         context.fireChannelInactive()
     }
 
-    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+    public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         input.writeBuffer(&bytes)
         do {
@@ -88,13 +88,13 @@ final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    func errorCaught(context: ChannelHandlerContext, error: Error) {
+    public func errorCaught(context: ChannelHandlerContext, error: Error) {
         logger.debug("connection error: \(error)")
         context.close(promise: nil)
     }
 
     /// Hold socket reads while too many requests are in flight.
-    func read(context: ChannelHandlerContext) {
+    public func read(context: ChannelHandlerContext) {
         if inflight >= Self.maxInflight { readHeld = true; return }
         context.read()
     }

@@ -1,7 +1,7 @@
 import Logging
 import NIOCore
 import NIOEmbedded
-@testable import RewindNBD
+import RewindNBD
 
 /// libFuzzer entry: the input is everything a client sends; it drives the whole connection
 /// state machine (handshake option decoders, request decoder, validation, reply encoders)
