@@ -95,11 +95,8 @@ extension Mirror {
                 throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "index entry outside the journal")
             }
             if case let .data(segment, off, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block) {
-                let bytes = try journal.segmentBytes(txn, segment, seq: key.seq)
-                let s = Int(off), end = s + blockSize
-                guard end <= bytes.count, xxh3(UnsafeRawBufferPointer(rebasing: bytes[s..<end])) == hash else {
-                    throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "payload checksum mismatch (data damaged on disk)")
-                }
+                _ = try journal.verifiedBlock(txn, seq: key.seq, block: key.block, segment: segment, offset: off, hash: hash,
+                                              blockSize: blockSize)
             }
             report.indexEntries += 1
             journal.touched(32 + blockSize)

@@ -4,26 +4,20 @@ import RewindCore
 
 /// Run a command body; engine errors become one line on stderr and exit status 1.
 func reporting(_ body: () throws -> Void) throws {
-    do {
-        try body()
-    } catch let error as RewindError {
-        printError(error.description)
-        throw ExitCode(1)
-    } catch let error as LMDBError {
-        printError(error.description)
-        throw ExitCode(1)
-    }
+    do { try body() } catch { throw exitCode(for: error) }
 }
 
 func reportingAsync(_ body: () async throws -> Void) async throws {
-    do {
-        try await body()
-    } catch let error as RewindError {
-        printError(error.description)
-        throw ExitCode(1)
-    } catch let error as LMDBError {
-        printError(error.description)
-        throw ExitCode(1)
+    do { try await body() } catch { throw exitCode(for: error) }
+}
+
+/// Engine errors: one line on stderr, exit 1. Anything else (argument errors) goes on to
+/// ArgumentParser, which prints usage.
+private func exitCode(for error: Error) -> Error {
+    switch error {
+    case let e as RewindError: printError(e.description); return ExitCode(1)
+    case let e as LMDBError: printError(e.description); return ExitCode(1)
+    default: return error
     }
 }
 

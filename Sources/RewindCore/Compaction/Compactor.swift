@@ -117,14 +117,8 @@ struct Compactor {
                     switch c.value {
                     case .zero: try base.punchHole(at: c.block * bs, length: bs)
                     case let .data(segment, off, hash):
-                        let bytes = try journal.segmentBytes(txn, segment, seq: c.seq)
-                        let s = Int(off), e = s + mirror.blockSize
-                        guard e <= bytes.count else { throw RewindError.corruptBlock(seq: c.seq, block: c.block, why: "points past its segment") }
-                        let slice = UnsafeRawBufferPointer(rebasing: bytes[s..<e])
-                        guard xxh3(slice) == hash else {
-                            throw RewindError.corruptBlock(seq: c.seq, block: c.block, why: "payload checksum mismatch (data damaged on disk)")
-                        }
-                        try base.write(at: c.block * bs, from: slice)
+                        try base.write(at: c.block * bs, from: try journal.verifiedBlock(
+                            txn, seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash, blockSize: mirror.blockSize))
                     }
                     written += 1
                     current = nil

@@ -93,6 +93,20 @@ public final class Journal: @unchecked Sendable {
 
     // MARK: blocks
 
+    /// The bytes of one journal block, checked against the XXH3 its index entry carries
+    /// (invariant 6). Points into the map; valid while `txn` lives.
+    func verifiedBlock(_ txn: LMDBTransaction, seq: UInt64, block: UInt64, segment: UInt64, offset: UInt32,
+                       hash: UInt64, blockSize: Int) throws -> UnsafeRawBufferPointer {
+        let bytes = try segmentBytes(txn, segment, seq: seq)
+        let start = Int(offset), end = start + blockSize
+        guard end <= bytes.count else { throw RewindError.corruptBlock(seq: seq, block: block, why: "points past its segment") }
+        let slice = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
+        guard xxh3(slice) == hash else {
+            throw RewindError.corruptBlock(seq: seq, block: block, why: "payload checksum mismatch (data damaged on disk)")
+        }
+        return slice
+    }
+
     /// The newest index entry of `block` with seq <= `seq`, or nil (then base.img holds it).
     func lookup(_ cursor: LMDBCursor, block: UInt64, atOrBefore seq: UInt64) throws -> (seq: UInt64, content: BlockContent)? {
         let probe = seq == UInt64.max ? blockKey(block &+ 1, 0) : blockKey(block, seq + 1)

@@ -51,14 +51,8 @@ public final class Snapshot: @unchecked Sendable {
 
     /// The bytes of a journal block, checked against the index's XXH3.
     func journalBlock(seq: UInt64, block: UInt64, segment: UInt64, offset: UInt32, hash: UInt64) throws -> UnsafeRawBufferPointer {
-        let bytes = try mirror.journal.segmentBytes(txn, segment, seq: seq)
-        let start = Int(offset), end = start + mirror.blockSize
-        guard end <= bytes.count else { throw RewindError.corruptBlock(seq: seq, block: block, why: "points past its segment") }
-        let slice = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
-        guard xxh3(slice) == hash else {
-            throw RewindError.corruptBlock(seq: seq, block: block, why: "payload checksum mismatch (data damaged on disk)")
-        }
-        return slice
+        try mirror.journal.verifiedBlock(txn, seq: seq, block: block, segment: segment, offset: offset, hash: hash,
+                                         blockSize: mirror.blockSize)
     }
 
     /// Read `buffer.count` bytes at `offset` as the volume was at `seq`.
