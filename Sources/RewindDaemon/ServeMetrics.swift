@@ -11,7 +11,7 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
     private let requests: [NBDCommand: Counter]
     private let bytes: [NBDCommand: Counter]
     private let latency: [NBDCommand: Metrics.Timer]
-    private let errors = Counter(label: "rewind_nbd_request_errors_total")
+    private let errors: [NBDCommand: Counter]
     private let inflightGauge = Gauge(label: "rewind_nbd_inflight_requests")
     private let connectionsGauge = Gauge(label: "rewind_nbd_connections")
     private let journalRecords = Counter(label: "rewind_journal_records_total")
@@ -26,12 +26,14 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
 
     init() {
         var r: [NBDCommand: Counter] = [:], b: [NBDCommand: Counter] = [:], l: [NBDCommand: Metrics.Timer] = [:]
+        var e: [NBDCommand: Counter] = [:]
         for c in NBDCommand.allCases {
+            e[c] = Counter(label: "rewind_nbd_request_errors_total", dimensions: [("command", c.name)])
             r[c] = Counter(label: "rewind_nbd_requests_total", dimensions: [("command", c.name)])
             b[c] = Counter(label: "rewind_nbd_bytes_total", dimensions: [("command", c.name)])
             l[c] = Metrics.Timer(label: "rewind_nbd_request_duration_seconds", dimensions: [("command", c.name)])
         }
-        requests = r; bytes = b; latency = l
+        requests = r; bytes = b; latency = l; errors = e
     }
 
     func requestStarted(_ command: NBDCommand) {
@@ -43,9 +45,8 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
         let n2 = state.withLockedValue { $0.inflight = max(0, $0.inflight - 1); return $0.inflight }
         inflightGauge.record(n2)
         requests[command]?.increment()
-        if let error {
-            errors.increment()
-            _ = error
+        if error != nil {
+            errors[command]?.increment()
         } else {
             bytes[command]?.increment(by: Int64(n))
             latency[command]?.recordNanoseconds(Int64(nanoseconds))

@@ -176,7 +176,7 @@ final class VolumeWriter: @unchecked Sendable {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
-            return "\(error)".contains("MDB_MAP_FULL") || "\(error)".contains("No space") ? .nospc : .io
+            return Self.isOutOfSpace(error) ? .nospc : .io
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
         let now = DispatchTime.now().uptimeNanoseconds
@@ -222,6 +222,16 @@ final class VolumeWriter: @unchecked Sendable {
             metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
         }
         return nil
+    }
+
+    /// The journal's map or the disk is full: answer ENOSPC rather than EIO.
+    static func isOutOfSpace(_ error: Error) -> Bool {
+        switch error {
+        case let RewindError.journal(e): return e.isMapFull || e.code == ENOSPC
+        case let RewindError.io(_, _, errno): return errno == ENOSPC
+        case let e as LMDBError: return e.isMapFull || e.code == ENOSPC
+        default: return false
+        }
     }
 
     private func fence(_ why: String) {
