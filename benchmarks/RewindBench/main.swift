@@ -269,7 +269,7 @@ do {
 }
 if args.contains("--json") {
     let e = JSONEncoder(); e.outputFormatting = [.sortedKeys]
-    for r in results { print(String(decoding: try! e.encode(r), as: UTF8.self)) }
+    for r in results { if let data = try? e.encode(r) { print(String(decoding: data, as: UTF8.self)) } }
 } else {
     print("| benchmark | rewind | peer | unit | ratio | note |")
     print("|---|---:|---:|---|---:|---|")

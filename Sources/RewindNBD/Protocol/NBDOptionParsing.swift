@@ -7,10 +7,10 @@ struct NBDOptionHeader {
     var length: UInt32
 
     static func read(from buffer: inout ByteBuffer) throws -> NBDOptionHeader? {
-        guard buffer.readableBytes >= size else { return nil }
-        let magic: UInt64 = buffer.readInteger()!
+        guard buffer.readableBytes >= size, let magic: UInt64 = buffer.readInteger() else { return nil }
         guard magic == NBD.ihaveopt else { throw NBDProtocolError.badOptionMagic(magic) }
-        return NBDOptionHeader(option: buffer.readInteger()!, length: buffer.readInteger()!)
+        guard let option: UInt32 = buffer.readInteger(), let length: UInt32 = buffer.readInteger() else { return nil }
+        return NBDOptionHeader(option: option, length: length)
     }
 }
 
@@ -28,7 +28,10 @@ struct NBDInfoRequest: Equatable {
               let name = b.readValidUTF8(length: Int(nameLength)),
               let count: UInt16 = b.readInteger(), b.readableBytes == Int(count) * 2 else { return nil }
         var infos: [UInt16] = []
-        for _ in 0..<count { infos.append(b.readInteger()!) }
+        for _ in 0..<count {
+            guard let info: UInt16 = b.readInteger() else { return nil }
+            infos.append(info)
+        }
         return NBDInfoRequest(name: name, infos: infos)
     }
 }

@@ -18,12 +18,12 @@ public struct NBDRequestHeader: Sendable, Equatable {
     /// Parse from the front of `buffer`; nil if fewer than 28 bytes are there.
     /// Throws `badMagic` when the magic is wrong: the stream cannot be resynchronised.
     static func read(from buffer: inout ByteBuffer) throws -> NBDRequestHeader? {
-        guard buffer.readableBytes >= size else { return nil }
-        let magic: UInt32 = buffer.readInteger()!
+        guard buffer.readableBytes >= size, let magic: UInt32 = buffer.readInteger() else { return nil }
         guard magic == NBD.requestMagic else { throw NBDProtocolError.badRequestMagic(magic) }
-        return NBDRequestHeader(flags: buffer.readInteger()!, type: buffer.readInteger()!,
-                                cookie: buffer.readInteger()!, offset: buffer.readInteger()!,
-                                length: buffer.readInteger()!)
+        guard let flags: UInt16 = buffer.readInteger(), let type: UInt16 = buffer.readInteger(),
+              let cookie: UInt64 = buffer.readInteger(), let offset: UInt64 = buffer.readInteger(),
+              let length: UInt32 = buffer.readInteger() else { return nil }
+        return NBDRequestHeader(flags: flags, type: type, cookie: cookie, offset: offset, length: length)
     }
 
     /// Does this request carry a payload on the wire? Only WRITE does (a refused WRITE's

@@ -125,7 +125,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 }
                 guard input.readableBytes >= NBDOptionHeader.size + Int(header.length) else { break parsing }
                 input.moveReaderIndex(forwardBy: NBDOptionHeader.size)
-                let data = input.readSlice(length: Int(header.length))!
+                guard let data = input.readSlice(length: Int(header.length)) else { break parsing }
                 try handleOption(header.option, data: data, context: context)
             case let .discardOption(option, remaining):
                 let n = min(UInt64(input.readableBytes), remaining)
@@ -314,7 +314,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         let target = export.target
         let loop = context.eventLoop
         let started = NIODeadline.now()
-        let kind = NBDCommand(rawValue: h.type)!
+        guard let kind = NBDCommand(rawValue: h.type) else { return }  // validate() refused unknown types already
         observer?.requestStarted(kind)
         let bytes = UInt64(h.length)
         switch command {
@@ -334,7 +334,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 return out
             }
         case let .write(offset, fua):
-            let data = input.readBytes(length: Int(h.length))!
+            // process() waited for the whole payload; a short buffer here is a bug, answered EIO.
+            guard let data = input.readBytes(length: Int(h.length)) else { sendError(context, h, .io, message: "payload missing"); return }
             track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
             }
