@@ -14,6 +14,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Requests in flight per connection before we stop reading the socket (backpressure).
     static let maxInflight = 256
+    /// Payload bytes in flight per connection (writes being journalled, reads being read)
+    /// before we stop reading the socket: bounds memory whatever the clients send.
+    static let maxInflightBytes = 64 << 20
     /// The handshake must finish within this (qemu uses 10 s: CVE-2024-7409).
     static let handshakeDeadline = TimeAmount.seconds(10)
 
@@ -38,6 +41,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private var metaContextSelected = false
     private var optionsSeen = 0
     private var inflight = 0
+    private var inflightBytes = 0
+    private var saturated: Bool { inflight >= Self.maxInflight || inflightBytes >= Self.maxInflightBytes }
     private var readHeld = false
     private var disconnecting = false
     private var deadline: Scheduled<Void>?
@@ -95,7 +100,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Hold socket reads while too many requests are in flight.
     public func read(context: ChannelHandlerContext) {
-        if inflight >= Self.maxInflight { readHeld = true; return }
+        if saturated { readHeld = true; return }
         context.read()
     }
 
@@ -134,7 +139,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 phase = .options
                 replyOption(context, option, .errTooBig, message: "option data longer than \(NBD.maxOptionBytes) bytes")
             case .transmission:
-                if disconnecting || inflight >= Self.maxInflight { break parsing }
+                if disconnecting || saturated { break parsing }
                 guard input.readableBytes >= NBDRequestHeader.size else { break parsing }
                 var peek = input
                 guard let header = try NBDRequestHeader.read(from: &peek) else { break parsing }
@@ -374,8 +379,12 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private func track<T>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
                           _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> ByteBuffer) {
         inflight += 1
+        // Only reads and writes hold their payload in memory; a trim's length costs nothing.
+        let payload = kind == .read || kind == .write ? Int(min(bytes, UInt64(NBD.maxPayloadBytes))) : 0
+        inflightBytes += payload
         future.hop(to: context.eventLoop).whenComplete { [self] result in
             inflight -= 1
+            inflightBytes -= payload
             let elapsed = UInt64(max(0, (NIODeadline.now() - started).nanoseconds))
             switch result {
             case .success(let value):
@@ -387,7 +396,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 sendError(context, h, errno, message: "\(kind.name) failed")
             }
             if disconnecting && inflight == 0 { context.close(promise: nil); return }
-            if readHeld && inflight < Self.maxInflight { readHeld = false; context.read() }
+            if readHeld && !saturated { readHeld = false; context.read() }
             if case .transmission = phase, input.readableBytes > 0 {
                 do { try process(context: context) } catch {
                     logger.info("closing connection: \(error)")
