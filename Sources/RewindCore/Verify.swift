@@ -41,7 +41,7 @@ extension Mirror {
                 guard h.offset <= volumeSize, h.length <= volumeSize - h.offset else {
                     throw RewindError.corruptRecord(seq: seq, why: "range \(h.offset)+\(h.length) lies outside the volume")
                 }
-                let expectedStored = Self.storedBytes(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs)
+                let expectedStored = UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs
                 guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {
                     throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedLength) does not match its \(h.kind.name) of \(h.length) bytes")
                 }
@@ -71,17 +71,6 @@ extension Mirror {
             try compare(at: point ?? .latest, with: image, report: &report, progress: progress)
         }
         return report
-    }
-
-    /// Bytes a record of this kind and range stores (see `Mirror.append`).
-    static func storedBytes(kind: ChangeKind, offset: UInt64, length: UInt64, blockSize bs: UInt64) -> UInt64 {
-        guard length > 0, kind != .flush else { return 0 }
-        let end = offset + length
-        let first = offset / bs, last = (end - 1) / bs
-        if kind == .write { return (last - first + 1) * bs }
-        var blocks: UInt64 = offset % bs != 0 ? 1 : 0
-        if end % bs != 0 && !(blocks == 1 && first == last) { blocks += 1 }
-        return blocks * bs
     }
 
     private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, report: inout VerifyReport, progress: ProgressObserver?) throws {

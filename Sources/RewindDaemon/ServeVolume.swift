@@ -69,29 +69,39 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
             }
             // Small reads skip hole detection (two lseeks) and just read.
             if length <= Self.holeDetectionMinBytes {
-                var buffer = ByteBufferAllocator().buffer(capacity: Int(length))
-                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: Int(length)) { raw in
-                    try source.read(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<Int(length)]))
-                    return Int(length)
-                }
-                return [.data(offset: offset, bytes: buffer)]
+                return [.data(offset: offset, bytes: try Self.read(source, offset..<end))]
             }
-            var extents: [ReadExtent] = []
-            var at = offset
-            for data in try source.dataExtents(size: end, from: offset) {
-                if data.lowerBound > at { extents.append(.hole(offset: at, length: UInt32(data.lowerBound - at))) }
-                let n = Int(data.upperBound - data.lowerBound)
-                var buffer = ByteBufferAllocator().buffer(capacity: n)
-                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
-                    try source.read(at: data.lowerBound, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]))
-                    return n
-                }
-                extents.append(.data(offset: data.lowerBound, bytes: buffer))
-                at = data.upperBound
+            return try Self.allocation(source, offset..<end).map { range, isData in
+                isData ? .data(offset: range.lowerBound, bytes: try Self.read(source, range))
+                       : .hole(offset: range.lowerBound, length: UInt32(range.count))
             }
-            if at < end { extents.append(.hole(offset: at, length: UInt32(end - at))) }
-            return extents
         }.flatMapErrorThrowing { _ in throw NBDErrno.io }
+    }
+
+    /// `range` of the source, read into a new buffer (`pread`).
+    static func read(_ source: BlockFile, _ range: Range<UInt64>) throws -> ByteBuffer {
+        let n = range.count
+        var buffer = ByteBufferAllocator().buffer(capacity: n)
+        try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
+            try source.read(at: range.lowerBound, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]))
+            return n
+        }
+        return buffer
+    }
+
+    /// `range` cut into data and hole pieces by the source's extents (`SEEK_DATA`/`SEEK_HOLE`),
+    /// in order, at most `limit` pieces (then the pieces stop short of the range's end).
+    static func allocation(_ source: BlockFile, _ range: Range<UInt64>, limit: Int = .max) throws -> [(Range<UInt64>, isData: Bool)] {
+        var pieces: [(Range<UInt64>, isData: Bool)] = []
+        var at = range.lowerBound
+        for data in try source.dataExtents(size: range.upperBound, from: range.lowerBound) {
+            if data.lowerBound > at { pieces.append((at..<data.lowerBound, false)) }
+            pieces.append((data, true))
+            at = data.upperBound
+            if pieces.count >= limit { return Array(pieces.prefix(limit)) }
+        }
+        if at < range.upperBound { pieces.append((at..<range.upperBound, false)) }
+        return Array(pieces.prefix(limit))
     }
 
     /// Apply one queued change to `bytes`, which hold the volume from `base` on.
@@ -120,16 +130,9 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
             let end = offset + UInt64(length)
             // Queued writes make the source's holes stale: report the range as data (always true).
             if !writer.overlay(offset..<end).isEmpty { return [AllocationExtent(length: length, flags: [])] }
-            var extents: [AllocationExtent] = []
-            var at = offset
-            for data in try source.dataExtents(size: end, from: offset) {
-                if data.lowerBound > at { extents.append(.init(length: UInt32(data.lowerBound - at), flags: [.hole, .zero])) }
-                extents.append(.init(length: UInt32(data.upperBound - data.lowerBound), flags: []))
-                at = data.upperBound
-                if extents.count >= Self.maxExtents { return extents }
+            return try Self.allocation(source, offset..<end, limit: Self.maxExtents).map { range, isData in
+                AllocationExtent(length: UInt32(range.count), flags: isData ? [] : [.hole, .zero])
             }
-            if at < end { extents.append(.init(length: UInt32(end - at), flags: [.hole, .zero])) }
-            return extents
         }.flatMapErrorThrowing { _ in throw NBDErrno.io }
     }
 }

@@ -178,15 +178,7 @@ struct Compactor {
     /// `segmentsUpTo` survive.
     private func deleteRecords(after from: UInt64, upTo to: UInt64, segmentsUpTo: UInt64) throws -> UInt64 {
         let journal = mirror.journal
-        var removed: UInt64 = 0
-        var next = from + 1
-        while next <= to {
-            let end = min(to, next + UInt64(Self.chunkRecords) - 1)
-            try journal.env.write { txn in
-                for seq in next...end where try txn.delete(journal.records, seqKey(seq)) { removed += 1 }
-            }
-            next = end + 1
-        }
+        let removed = from < to ? try journal.deleteRecords(from + 1...to) : 0
         // A segment s holds payloads of records s..<(next segment's key); it goes when they all do.
         try journal.env.write { txn in
             let m = try journal.readMeta(txn)

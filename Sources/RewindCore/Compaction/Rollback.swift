@@ -102,15 +102,7 @@ extension Mirror {
             }
             CrashPoint.hit("rollback.index-chunk-deleted")
         }
-        var removed: UInt64 = 0
-        var next = k + 1
-        while next <= last {
-            let end = min(last, next + UInt64(Compactor.chunkRecords) - 1)
-            try journal.env.write { txn in
-                for seq in next...end where try txn.delete(journal.records, seqKey(seq)) { removed += 1 }
-            }
-            next = end + 1
-        }
+        let removed = k < last ? try journal.deleteRecords(k + 1...last) : 0
         try journal.env.write { txn in
             let cursor = try txn.cursor(journal.segments)
             var entry = try cursor.seek(atLeast: seqKey(k + 1))

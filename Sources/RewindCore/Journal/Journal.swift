@@ -91,6 +91,21 @@ public final class Journal: @unchecked Sendable {
         return segment
     }
 
+    /// Delete the records in `range`, `Compactor.chunkRecords` per write transaction so a live
+    /// writer is never held up long. Returns how many were there.
+    func deleteRecords(_ range: ClosedRange<UInt64>) throws -> UInt64 {
+        var removed: UInt64 = 0
+        var next = range.lowerBound
+        while next <= range.upperBound {
+            let end = min(range.upperBound, next + UInt64(Compactor.chunkRecords) - 1)
+            try env.write { txn in
+                for seq in next...end where try txn.delete(records, seqKey(seq)) { removed += 1 }
+            }
+            next = end + 1
+        }
+        return removed
+    }
+
     // MARK: blocks
 
     /// The bytes of one journal block, checked against the XXH3 its index entry carries

@@ -38,21 +38,8 @@ extension Mirror {
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
                                       length: change.length, checksum: 0, segment: 0, segmentOffset: 0,
                                       storedLength: 0, cumulative: cumulative)
-            // Which blocks this record stores, in block order.
-            var stored: [UInt64] = []
-            var zeroRange: Range<UInt64> = 0..<0
             let end = change.offset + change.length
-            if change.length > 0 && change.kind != .flush {
-                let first = change.offset / bs, last = (end - 1) / bs
-                if change.kind == .write {
-                    stored = Array(first...last)
-                } else {
-                    let fullStart = (change.offset + bs - 1) / bs, fullEnd = end / bs
-                    if change.offset % bs != 0 { stored.append(first) }
-                    if end % bs != 0 && (stored.last != last) { stored.append(last) }
-                    if fullStart < fullEnd { zeroRange = fullStart..<fullEnd }
-                }
-            }
+            let (stored, zeroRange) = Self.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
             if !stored.isEmpty {
                 let bytes = stored.count * blockSize
                 if segment.count > 0 && segment.count + bytes > Self.segmentCapBytes {
@@ -118,6 +105,22 @@ extension Mirror {
                 (dst.baseAddress! + at).initializeMemory(as: UInt8.self, repeating: 0, count: covered.count)
             }
         }
+    }
+
+    /// What a record stores: the blocks whose content goes into its payload, in block order —
+    /// every block a write touches; only the partial head and tail blocks of a zero or trim —
+    /// and the whole blocks a zero or trim turns to zeros. `verify` checks stored lengths by it.
+    static func layout(kind: ChangeKind, offset: UInt64, length: UInt64, blockSize bs: UInt64)
+        -> (stored: [UInt64], zeroed: Range<UInt64>) {
+        guard length > 0, kind != .flush else { return ([], 0..<0) }
+        let end = offset + length
+        let first = offset / bs, last = (end - 1) / bs
+        if kind == .write { return (Array(first...last), 0..<0) }
+        var stored: [UInt64] = []
+        if offset % bs != 0 { stored.append(first) }
+        if end % bs != 0 && stored.last != last { stored.append(last) }
+        let fullStart = (offset + bs - 1) / bs, fullEnd = end / bs
+        return (stored, fullStart < fullEnd ? fullStart..<fullEnd : 0..<0)
     }
 
     private func validate(_ c: Change) throws {
