@@ -26,3 +26,10 @@ static inline int rewind_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
 static inline void rewind_limit_arenas(int n) { mallopt(M_ARENA_MAX, n); }
+
+#include <sys/uio.h>
+/* A read that never waits for the disk: EAGAIN (or a short count) unless the page cache holds it. */
+static inline ssize_t rewind_pread_nowait(int fd, void *buffer, size_t length, off_t offset) {
+    struct iovec iov = { buffer, length };
+    return preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
+}

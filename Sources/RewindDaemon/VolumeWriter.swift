@@ -65,7 +65,7 @@ final class VolumeWriter: @unchecked Sendable {
     private var finished = false
     private var fenced: String?
     private var syncedSeq: UInt64
-    private var lastRelease: UInt64 = 0
+    private var commitsSinceResidencyCheck = 0
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -179,11 +179,12 @@ final class VolumeWriter: @unchecked Sendable {
             return Self.isOutOfSpace(error) ? .nospc : .io
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
-        let now = DispatchTime.now().uptimeNanoseconds
-        if now - lastRelease > 1_000_000_000 {  // keep resident memory bounded (see releaseMappedPages)
-            let rc = mirror.journal.env.releaseMappedPages()
-            if rc != 0 { logger.debug("madvise(MADV_DONTNEED) on the journal map failed: errno \(rc)") }
-            lastRelease = now
+        // Keep resident memory bounded: index updates map journal pages (see releaseMappedPages).
+        // Large batches check inside `append`; small ones add up, checked every 16 commits.
+        commitsSinceResidencyCheck += 1
+        if commitsSinceResidencyCheck >= 16 {
+            commitsSinceResidencyCheck = 0
+            mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
         }
         do {
             for op in batch {

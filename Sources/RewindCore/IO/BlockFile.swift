@@ -68,6 +68,21 @@ public final class BlockFile: @unchecked Sendable {
     }
 
     /// Write all of `buffer` at `offset`, looping over short writes (`pwrite`).
+    /// Fill `buffer` from `offset` only if every byte is already in the page cache
+    /// (`preadv2(RWF_NOWAIT)`): never waits for the disk or a lock, so an event loop may call
+    /// it. False when any part would block, or on any error — the caller then reads normally.
+    public func readIfCached(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard let base = buffer.baseAddress else { return true }
+        var done = 0
+        while done < buffer.count {
+            let n = rewind_pread_nowait(fd, base + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return false }
+            done += n
+        }
+        return true
+    }
+
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < buffer.count {
@@ -195,7 +210,7 @@ public final class BlockFile: @unchecked Sendable {
 
 /// True if every byte of `buffer` is zero.
 @inline(__always)
-func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
+public func isAllZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
     var i = 0
     let n = buffer.count
     while i + 8 <= n {

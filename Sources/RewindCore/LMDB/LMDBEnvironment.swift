@@ -46,6 +46,30 @@ public final class LMDBEnvironment: @unchecked Sendable {
     /// without this a long-running writer's resident size grows with the journal.
     /// LMDB does not expose its map's address (`me_mapaddr` is set only with MDB_FIXEDMAP),
     /// so it is found once in /proc/self/maps by the data file's path.
+    /// `releaseMappedPages()` once this process's file-backed resident memory passes `limit`
+    /// bytes. A writer's random index updates each fault in the kernel's fault-around window
+    /// (64 KiB of neighbouring, recently written journal pages), so a time-based release let
+    /// a random-write load map 650 MiB within a second; this check costs one small read of
+    /// /proc/self/statm. Returns true if it released.
+    @discardableResult
+    public func releaseMappedPages(ifResidentAbove limit: Int) -> Bool {
+        guard Self.residentFileBytes() > limit else { return false }
+        return releaseMappedPages() == 0
+    }
+
+    /// Resident file-backed and shared memory of this process (`/proc/self/statm`, third field).
+    static func residentFileBytes() -> Int {
+        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return 0 }
+        defer { close(fd) }
+        var buf = [UInt8](repeating: 0, count: 128)
+        let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        guard n > 0 else { return 0 }
+        let fields = buf[0..<n].split(separator: UInt8(ascii: " "))
+        guard fields.count > 2, let pages = Int(String(decoding: fields[2], as: UTF8.self)) else { return 0 }
+        return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+    }
+
     @discardableResult
     public func releaseMappedPages() -> Int32 {
         if mapStart == 0 {

@@ -16,7 +16,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     static let maxInflight = 256
     /// Payload bytes in flight per connection (writes being journalled, reads being read)
     /// before we stop reading the socket: bounds memory whatever the clients send.
-    static let maxInflightBytes = 64 << 20
+    public static let maxInflightBytes = 64 << 20
     /// The handshake must finish within this (qemu uses 10 s: CVE-2024-7409).
     static let handshakeDeadline = TimeAmount.seconds(10)
 
@@ -42,14 +42,21 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private var optionsSeen = 0
     private var inflight = 0
     private var inflightBytes = 0
-    private var saturated: Bool { inflight >= Self.maxInflight || inflightBytes >= Self.maxInflightBytes }
+    private var saturated: Bool {
+        inflight >= Self.maxInflight || inflightBytes >= Self.maxInflightBytes || budget.exhausted
+    }
     private var readHeld = false
+    private var waitingForBudget = false
+    private let budget: InflightBudget
     private var disconnecting = false
     private var deadline: Scheduled<Void>?
     private weak var channel: Channel?
 
-    public init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger) {
+    /// `budget`: payload in flight shared with the server's other connections.
+    public init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger,
+                budget: InflightBudget = InflightBudget(limit: maxInflightBytes)) {
         self.export = export
+        self.budget = budget
         self.observer = observer
         self.logger = logger
     }
@@ -100,8 +107,36 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// Hold socket reads while too many requests are in flight.
     public func read(context: ChannelHandlerContext) {
-        if saturated { readHeld = true; return }
+        if saturated {
+            readHeld = true
+            if budget.exhausted { waitForBudget(context) }
+            return
+        }
         context.read()
+    }
+
+    /// Held because of other connections' payload: resume when the shared budget frees up
+    /// (this connection's own completions resume it otherwise).
+    private func waitForBudget(_ context: ChannelHandlerContext) {
+        guard !waitingForBudget else { return }
+        waitingForBudget = true
+        let loop = context.eventLoop
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: loop)
+        budget.whenAvailable {
+            loop.execute { bound.value.handler.budgetAvailable(bound.value.context) }
+        }
+    }
+
+    private func budgetAvailable(_ context: ChannelHandlerContext) {
+        waitingForBudget = false
+        if case .closing = phase { return }
+        resumeReading(context)
+    }
+
+    /// Reads were held: resume them if nothing holds them now, or wait for the shared budget.
+    private func resumeReading(_ context: ChannelHandlerContext) {
+        guard readHeld else { return }
+        if !saturated { readHeld = false; context.read() } else if budget.exhausted { waitForBudget(context) }
     }
 
     // MARK: parsing
@@ -329,38 +364,37 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             return
         case let .read(offset, length, df):
             track(context, h, kind, started, bytes, target.read(offset: offset, length: length, on: loop)) { [structuredReplies] extents in
-                var out = context.channel.allocator.buffer(capacity: 32 + Int(length))
+                let allocator = context.channel.allocator
                 if structuredReplies {
-                    Self.writeStructuredRead(&out, cookie: h.cookie, offset: offset, length: length, extents: extents, df: df)
-                } else {
-                    out.writeSimpleReply(cookie: h.cookie)
-                    Self.writeFlat(&out, extents)
+                    return Self.structuredRead(allocator, cookie: h.cookie, offset: offset, length: length, extents: extents, df: df)
                 }
-                return out
+                var head = allocator.buffer(capacity: 16)
+                head.writeSimpleReply(cookie: h.cookie)
+                return [head] + Self.flat(allocator, extents)
             }
         case let .write(offset, fua):
             // process() waited for the whole payload; a short buffer here is a bug, answered EIO.
             guard let data = input.readBytes(length: Int(h.length)) else { sendError(context, h, .io, message: "payload missing"); return }
             track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
-                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .writeZeroes(offset, length, fua, noHole, fastZero):
             if fastZero && !target.canFastZero { sendError(context, h, .notsup, message: "zeroing is not fast here"); return }
             track(context, h, kind, started, bytes, target.writeZeroes(offset: offset, length: length, noHole: noHole,
                                                                       fastZero: fastZero, fua: fua, on: loop)) { _ in
-                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .trim(offset, length, fua):
             track(context, h, kind, started, bytes, target.trim(offset: offset, length: length, fua: fua, on: loop)) { _ in
-                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case .flush:
             track(context, h, kind, started, 0, target.flush(on: loop)) { _ in
-                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .cache(offset, length):
             track(context, h, kind, started, bytes, target.cache(offset: offset, length: length, on: loop)) { _ in
-                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return out
+                var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .blockStatus(offset, length, reqOne):
             track(context, h, kind, started, 0, target.blockStatus(offset: offset, length: length, on: loop)) { extents in
@@ -370,25 +404,29 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 out.writeChunkHeader(cookie: h.cookie, type: .blockStatus, done: true, length: 4 + 8 * list.count)
                 out.writeInteger(baseAllocationContextID)
                 for e in list { out.writeInteger(e.length); out.writeInteger(e.flags.rawValue) }
-                return out
+                return [out]
             }
         }
     }
 
     /// Count a request in flight until its future completes, then write its reply.
     private func track<T>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
-                          _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> ByteBuffer) {
+                          _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> [ByteBuffer]) {
         inflight += 1
         // Only reads and writes hold their payload in memory; a trim's length costs nothing.
         let payload = kind == .read || kind == .write ? Int(min(bytes, UInt64(NBD.maxPayloadBytes))) : 0
         inflightBytes += payload
+        budget.take(payload)
         future.hop(to: context.eventLoop).whenComplete { [self] result in
             inflight -= 1
             inflightBytes -= payload
+            budget.give(payload)
             let elapsed = UInt64(max(0, (NIODeadline.now() - started).nanoseconds))
             switch result {
             case .success(let value):
-                context.writeAndFlush(wrapOutboundOut(reply(value)), promise: nil)
+                // The reply's pieces go out as they are (one writev): read data is never copied.
+                for piece in reply(value) { context.write(wrapOutboundOut(piece), promise: nil) }
+                context.flush()
                 observer?.requestFinished(kind, bytes: bytes, nanoseconds: elapsed, error: nil)
             case .failure(let error):
                 let errno = error as? NBDErrno ?? .io
@@ -396,7 +434,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 sendError(context, h, errno, message: "\(kind.name) failed")
             }
             if disconnecting && inflight == 0 { context.close(promise: nil); return }
-            if readHeld && !saturated { readHeld = false; context.read() }
+            resumeReading(context)
             if case .transmission = phase, input.readableBytes > 0 {
                 do { try process(context: context) } catch {
                     logger.info("closing connection: \(error)")
@@ -408,41 +446,50 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Simple-reply payload: every extent as bytes, holes as zeros.
-    private static func writeFlat(_ out: inout ByteBuffer, _ extents: [ReadExtent]) {
-        for e in extents {
+    private static func flat(_ allocator: ByteBufferAllocator, _ extents: [ReadExtent]) -> [ByteBuffer] {
+        extents.map { e in
             switch e {
-            case .data(_, var bytes): out.writeBuffer(&bytes)
-            case .hole(_, let length): out.writeRepeatingByte(0, count: Int(length))
+            case .data(_, let bytes): return bytes
+            case .hole(_, let length):
+                var zeros = allocator.buffer(capacity: Int(length))
+                zeros.writeRepeatingByte(0, count: Int(length))
+                return zeros
             }
         }
     }
 
     /// Structured READ: one OFFSET_DATA or OFFSET_HOLE chunk per extent, DONE on the last;
     /// under DF a single data chunk; a zero-length read gets one NONE chunk.
-    private static func writeStructuredRead(_ out: inout ByteBuffer, cookie: UInt64, offset: UInt64, length: UInt32,
-                                            extents: [ReadExtent], df: Bool) {
+    private static func structuredRead(_ allocator: ByteBufferAllocator, cookie: UInt64, offset: UInt64, length: UInt32,
+                                       extents: [ReadExtent], df: Bool) -> [ByteBuffer] {
+        var head = allocator.buffer(capacity: 32)
         if length == 0 || extents.isEmpty {
-            out.writeChunkHeader(cookie: cookie, type: .none, done: true, length: 0)
-            return
+            head.writeChunkHeader(cookie: cookie, type: .none, done: true, length: 0)
+            return [head]
         }
         if df && extents.count > 1 {
-            out.writeChunkHeader(cookie: cookie, type: .offsetData, done: true, length: 8 + Int(length))
-            out.writeInteger(offset)
-            writeFlat(&out, extents)
-            return
+            head.writeChunkHeader(cookie: cookie, type: .offsetData, done: true, length: 8 + Int(length))
+            head.writeInteger(offset)
+            return [head] + flat(allocator, extents)
         }
+        var pieces: [ByteBuffer] = []
+        pieces.reserveCapacity(extents.count * 2)
         for (i, e) in extents.enumerated() {
             let last = i == extents.count - 1
+            var chunk = allocator.buffer(capacity: 32)
             switch e {
-            case .data(let at, var bytes):
-                out.writeChunkHeader(cookie: cookie, type: .offsetData, done: last, length: 8 + bytes.readableBytes)
-                out.writeInteger(at)
-                out.writeBuffer(&bytes)
+            case .data(let at, let bytes):
+                chunk.writeChunkHeader(cookie: cookie, type: .offsetData, done: last, length: 8 + bytes.readableBytes)
+                chunk.writeInteger(at)
+                pieces.append(chunk)
+                pieces.append(bytes)
             case .hole(let at, let n):
-                out.writeChunkHeader(cookie: cookie, type: .offsetHole, done: last, length: 12)
-                out.writeInteger(at)
-                out.writeInteger(n)
+                chunk.writeChunkHeader(cookie: cookie, type: .offsetHole, done: last, length: 12)
+                chunk.writeInteger(at)
+                chunk.writeInteger(n)
+                pieces.append(chunk)
             }
         }
+        return pieces
     }
 }

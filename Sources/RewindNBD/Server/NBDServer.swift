@@ -75,6 +75,8 @@ public final class NBDServer: Sendable {
     let logger: Logger
     let observer: (any NBDObserver)?
     let maxConnections: Int
+    /// Payload in flight across all connections (each connection also bounds its own).
+    let budget = InflightBudget(limit: NBDConnectionHandler.maxInflightBytes)
     private let listeners = NIOLockedValueBox<[Channel]>([])
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
@@ -100,7 +102,7 @@ public final class NBDServer: Sendable {
                 }
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelOption(.maxMessagesPerRead, value: 16)
-                .childChannelInitializer { [export, observer, logger, connections] channel in
+                .childChannelInitializer { [export, observer, logger, connections, budget] channel in
                     let id = ObjectIdentifier(channel)
                     connections.withLockedValue { $0[id] = channel }
                     channel.closeFuture.whenComplete { _ in _ = connections.withLockedValue { $0.removeValue(forKey: id) } }
@@ -108,7 +110,7 @@ public final class NBDServer: Sendable {
                     connLogger[metadataKey: "peer"] = "\(channel.remoteAddress?.description ?? "unix")"
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(
-                            NBDConnectionHandler(export: export, observer: observer, logger: connLogger))
+                            NBDConnectionHandler(export: export, observer: observer, logger: connLogger, budget: budget))
                     }
                 }
             let channel: Channel

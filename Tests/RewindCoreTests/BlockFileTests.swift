@@ -1,0 +1,40 @@
+import Glibc
+import Testing
+@testable import RewindCore
+
+/// `readIfCached` is what `rewind serve` answers reads with on an event loop: it must give the
+/// exact bytes or nothing, and must refuse (not block) when the page cache lacks the range.
+@Suite struct BlockFileTests {
+    @Test func readIfCachedGivesExactBytesOnlyWhenCached() throws {
+        let dir = TempDir("cached")
+        defer { dir.remove() }
+        let file = try BlockFile(path: dir.file("v.img"), mode: .createNew)
+        try file.truncate(to: 64 << 20)
+        var rng = SplitMix(seed: 7)
+        let bytes = (0..<(1 << 20)).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+        try file.write(at: 3 << 20, bytes)
+
+        var got = [UInt8](repeating: 0xAA, count: bytes.count)
+        #expect(got.withUnsafeMutableBytes { file.readIfCached(at: 3 << 20, into: $0) })
+        #expect(got == bytes)
+
+        // Dropped from the cache (written back, then POSIX_FADV_DONTNEED): refused rather than
+        // waited for; a normal read brings it back, and then it is served again.
+        try file.dataSync()
+        #expect(posix_fadvise(file.fd, 0, 0, Int32(POSIX_FADV_DONTNEED)) == 0)
+        got = [UInt8](repeating: 0xAA, count: bytes.count)
+        #expect(!got.withUnsafeMutableBytes { file.readIfCached(at: 3 << 20, into: $0) })
+        try got.withUnsafeMutableBytes { try file.read(at: 3 << 20, into: $0) }
+        #expect(got == bytes)
+        got = [UInt8](repeating: 0xAA, count: bytes.count)
+        #expect(got.withUnsafeMutableBytes { file.readIfCached(at: 3 << 20, into: $0) })
+        #expect(got == bytes)
+
+        // Cached pages followed by uncached ones: refused as a whole, never half-filled.
+        try file.write(at: 8 << 20, bytes)
+        try file.dataSync()
+        #expect(posix_fadvise(file.fd, 8 << 20, 1 << 20, Int32(POSIX_FADV_DONTNEED)) == 0)
+        var mixed = [UInt8](repeating: 0, count: 2 << 20)
+        #expect(!mixed.withUnsafeMutableBytes { file.readIfCached(at: 7 << 20, into: $0) } || mixed[(1 << 20)...] == bytes[...])
+    }
+}
