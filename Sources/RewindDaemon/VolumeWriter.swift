@@ -50,7 +50,7 @@ final class VolumeWriter: @unchecked Sendable {
     static let ackedBytesMax = 32 << 20
     /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
     static let maxBatchBytes = 32 << 20
-    static let maxBatchOps = 8192
+    static let maxBatchOps = 2048
 
     private let mirror: Mirror
     private let source: BlockFile
@@ -65,7 +65,6 @@ final class VolumeWriter: @unchecked Sendable {
     private var finished = false
     private var fenced: String?
     private var syncedSeq: UInt64
-    private var commitsSinceResidencyCheck = 0
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -171,7 +170,7 @@ final class VolumeWriter: @unchecked Sendable {
         }
         let seqs: ClosedRange<UInt64>
         do {
-            seqs = try mirror.append(changes, sourceSynced: syncedSeq)
+            seqs = try mirror.append(changes, sourceSynced: syncedSeq, dropPayloadFromCache: true)
         } catch {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
@@ -180,12 +179,7 @@ final class VolumeWriter: @unchecked Sendable {
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
         // Keep resident memory bounded: index updates map journal pages (see releaseMappedPages).
-        // Large batches check inside `append`; small ones add up, checked every 16 commits.
-        commitsSinceResidencyCheck += 1
-        if commitsSinceResidencyCheck >= 16 {
-            commitsSinceResidencyCheck = 0
-            mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
-        }
+        mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
         do {
             for op in batch {
                 switch op.kind {

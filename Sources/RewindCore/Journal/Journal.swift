@@ -41,6 +41,8 @@ public final class Journal: @unchecked Sendable {
     /// Bytes read through the map since the last release (approximate across threads: it only
     /// times the next release).
     nonisolated(unsafe) private var touchedBytes = 0
+    /// Readahead for sequential payload reads (see `Readahead`).
+    let readahead = Readahead()
 
     @inline(__always)
     func touched(_ bytes: Int) {
@@ -81,6 +83,7 @@ public final class Journal: @unchecked Sendable {
         guard end <= segment.count else {
             throw RewindError.corruptRecord(seq: seq, why: "payload runs past its segment (\(end) > \(segment.count))")
         }
+        readahead.willRead(segment: h.segment, segment, Int(h.segmentOffset)..<end)
         return UnsafeRawBufferPointer(rebasing: segment[Int(h.segmentOffset)..<end])
     }
 
@@ -89,6 +92,15 @@ public final class Journal: @unchecked Sendable {
             throw RewindError.corruptRecord(seq: seq, why: "its payload segment \(id) is missing")
         }
         return segment
+    }
+
+    /// Drop the payload pages of segments `ids` from the page cache (after their commit synced
+    /// them; see `LMDBEnvironment.dropFromPageCache`).
+    func dropSegmentsFromPageCache(_ ids: [UInt64]) {
+        guard !ids.isEmpty else { return }
+        try? env.read { txn in
+            for id in ids { if let value = try txn.get(segments, seqKey(id)) { env.dropFromPageCache(value) } }
+        }
     }
 
     /// Delete the records in `range`, `Compactor.chunkRecords` per write transaction so a live
@@ -115,6 +127,7 @@ public final class Journal: @unchecked Sendable {
         let bytes = try segmentBytes(txn, segment, seq: seq)
         let start = Int(offset), end = start + blockSize
         guard end <= bytes.count else { throw RewindError.corruptBlock(seq: seq, block: block, why: "points past its segment") }
+        readahead.willRead(segment: segment, bytes, start..<end)
         let slice = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
         guard xxh3(slice) == hash else {
             throw RewindError.corruptBlock(seq: seq, block: block, why: "payload checksum mismatch (data damaged on disk)")

@@ -10,16 +10,23 @@ extension Mirror {
     /// and none at all where the block already reads as zeros.
     /// `sourceSynced`, when given, records that the served source is fsynced up to that seq
     /// (what a restart must replay from), at no extra commit.
+    /// `dropPayloadFromCache`: once committed (and so on disk: each commit fdatasyncs), drop
+    /// the payload from the page cache — what `serve` does, as the journal is write-mostly.
     @discardableResult
-    public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
+    public func append(_ changes: [Change], sourceSynced: UInt64? = nil, dropPayloadFromCache: Bool = false) throws -> ClosedRange<UInt64> {
+        var segments: [UInt64] = []
+        let seqs: ClosedRange<UInt64>
         do {
-            return try journal.env.write { txn in try appendInTransaction(txn, changes, sourceSynced: sourceSynced) }
+            seqs = try journal.env.write { txn in try appendInTransaction(txn, changes, sourceSynced: sourceSynced, segments: &segments) }
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
+        if dropPayloadFromCache && journal.env.syncsEachCommit { journal.dropSegmentsFromPageCache(segments) }
+        return seqs
     }
 
-    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
+    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?,
+                                     segments: inout [UInt64]) throws -> ClosedRange<UInt64> {
         var meta = try journal.readMeta(txn)
         if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
         if meta.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
@@ -36,7 +43,7 @@ extension Mirror {
             // Index updates fault in journal pages (each fault maps the kernel's fault-around
             // window of neighbouring pages): check now and then that resident memory stays
             // bounded, even within one large group commit of scattered writes.
-            if (seq - firstSeq) % 64 == 63 { journal.env.releaseMappedPages(ifResidentAbove: Self.mappedBytesMax) }
+            if (seq - firstSeq) % 16 == 15 { journal.env.releaseMappedPages(ifResidentAbove: Self.mappedBytesMax) }
             let now = max(wallClockNanoseconds(), meta.lastTime)
             meta.lastTime = now
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
@@ -47,6 +54,7 @@ extension Mirror {
             if !stored.isEmpty {
                 let bytes = stored.count * blockSize
                 if segment.count > 0 && segment.count + bytes > Self.segmentCapBytes {
+                    segments.append(segment.id)
                     try segment.flush(into: txn, journal.segments)
                 }
                 if segment.count == 0 { segment.id = seq }
@@ -80,7 +88,10 @@ extension Mirror {
             }
             try txn.put(journal.records, seqKey(seq), header.encoded(), append: true)
         }
-        if segment.count > 0 { try segment.flush(into: txn, journal.segments) }
+        if segment.count > 0 {
+            segments.append(segment.id)
+            try segment.flush(into: txn, journal.segments)
+        }
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
         try journal.writeMeta(txn, meta)

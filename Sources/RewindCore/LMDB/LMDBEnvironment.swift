@@ -17,8 +17,13 @@ public final class LMDBEnvironment: @unchecked Sendable {
     public static let defaultMapSizeBytes = 1 << 40
     static let maxNamedDatabases: UInt32 = 16
 
+    /// Whether each commit fdatasyncs its pages (`MDB_NOMETASYNC`) rather than leaving them
+    /// to `sync()` (`MDB_NOSYNC`, for tools that sync once at the end).
+    public let syncsEachCommit: Bool
+
     public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true) throws {
         self.directory = directory
+        self.syncsEachCommit = syncEachCommit
         var handle: OpaquePointer?
         try check(mdb_env_create(&handle), "mdb_env_create")
         guard let handle else { throw LMDBError(code: EINVAL, operation: "mdb_env_create") }
@@ -47,9 +52,9 @@ public final class LMDBEnvironment: @unchecked Sendable {
     /// LMDB does not expose its map's address (`me_mapaddr` is set only with MDB_FIXEDMAP),
     /// so it is found once in /proc/self/maps by the data file's path.
     /// `releaseMappedPages()` once this process's file-backed resident memory passes `limit`
-    /// bytes. A writer's random index updates each fault in the kernel's fault-around window
-    /// (64 KiB of neighbouring, recently written journal pages), so a time-based release let
-    /// a random-write load map 650 MiB within a second; this check costs one small read of
+    /// bytes. Each page a writer's index update faults in maps the whole page-cache folio
+    /// around it — up to 2 MiB of recently written journal on Linux 6.x — so a once-a-second
+    /// release let a random-write load map 650 MiB; this check costs one `pread` of
     /// /proc/self/statm. Returns true if it released.
     @discardableResult
     public func releaseMappedPages(ifResidentAbove limit: Int) -> Bool {
@@ -57,25 +62,23 @@ public final class LMDBEnvironment: @unchecked Sendable {
         return releaseMappedPages() == 0
     }
 
-    /// Resident file-backed and shared memory of this process (`/proc/self/statm`, third field).
+    /// Resident file-backed and shared memory of this process (`/proc/self/statm`, third field),
+    /// read with one `pread` of a descriptor kept open (under a microsecond).
     static func residentFileBytes() -> Int {
-        let fd = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { return 0 }
-        defer { close(fd) }
+        guard statmDescriptor >= 0 else { return 0 }
         var buf = [UInt8](repeating: 0, count: 128)
-        let n = buf.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
+        let n = buf.withUnsafeMutableBytes { pread(statmDescriptor, $0.baseAddress, $0.count, 0) }
         guard n > 0 else { return 0 }
         let fields = buf[0..<n].split(separator: UInt8(ascii: " "))
         guard fields.count > 2, let pages = Int(String(decoding: fields[2], as: UTF8.self)) else { return 0 }
-        return pages * Int(sysconf(Int32(_SC_PAGESIZE)))
+        return pages * pageSize
     }
+    private static let statmDescriptor = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
+    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     @discardableResult
     public func releaseMappedPages() -> Int32 {
-        if mapStart == 0 {
-            guard let (start, end) = Self.findMapping(of: directory + "/data.mdb") else { return ENOENT }
-            (mapStart, mapLength) = (start, end - start)
-        }
+        guard findMap() else { return ENOENT }
         var info = MDB_envinfo()
         var stat = MDB_stat()
         guard mdb_env_info(env, &info) == 0, mdb_env_stat(env, &stat) == 0 else { return EINVAL }
@@ -85,6 +88,33 @@ public final class LMDBEnvironment: @unchecked Sendable {
 
     private var mapStart = 0
     private var mapLength = 0
+
+    private func findMap() -> Bool {
+        if mapStart == 0 {
+            guard let (start, end) = Self.findMapping(of: directory + "/data.mdb") else { return false }
+            (mapStart, mapLength) = (start, end - start)
+        }
+        return true
+    }
+
+    /// Drop from the page cache the pages that hold `value`, a large value just read from this
+    /// environment (so a pointer into its map, on overflow pages of its own), once it is on
+    /// disk: `posix_fadvise(POSIX_FADV_DONTNEED)` over those whole pages. A journal's payload
+    /// is written once and rarely read; left cached it evicts the served volume's pages, and
+    /// on this machine class every page the cache newly takes costs a host fault (~400 MB/s),
+    /// while recycled pages cost nothing. Values smaller than a page share leaf pages and are
+    /// left alone.
+    public func dropFromPageCache(_ value: UnsafeRawBufferPointer) {
+        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        guard let base = value.baseAddress, value.count >= page, findMap() else { return }
+        let offset = Int(bitPattern: base) - mapStart
+        guard offset >= 0, offset + value.count <= mapLength else { return }
+        let start = offset / page * page
+        let end = (offset + value.count + page - 1) / page * page
+        var fd: Int32 = -1
+        guard mdb_env_get_fd(env, &fd) == 0, fd >= 0 else { return }
+        _ = posix_fadvise(fd, off_t(start), off_t(end - start), Int32(POSIX_FADV_DONTNEED))
+    }
 
     static func findMapping(of path: String) -> (Int, Int)? {
         guard let f = fopen("/proc/self/maps", "r") else { return nil }
