@@ -50,7 +50,7 @@ final class VolumeWriter: @unchecked Sendable {
     static let ackedBytesMax = 32 << 20
     /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
     static let maxBatchBytes = 32 << 20
-    static let maxBatchOps = 2048
+    static let maxBatchOps = 8192
 
     private let mirror: Mirror
     private let source: BlockFile
@@ -138,12 +138,13 @@ final class VolumeWriter: @unchecked Sendable {
             syncWanted = queue.contains { $0.needsSync }
             let batch = inCommit
             cond.unlock()
-            let failure = commit(batch)
+            let (failure, seqs) = commit(batch)
             cond.lock()
             inCommit.removeAll()
             cond.broadcast()
             cond.unlock()
             for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
+            if let seqs { afterCommit(seqs) }
             cond.lock()
         }
         cond.unlock()
@@ -154,11 +155,12 @@ final class VolumeWriter: @unchecked Sendable {
         cond.unlock()
     }
 
-    /// Journal, then source, then (if asked) sync. Returns the errno to answer waiting requests with.
-    private func commit(_ batch: [Op]) -> NBDErrno? {
+    /// Journal, then source, then (if asked) sync. Returns the errno to answer waiting requests
+    /// with, or the seqs committed.
+    private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?) {
         if let fenced {
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
-            return .io
+            return (.io, nil)
         }
         let changes: [Change] = batch.map { op in
             switch op.kind {
@@ -170,16 +172,14 @@ final class VolumeWriter: @unchecked Sendable {
         }
         let seqs: ClosedRange<UInt64>
         do {
-            seqs = try mirror.append(changes, sourceSynced: syncedSeq, dropPayloadFromCache: true)
+            seqs = try mirror.append(changes, sourceSynced: syncedSeq)
         } catch {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
-            return Self.isOutOfSpace(error) ? .nospc : .io
+            return (Self.isOutOfSpace(error) ? .nospc : .io, nil)
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
-        // Keep resident memory bounded: index updates map journal pages (see releaseMappedPages).
-        mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
         do {
             for op in batch {
                 switch op.kind {
@@ -196,7 +196,7 @@ final class VolumeWriter: @unchecked Sendable {
             }
         } catch {
             fence("source write failed: \(error)")
-            return .io
+            return (.io, nil)
         }
         if batch.contains(where: \.needsSync) {
             let started = DispatchTime.now().uptimeNanoseconds
@@ -212,11 +212,19 @@ final class VolumeWriter: @unchecked Sendable {
             } catch {
                 // After a failed sync the page cache may have dropped the data: never ack again.
                 fence("sync failed: \(error)")
-                return .io
+                return (.io, nil)
             }
             metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
         }
-        return nil
+        return (nil, seqs)
+    }
+
+    /// Housekeeping once a batch is answered (off the FLUSH path): its payload leaves the page
+    /// cache (docs/design.md, "Serving"), and resident memory stays bounded (index updates map
+    /// journal pages; see `releaseMappedPages`).
+    private func afterCommit(_ seqs: ClosedRange<UInt64>) {
+        mirror.dropPayloadFromCache(seqs)
+        mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
     }
 
     /// The journal's map or the disk is full: answer ENOSPC rather than EIO.

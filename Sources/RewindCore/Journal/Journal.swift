@@ -94,12 +94,16 @@ public final class Journal: @unchecked Sendable {
         return segment
     }
 
-    /// Drop the payload pages of segments `ids` from the page cache (after their commit synced
-    /// them; see `LMDBEnvironment.dropFromPageCache`).
-    func dropSegmentsFromPageCache(_ ids: [UInt64]) {
-        guard !ids.isEmpty else { return }
+    /// Drop from the page cache the payload pages of the segments written for records `seqs`
+    /// (a segment is keyed by the seq of its first record; see `LMDBEnvironment.dropFromPageCache`).
+    func dropSegmentsFromPageCache(_ seqs: ClosedRange<UInt64>) {
         try? env.read { txn in
-            for id in ids { if let value = try txn.get(segments, seqKey(id)) { env.dropFromPageCache(value) } }
+            let cursor = try txn.cursor(segments)
+            var entry = try cursor.seek(atLeast: seqKey(seqs.lowerBound))
+            while let e = entry, e.key.count == 8, e.key.loadBE(at: 0) <= seqs.upperBound {
+                env.dropFromPageCache(e.value)
+                entry = try cursor.next()
+            }
         }
     }
 

@@ -10,23 +10,25 @@ extension Mirror {
     /// and none at all where the block already reads as zeros.
     /// `sourceSynced`, when given, records that the served source is fsynced up to that seq
     /// (what a restart must replay from), at no extra commit.
-    /// `dropPayloadFromCache`: once committed (and so on disk: each commit fdatasyncs), drop
-    /// the payload from the page cache — what `serve` does, as the journal is write-mostly.
     @discardableResult
-    public func append(_ changes: [Change], sourceSynced: UInt64? = nil, dropPayloadFromCache: Bool = false) throws -> ClosedRange<UInt64> {
-        var segments: [UInt64] = []
-        let seqs: ClosedRange<UInt64>
+    public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
         do {
-            seqs = try journal.env.write { txn in try appendInTransaction(txn, changes, sourceSynced: sourceSynced, segments: &segments) }
+            return try journal.env.write { txn in try appendInTransaction(txn, changes, sourceSynced: sourceSynced) }
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
-        if dropPayloadFromCache && journal.env.syncsEachCommit { journal.dropSegmentsFromPageCache(segments) }
-        return seqs
     }
 
-    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?,
-                                     segments: inout [UInt64]) throws -> ClosedRange<UInt64> {
+    /// Drop the payload of records `seqs` (one `append`'s) from the page cache, once on disk —
+    /// what `serve` does after each commit, the journal being write-mostly (see
+    /// `LMDBEnvironment.dropFromPageCache`). Without per-commit syncs the pages are still
+    /// dirty and it does nothing.
+    public func dropPayloadFromCache(_ seqs: ClosedRange<UInt64>) {
+        guard journal.env.syncsEachCommit else { return }
+        journal.dropSegmentsFromPageCache(seqs)
+    }
+
+    private func appendInTransaction(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
         var meta = try journal.readMeta(txn)
         if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
         if meta.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
@@ -54,7 +56,6 @@ extension Mirror {
             if !stored.isEmpty {
                 let bytes = stored.count * blockSize
                 if segment.count > 0 && segment.count + bytes > Self.segmentCapBytes {
-                    segments.append(segment.id)
                     try segment.flush(into: txn, journal.segments)
                 }
                 if segment.count == 0 { segment.id = seq }
@@ -88,10 +89,7 @@ extension Mirror {
             }
             try txn.put(journal.records, seqKey(seq), header.encoded(), append: true)
         }
-        if segment.count > 0 {
-            segments.append(segment.id)
-            try segment.flush(into: txn, journal.segments)
-        }
+        if segment.count > 0 { try segment.flush(into: txn, journal.segments) }
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
         try journal.writeMeta(txn, meta)
