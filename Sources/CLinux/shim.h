@@ -27,9 +27,13 @@ static inline int rewind_fadvise_willneed(int fd, off_t offset, off_t length) {
 }
 static inline void rewind_limit_arenas(int n) { mallopt(M_ARENA_MAX, n); }
 
-#include <sys/uio.h>
-/* A read that never waits for the disk: EAGAIN (or a short count) unless the page cache holds it. */
+#include <sys/syscall.h>
+/* A read that never waits for the disk: EAGAIN (or a short count) unless the page cache holds it.
+   preadv2(RWF_NOWAIT) through syscall(2): <sys/uio.h> would pull in <sys/select.h> under
+   _GNU_SOURCE, whose fd_set clashes with the one Dispatch's module sees. */
+struct rewind_iovec { void *base; size_t length; };  /* struct iovec's layout */
+#define REWIND_RWF_NOWAIT 0x00000008
 static inline ssize_t rewind_pread_nowait(int fd, void *buffer, size_t length, off_t offset) {
-    struct iovec iov = { buffer, length };
-    return preadv2(fd, &iov, 1, offset, RWF_NOWAIT);
+    struct rewind_iovec iov = { buffer, length };
+    return syscall(SYS_preadv2, fd, &iov, 1, (unsigned long)offset, 0UL, REWIND_RWF_NOWAIT);
 }
