@@ -12,9 +12,22 @@ struct Result: Codable { var name: String; var rewind: Double; var peer: Double;
 tuneAllocatorForLargeBuffers()
 nonisolated(unsafe) var results: [Result] = []
 let args = CommandLine.arguments
-guard args.count >= 2 else { print("usage: rewind-bench DIR [--quick] [--json]"); exit(2) }
+let usage = "usage: rewind-bench DIR [--quick] [--only append|restore|reads|timeline|memory] [--json]"
+let groups = ["append", "restore", "reads", "timeline", "memory"]
+if args.contains("--help") || args.contains("-h") { print(usage); exit(0) }
+// DIR comes first and is never an option: `rewind-bench --quick` must not benchmark in "./--quick".
+guard args.count >= 2, !args[1].hasPrefix("-") else {
+    FileHandle.standardError.write(Data("rewind-bench: the first argument must be the directory to work in\n\(usage)\n".utf8))
+    exit(64)
+}
 let root = args[1]
 let quick = args.contains("--quick")
+/// --only NAME runs one group.
+let only: String? = args.firstIndex(of: "--only").map { i in i + 1 < args.count ? args[i + 1] : "" }
+if let only, !groups.contains(only) {
+    FileHandle.standardError.write(Data("rewind-bench: --only takes one of \(groups.joined(separator: ", ")), not '\(only)'\n".utf8))
+    exit(64)
+}
 let rewindBinary = URL(fileURLWithPath: args[0]).deletingLastPathComponent().path + "/rewind"
 
 func now() -> Double { Double(monotonicNanoseconds()) / 1e9 }
@@ -254,8 +267,6 @@ func benchTimelineAndMemory(records: Int) throws {
 
 do {
     try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
-    // --only NAME runs one group: append, restore, reads, timeline, memory.
-    let only = args.firstIndex(of: "--only").map { args[$0 + 1] }
     func wanted(_ name: String) -> Bool { only == nil || only == name }
     let appendTotal = quick ? 64 << 20 : 1 << 30
     if wanted("append") { for size in [4096, 65536, 1 << 20] { try benchAppend(recordBytes: size, totalBytes: appendTotal) } }
