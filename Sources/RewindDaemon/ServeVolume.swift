@@ -88,7 +88,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
     /// round trip that otherwise halves small-read throughput. A large read's runs of zero
     /// blocks go out as holes (the page cache cannot say which were holes on disk).
     private func readIfCached(offset: UInt64, length: UInt32) -> [ReadExtent]? {
-        guard length <= Self.inlineReadMaxBytes, writer.overlay(offset..<offset + UInt64(length)).isEmpty else { return nil }
+        guard length <= Self.inlineReadMaxBytes, !writer.overlaps(offset..<offset + UInt64(length)) else { return nil }
         let n = Int(length)
         var buffer = ByteBufferAllocator().buffer(capacity: n)
         var hit = false
@@ -182,7 +182,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
         return pool.runIfActive(eventLoop: loop) {
             let end = offset + UInt64(length)
             // Queued writes make the source's holes stale: report the range as data (always true).
-            if !writer.overlay(offset..<end).isEmpty { return [AllocationExtent(length: length, flags: [])] }
+            if writer.overlaps(offset..<end) { return [AllocationExtent(length: length, flags: [])] }
             return try Self.allocation(source, offset..<end, limit: Self.maxExtents).map { range, isData in
                 AllocationExtent(length: UInt32(range.count), flags: isData ? [] : [.hole, .zero])
             }

@@ -108,6 +108,14 @@ final class VolumeWriter: @unchecked Sendable {
         return (inCommit + queue).filter { $0.range.overlaps(range) }
     }
 
+    /// Whether any write answered but not yet in the source overlaps `range` (what `overlay`
+    /// returns, without building it: asked on every read).
+    func overlaps(_ range: Range<UInt64>) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        return inCommit.contains { $0.range.overlaps(range) } || queue.contains { $0.range.overlaps(range) }
+    }
+
     /// Commit everything queued, sync source and journal, record the source as synced, stop.
     func stop() {
         cond.lock()
@@ -224,7 +232,7 @@ final class VolumeWriter: @unchecked Sendable {
     /// journal pages; see `releaseMappedPages`).
     private func afterCommit(_ seqs: ClosedRange<UInt64>) {
         mirror.dropPayloadFromCache(seqs)
-        mirror.journal.env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
+        mirror.journal.boundResidency()
     }
 
     /// The journal's map or the disk is full: answer ENOSPC rather than EIO.

@@ -38,10 +38,12 @@ public final class Journal: @unchecked Sendable {
     /// page-cache folio around the page (up to 2 MiB): counting bytes read undercounts what is
     /// mapped. So every `residencyCheckBytes` read (or `residencyCheckCalls` small reads) they
     /// check this process's file-backed resident size (0.8 µs) and drop the map's pages past
-    /// `Mirror.mappedBytesMax` (the data stays in the page cache). At 10 M records: verify
+    /// `mappedBytesMax` (the data stays in the page cache). At 10 M records: verify
     /// peaks at 46 MiB checking every 256 KiB, 168 MiB every 1,024 reads, 540 MiB releasing
     /// every 32 MiB read regardless.
     static let residencyCheckBytes = 256 << 10
+    /// Journal pages mapped (file-backed resident memory) past which the map is dropped.
+    public static let mappedBytesMax = 32 << 20
     static let residencyCheckCalls = 1024
     /// Reads through the map since the last check (approximate across threads: it only times
     /// the next check).
@@ -57,8 +59,14 @@ public final class Journal: @unchecked Sendable {
         if touchedBytes >= Self.residencyCheckBytes || touchedCalls >= Self.residencyCheckCalls {
             touchedBytes = 0
             touchedCalls = 0
-            env.releaseMappedPages(ifResidentAbove: Mirror.mappedBytesMax)
+            boundResidency()
         }
+    }
+
+    /// Drop the map's pages from this process if its file-backed resident size is past
+    /// `mappedBytesMax` (see `LMDBEnvironment.releaseMappedPages(ifResidentAbove:)`).
+    public func boundResidency() {
+        env.releaseMappedPages(ifResidentAbove: Self.mappedBytesMax)
     }
 
     // MARK: meta

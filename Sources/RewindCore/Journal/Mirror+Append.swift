@@ -42,10 +42,10 @@ extension Mirror {
         let firstSeq = seq + 1
         for change in changes {
             seq += 1
-            // Index updates fault in journal pages (each fault maps the kernel's fault-around
-            // window of neighbouring pages): check now and then that resident memory stays
-            // bounded, even within one large group commit of scattered writes.
-            if (seq - firstSeq) % 16 == 15 { journal.env.releaseMappedPages(ifResidentAbove: Self.mappedBytesMax) }
+            // Each index update faults in a journal page, which may map the 2 MiB folio around
+            // it: counted as `indexUpdateBytes` of reading, so even one large group commit of
+            // scattered writes checks its resident size every 16 changes (`Journal.touched`).
+            journal.touched(Self.indexUpdateBytes)
             let now = max(wallClockNanoseconds(), meta.lastTime)
             meta.lastTime = now
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
@@ -120,8 +120,8 @@ extension Mirror {
         }
     }
 
-    /// Journal pages mapped (file-backed resident memory) past which an append drops the map.
-    public static let mappedBytesMax = 32 << 20
+    /// What one change's index update counts as read through the map (see `Journal.touched`).
+    static let indexUpdateBytes = Journal.residencyCheckBytes / 16
 
     /// What a record stores: the blocks whose content goes into its payload, in block order —
     /// every block a write touches; only the partial head and tail blocks of a zero or trim —

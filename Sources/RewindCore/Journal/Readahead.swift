@@ -17,7 +17,6 @@ final class Readahead: Sendable {
         var prefetchedTo = 0
     }
     private let state = Mutex(State())
-    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     /// `range` of `segmentBytes` (segment `id`, in the map) is about to be read.
     func willRead(segment id: UInt64, _ segmentBytes: UnsafeRawBufferPointer, _ range: Range<Int>) {
@@ -37,7 +36,7 @@ final class Readahead: Sendable {
         }
         guard let advise, !advise.isEmpty else { return }
         let start = Int(bitPattern: base) + advise.lowerBound
-        let aligned = start / Self.pageSize * Self.pageSize
+        let aligned = start / LMDBEnvironment.osPageSize * LMDBEnvironment.osPageSize
         _ = madvise(UnsafeMutableRawPointer(bitPattern: aligned), start - aligned + advise.count, MADV_WILLNEED)
     }
 }

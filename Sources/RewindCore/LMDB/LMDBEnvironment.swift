@@ -66,15 +66,17 @@ public final class LMDBEnvironment: @unchecked Sendable {
     /// read with one `pread` of a descriptor kept open (under a microsecond).
     static func residentFileBytes() -> Int {
         guard statmDescriptor >= 0 else { return 0 }
-        var buf = [UInt8](repeating: 0, count: 128)
-        let n = buf.withUnsafeMutableBytes { pread(statmDescriptor, $0.baseAddress, $0.count, 0) }
-        guard n > 0 else { return 0 }
-        let fields = buf[0..<n].split(separator: UInt8(ascii: " "))
-        guard fields.count > 2, let pages = Int(String(decoding: fields[2], as: UTF8.self)) else { return 0 }
-        return pages * pageSize
+        let pages: Int? = withUnsafeTemporaryAllocation(of: UInt8.self, capacity: 128) { buf in
+            let n = pread(statmDescriptor, buf.baseAddress, buf.count, 0)
+            guard n > 0 else { return nil }
+            let fields = buf[0..<n].split(separator: UInt8(ascii: " "))
+            return fields.count > 2 ? Int(String(decoding: fields[2], as: UTF8.self)) : nil
+        }
+        return (pages ?? 0) * osPageSize
     }
     private static let statmDescriptor = open("/proc/self/statm", O_RDONLY | O_CLOEXEC)
-    private static let pageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
+    /// The kernel's page size (what `madvise` and `posix_fadvise` work in).
+    static let osPageSize = Int(sysconf(Int32(_SC_PAGESIZE)))
 
     @discardableResult
     public func releaseMappedPages() -> Int32 {
@@ -105,7 +107,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
     /// while recycled pages cost nothing. Values smaller than a page share leaf pages and are
     /// left alone.
     public func dropFromPageCache(_ value: UnsafeRawBufferPointer) {
-        let page = Int(sysconf(Int32(_SC_PAGESIZE)))
+        let page = Self.osPageSize
         guard let base = value.baseAddress, value.count >= page, findMap() else { return }
         let offset = Int(bitPattern: base) - mapStart
         guard offset >= 0, offset + value.count <= mapLength else { return }
