@@ -1,11 +1,13 @@
 import Glibc
 
-/// A mirror: a base image plus an LMDB journal in one directory on the same file system.
+/// A mirror: a base image plus a journal (LMDB index + payload log) in one directory on the
+/// same file system.
 ///
 /// ```
 /// MIRROR/
 ///   base.img     the volume as of the horizon (oldest restorable point); raw, sparse
-///   journal/     LMDB environment (data.mdb, lock.mdb)
+///   journal/     LMDB environment (data.mdb, lock.mdb): header, records, block index, bookmarks
+///   log/         the payload log: group commits as checksummed chunks, 256 MiB per file
 ///   owner.lock   flock: held exclusively by the process that owns the source (serve, rollback)
 ///   base.lock    flock: shared by readers of points, exclusive while compaction rewrites base.img
 /// ```
@@ -20,9 +22,6 @@ public final class Mirror: @unchecked Sendable {
 
     /// Largest single write the journal accepts (NBD's maximum payload is 32 MiB).
     public static let maxWriteBytes: UInt64 = 64 << 20
-    /// Soft cap on one `segments` value: large values need long runs of free pages in LMDB's
-    /// free list, so a group commit's payload is split into segments of about this size.
-    static let segmentCapBytes = 8 << 20
     public static let defaultBlockSize = 4096
 
     var basePath: String { path + "/base.img" }
@@ -66,7 +65,8 @@ public final class Mirror: @unchecked Sendable {
             guard mkdir(staging + "/journal", 0o755) == 0 else {
                 throw RewindError.io(path: staging + "/journal", operation: "mkdir", errno: errno)
             }
-            let journal = try Journal(directory: staging + "/journal", mirrorPath: path, create: true)
+            try PayloadLog.create(directory: staging + "/log")
+            let journal = try Journal(directory: staging + "/journal", logDirectory: staging + "/log", mirrorPath: path, create: true)
             let meta = MirrorMeta(blockSize: UInt32(blockSize), uuid: randomUUID(), volumeSize: volumeSize,
                                   now: wallClockNanoseconds())
             try journal.env.write { txn in try journal.writeMeta(txn, meta) }
@@ -82,7 +82,9 @@ public final class Mirror: @unchecked Sendable {
 
     // MARK: open
 
-    /// Open an existing mirror. `recover` (writers only) finishes an interrupted compaction.
+    /// Open an existing mirror. `recover` (writers only) indexes the log's unindexed tail and
+    /// finishes an interrupted compaction. Readers index a tail too when no process owns the
+    /// mirror (the tail a crashed server left); a live owner's tail is its own staged work.
     public static func open(at path: String, recover: Bool = false) throws -> Mirror {
         var st = stat()
         guard stat(path, &st) == 0 else {
@@ -96,16 +98,24 @@ public final class Mirror: @unchecked Sendable {
             throw RewindError.notAMirror(path: path, why: "base.img is missing")
         }
         let mirror = try Mirror(path: path)
-        if recover { try mirror.recover() }
+        if recover {
+            try mirror.recover()
+        } else if try mirror.hasLogTail(), let owner = try? FileLock(path: mirror.ownerLockPath, kind: .exclusive, holder: "") {
+            defer { owner.release() }
+            try mirror.replayLogTail()
+        }
         return mirror
     }
 
     private init(path: String) throws {
         self.path = path
-        journal = try Journal(directory: path + "/journal", mirrorPath: path, create: false)
+        journal = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
         base = try BlockFile(path: path + "/base.img", mode: .readWrite)
         let j = journal
         let meta = try j.env.read { try j.readMeta($0) }
+        guard access(path + "/log", F_OK) == 0 else {
+            throw RewindError.notAMirror(path: path, why: "log/ is missing")
+        }
         blockSize = Int(meta.blockSize)
         volumeSize = meta.volumeSize
         uuid = meta.uuid
@@ -125,8 +135,10 @@ public final class Mirror: @unchecked Sendable {
         do { try journal.env.sync() } catch let e as LMDBError { throw RewindError.journal(e) }
     }
 
-    /// Finish work a crash interrupted: a compaction whose target is above the horizon.
+    /// Finish work a crash interrupted: index the log's tail, then finish a compaction whose
+    /// target is above the horizon.
     func recover() throws {
+        try replayLogTail()
         let m = try meta()
         if m.target > m.horizon {
             _ = try Compactor(mirror: self).finish(target: m.target, progress: nil)

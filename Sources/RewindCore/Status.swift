@@ -12,8 +12,10 @@ public struct MirrorStatus: Sendable, Codable {
     public var newestTime: String
     /// Payload bytes the journal holds (what `--keep-size` counts).
     public var journalPayloadBytes: UInt64
-    /// Bytes the LMDB data file spans.
+    /// Bytes the LMDB data file spans (the index).
     public var journalFileBytes: UInt64
+    /// Bytes the payload log's files occupy on disk.
+    public var logFileBytes: UInt64
     public var baseAllocatedBytes: UInt64
     public var generation: UInt64
     public var compactionPending: UInt64?
@@ -32,7 +34,8 @@ extension Mirror {
                             blockSize: m.blockSize, records: m.lastSeq - oldest, oldestSeq: oldest,
                             oldestTime: formatRFC3339(oldestTime), newestSeq: m.lastSeq,
                             newestTime: formatRFC3339(m.lastTime), journalPayloadBytes: m.journalBytes,
-                            journalFileBytes: try journal.env.usedBytes(), baseAllocatedBytes: try base.allocatedBytes(),
+                            journalFileBytes: try journal.env.usedBytes(), logFileBytes: journal.log.allocatedBytes(),
+                            baseAllocatedBytes: try base.allocatedBytes(),
                             generation: m.generation,
                             compactionPending: m.target > m.horizon ? m.target : nil,
                             rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,

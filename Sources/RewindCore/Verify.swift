@@ -45,9 +45,9 @@ extension Mirror {
                 guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {
                     throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedLength) does not match its \(h.kind.name) of \(h.length) bytes")
                 }
-                let payload = try journal.payload(txn, seq: seq, header: h)
+                let payload = try journal.payload(seq: seq, header: h)
                 if h.storedLength > 0 {
-                    let sum = payloadChecksum(payload, blockSize: blockSize)
+                    let sum = payload.withUnsafeBytes { payloadChecksum($0, blockSize: blockSize) }
                     guard sum == h.checksum else {
                         throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (stored \(hex(h.checksum)), computed \(hex(sum)))")
                     }
@@ -77,6 +77,7 @@ extension Mirror {
         let cursor = try txn.cursor(journal.blocks)
         progress?.begin(phase: "verifying index", total: UInt64(try txn.count(journal.blocks)))
         var entry = try cursor.first()
+        var scratch = [UInt8](repeating: 0, count: blockSize)
         let oldestEntry = m.target > m.horizon ? 0 : m.horizon + 1  // an unfinished compaction leaves older entries
         while let e = entry {
             guard let key = decodeBlockKey(e.key) else { throw RewindError.damagedMirror(path: path, why: "malformed index key") }
@@ -84,8 +85,9 @@ extension Mirror {
                 throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "index entry outside the journal")
             }
             if case let .data(segment, off, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block) {
-                _ = try journal.verifiedBlock(txn, seq: key.seq, block: key.block, segment: segment, offset: off, hash: hash,
-                                              blockSize: blockSize)
+                try scratch.withUnsafeMutableBytes {
+                    try journal.readBlock(seq: key.seq, block: key.block, segment: segment, offset: off, hash: hash, into: $0)
+                }
             }
             report.indexEntries += 1
             journal.touched(32 + blockSize)

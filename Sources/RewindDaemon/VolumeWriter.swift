@@ -13,12 +13,14 @@ import RewindNBD
 /// Group commit in time: a plain write is answered as soon as it is queued and visible to
 /// reads (`overlay`), like a write into a disk's cache; the commit thread takes everything
 /// queued every `commitIntervalNanoseconds` (or sooner when a FLUSH or FUA write waits, or the
-/// queue passes `ackedBytesMax`), appends it to the journal in one LMDB transaction — the
-/// journal first, write-ahead — then applies it to the source in the same order. A FLUSH or FUA
-/// request is answered only after its batch is committed, the source fdatasynced and the
-/// journal synced, so it covers every write answered before it, on any connection. A crash
-/// can lose answered writes that no FLUSH covered — exactly what NBD allows — but never leaves
-/// the source holding a write the journal lacks.
+/// queue passes `ackedBytesMax`), appends it to the journal as one log chunk — the journal
+/// first, write-ahead — then applies it to the source in the same order. A FLUSH or FUA
+/// request is answered once its batch is in the log and the log and the source are
+/// fdatasynced, so it covers every write answered before it, on any connection. The LMDB index
+/// of those records commits later (`indexCommitIntervalNanoseconds`), off the FLUSH path: the
+/// synced log alone brings them back after a crash (`JournalWriter`). A crash can lose
+/// answered writes that no FLUSH covered — exactly what NBD allows — but never leaves the
+/// source holding a write the journal lacks.
 final class VolumeWriter: @unchecked Sendable {
     enum Kind {
         case write([UInt8])
@@ -51,8 +53,14 @@ final class VolumeWriter: @unchecked Sendable {
     /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
     static let maxBatchBytes = 32 << 20
     static let maxBatchOps = 8192
+    /// How long staged index updates wait before LMDB commits them (readers of points see
+    /// records this much later), and how many changes one index transaction takes at most.
+    static let indexCommitIntervalNanoseconds: UInt64 = 100_000_000
+    static let indexCommitMaxChanges = 65536
 
     private let mirror: Mirror
+    /// Used by the writer thread only (LMDB's writer lock belongs to one thread).
+    private let journal: JournalWriter
     private let source: BlockFile
     private let logger: Logger
     private let metrics: ServeMetrics
@@ -68,6 +76,8 @@ final class VolumeWriter: @unchecked Sendable {
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
+        self.journal = JournalWriter(mirror: mirror)
+        journal.dropsSyncedPayload = true
         self.source = source
         self.syncedSeq = syncedSeq
         self.metrics = metrics
@@ -128,7 +138,23 @@ final class VolumeWriter: @unchecked Sendable {
     private func run() {
         cond.lock()
         while true {
-            while queue.isEmpty && !stopping { cond.wait() }
+            if queue.isEmpty && !stopping {
+                // Idle: commit staged index updates once they are old enough.
+                if journal.isStaging {
+                    let due = journal.stagedSince + Self.indexCommitIntervalNanoseconds
+                    let now = monotonicNanoseconds()
+                    if now >= due {
+                        cond.unlock()
+                        commitIndex()
+                        cond.lock()
+                    } else {
+                        _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+                    }
+                } else {
+                    cond.wait()
+                }
+                continue
+            }
             if queue.isEmpty && stopping { break }
             // Let a group gather, unless someone waits for a sync or the queue is large.
             let deadline = Date(timeIntervalSinceNow: Double(Self.commitIntervalNanoseconds) / 1e9)
@@ -152,7 +178,12 @@ final class VolumeWriter: @unchecked Sendable {
             cond.broadcast()
             cond.unlock()
             for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
-            if let seqs { afterCommit(seqs) }
+            if seqs != nil && journal.isStaging && (journal.stagedChanges >= Self.indexCommitMaxChanges
+                || monotonicNanoseconds() - journal.stagedSince >= Self.indexCommitIntervalNanoseconds) {
+                commitIndex()
+            }
+            // Index updates map journal pages: keep resident memory bounded (see `releaseMappedPages`).
+            mirror.journal.boundResidency()
             cond.lock()
         }
         cond.unlock()
@@ -163,8 +194,8 @@ final class VolumeWriter: @unchecked Sendable {
         cond.unlock()
     }
 
-    /// Journal, then source, then (if asked) sync. Returns the errno to answer waiting requests
-    /// with, or the seqs committed.
+    /// Journal (log chunk, staged index), then source, then (if asked) sync of both. Returns the
+    /// errno to answer waiting requests with, or the seqs appended.
     private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?) {
         if let fenced {
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
@@ -180,8 +211,9 @@ final class VolumeWriter: @unchecked Sendable {
         }
         let seqs: ClosedRange<UInt64>
         do {
-            seqs = try mirror.append(changes, sourceSynced: syncedSeq)
+            seqs = try journal.append(changes, sourceSynced: syncedSeq)
         } catch {
+            journal.abort(keepLog: true)
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
@@ -213,7 +245,7 @@ final class VolumeWriter: @unchecked Sendable {
                 let sourceSync = SyncResult()
                 let group = DispatchGroup()
                 DispatchQueue.global().async(group: group) { [source] in sourceSync.set { try source.dataSync() } }
-                try mirror.sync()
+                try journal.syncLog()
                 group.wait()
                 try sourceSync.get()
                 syncedSeq = seqs.upperBound
@@ -227,12 +259,15 @@ final class VolumeWriter: @unchecked Sendable {
         return (nil, seqs)
     }
 
-    /// Housekeeping once a batch is answered (off the FLUSH path): its payload leaves the page
-    /// cache (docs/design.md, "Serving"), and resident memory stays bounded (index updates map
-    /// journal pages; see `releaseMappedPages`).
-    private func afterCommit(_ seqs: ClosedRange<UInt64>) {
-        mirror.dropPayloadFromCache(seqs)
-        mirror.journal.boundResidency()
+    /// Commit the staged index (the log is synced first). A failure fences the volume; the
+    /// synced log still holds every record, and the next start indexes them.
+    private func commitIndex() {
+        guard fenced == nil else { return }
+        do {
+            try journal.commit()
+        } catch {
+            fence("journal index commit failed: \(error)")
+        }
     }
 
     /// The journal's map or the disk is full: answer ENOSPC rather than EIO.
@@ -253,12 +288,17 @@ final class VolumeWriter: @unchecked Sendable {
     }
 
     private func finalSync() {
-        guard fenced == nil else { return }
+        guard fenced == nil else {
+            journal.abort(keepLog: true)  // on this thread, which holds LMDB's writer lock
+            return
+        }
         do {
             try source.dataSync()
+            try journal.commit()
             try mirror.sync()
             try mirror.markSourceSynced(try mirror.meta().lastSeq)
         } catch {
+            journal.abort(keepLog: true)
             logger.error("final sync failed: \(error)")
         }
     }

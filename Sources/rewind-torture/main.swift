@@ -2,10 +2,11 @@ import Glibc
 import RewindCore
 import RewindWorkload
 
-/// Crash-test child: appends change stream SEED to MIRROR forever (until killed), syncing,
-/// compacting and rolling back at random. After each durable step it prints one line on
+/// Crash-test child: appends change stream SEED to MIRROR forever (until killed) the way
+/// `serve` does — group commits staged in a long index transaction, the log synced at random
+/// (a FLUSH), the index committed at random — compacting and rolling back at random. After each durable step it prints one line on
 /// stdout, written unbuffered, so the parent knows what must survive a SIGKILL:
-///   `synced N`        records 1...N are durable
+///   `synced N`        records 1...N are durable (in the synced log, indexed or not)
 ///   `rollback K`      a rollback to K is about to start (N may go back to K)
 /// Because change i of the stream is always the same, a rollback followed by re-appending
 /// reproduces the same history, and the parent can rebuild the volume at any seq.
@@ -88,18 +89,21 @@ do {
     }
     var rng = SplitMix(seed: seed &+ UInt64(getpid()))
     let size = mirror.volumeSize
+    let writer = JournalWriter(mirror: mirror)
     while true {
-        let meta = try mirror.meta()
+        let last = try writer.lastSeq ?? mirror.meta().lastSeq
         let count = Int.random(in: 1...16, using: &rng)
         let batch = (1...UInt64(count)).map {
-            streamChange(seed: seed, index: meta.lastSeq + $0, size: size, blockSize: mirror.blockSize)
+            streamChange(seed: seed, index: last + $0, size: size, blockSize: mirror.blockSize)
         }
-        let seqs = try mirror.append(batch)
+        let seqs = try writer.append(batch)
         if Int.random(in: 0..<3, using: &rng) == 0 {
-            try mirror.sync()
+            try writer.syncLog()
             say("synced \(seqs.upperBound)")
         }
+        if Int.random(in: 0..<4, using: &rng) == 0 { try writer.commit() }
         let roll = Int.random(in: 0..<40, using: &rng)
+        if roll < 2 { try writer.commit() }  // compaction and rollback take LMDB's writer lock
         if roll == 0 {
             let now = try mirror.meta()
             let target = now.lastSeq - UInt64.random(in: 0...min(200, now.lastSeq - now.horizon), using: &rng)

@@ -17,7 +17,7 @@ struct StatusCommand: ParsableCommand {
             records      \(s.records)
             oldest       seq:\(s.oldestSeq) at \(s.oldestTime)
             newest       seq:\(s.newestSeq) at \(s.newestTime)
-            journal      \(humanBytes(s.journalPayloadBytes)) of payload, data file \(humanBytes(s.journalFileBytes))
+            journal      \(humanBytes(s.journalPayloadBytes)) of payload; log files \(humanBytes(s.logFileBytes)), index \(humanBytes(s.journalFileBytes))
             base         \(humanBytes(s.baseAllocatedBytes)) allocated
             generation   \(s.generation)
             """)

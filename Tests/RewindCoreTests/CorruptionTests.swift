@@ -3,7 +3,8 @@ import Testing
 @testable import RewindCore
 
 /// Invariant 6: every payload is checked when read back; damage is reported by record, never
-/// returned as data. Bytes are flipped in the LMDB file itself, as a failing disk would.
+/// returned as data. Bytes are flipped in the files themselves (the payload log, LMDB), as a
+/// failing disk would.
 @Suite struct CorruptionTests {
     /// A payload no other bytes in the file resemble, so the test can find it on disk.
     static func marker(_ tag: UInt8) -> [UInt8] {
@@ -34,7 +35,7 @@ import Testing
             try m.append([.write(4096, [UInt8](repeating: 3, count: 100))])
             try m.sync()
         }
-        try Self.flipByte(in: path + "/journal/data.mdb", inside: Self.marker(7), at: 1000)
+        try Self.flipByte(in: path + "/log/0000000000000000.log", inside: Self.marker(7), at: 1000)
         let m = try Mirror.open(at: path)
         #expect(throws: RewindError.self) { _ = try m.verify() }
         do { _ = try m.verify() } catch let e as RewindError {
@@ -108,13 +109,24 @@ import Testing
             }
         }
         do { _ = try Mirror.open(at: path); Issue.record("opened a newer format") } catch let e as RewindError {
-            #expect(e.description == "\(path) has mirror format 9, newer than this rewind understands (1); upgrade rewind")
+            #expect(e.description == "\(path) has mirror format 9, newer than this rewind understands (2); upgrade rewind")
         }
         do {
-            let j = try Journal(directory: path + "/journal", mirrorPath: path, create: false)
+            let j = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
             try j.env.write { txn in
                 var raw = [UInt8](try txn.get(j.meta, Journal.metaKey)!)
-                raw[8] = 1; raw[40] ^= 1  // right format, damaged field
+                raw[8] = 1  // format 1: payload inside LMDB, not read by this rewind
+                try txn.put(j.meta, Journal.metaKey, raw)
+            }
+        }
+        do { _ = try Mirror.open(at: path); Issue.record("opened format 1") } catch let e as RewindError {
+            #expect(e.description == "mirror \(path) is damaged: mirror format 1 keeps payload inside LMDB; this rewind reads format 2 only (restore it with the rewind that wrote it, then re-create)")
+        }
+        do {
+            let j = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
+            try j.env.write { txn in
+                var raw = [UInt8](try txn.get(j.meta, Journal.metaKey)!)
+                raw[8] = 2; raw[40] ^= 1  // right format, damaged field
                 try txn.put(j.meta, Journal.metaKey, raw)
             }
         }

@@ -72,7 +72,7 @@ struct Compactor {
         try deleteIndex(upTo: target, progress: progress)
         // Record `target` itself goes in the last transaction, with the header update, so an
         // interrupted compaction can always read the new horizon's time and byte count.
-        var removed = try deleteRecords(after: start.horizon, upTo: target - 1, segmentsUpTo: target)
+        var removed = start.horizon < target - 1 ? try journal.deleteRecords(start.horizon + 1...target - 1) : 0
         CrashPoint.hit("compact.records-deleted")
         var dropped: [String] = []
         try journal.env.write { txn in
@@ -89,6 +89,7 @@ struct Compactor {
             try journal.writeMeta(txn, m)
         }
         try mirror.sync()
+        try deleteLogFiles(after: target)
         return CompactionReport(fromHorizon: start.horizon, toHorizon: target, blocksWritten: written,
                                 recordsRemoved: removed, bytesFolded: horizonRecord.cumulative - start.horizonCumulative,
                                 bookmarksRemoved: dropped)
@@ -100,6 +101,7 @@ struct Compactor {
         let base = mirror.base
         let bs = UInt64(mirror.blockSize)
         var written: UInt64 = 0
+        var block = [UInt8](repeating: 0, count: mirror.blockSize)
         var resume: [UInt8] = blockKey(0, 0)
         let total = try journal.env.read { try $0.count(journal.blocks) }
         progress?.begin(phase: "folding into base", total: UInt64(total))
@@ -117,8 +119,10 @@ struct Compactor {
                     switch c.value {
                     case .zero: try base.punchHole(at: c.block * bs, length: bs)
                     case let .data(segment, off, hash):
-                        try base.write(at: c.block * bs, from: try journal.verifiedBlock(
-                            txn, seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash, blockSize: mirror.blockSize))
+                        try block.withUnsafeMutableBytes { b in
+                            try journal.readBlock(seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash, into: b)
+                            try base.write(at: c.block * bs, from: UnsafeRawBufferPointer(b))
+                        }
                     }
                     written += 1
                     current = nil
@@ -174,29 +178,17 @@ struct Compactor {
         }
     }
 
-    /// Step 3b: delete records (from, to] and every segment none of whose records after
-    /// `segmentsUpTo` survive.
-    private func deleteRecords(after from: UInt64, upTo to: UInt64, segmentsUpTo: UInt64) throws -> UInt64 {
+    /// Step 3c: delete the log files that hold nothing after `target` (whole files only: the
+    /// chunk of record target+1, or the log's end, marks the first live byte). Runs after the
+    /// header moved the horizon, so no reader or replay can want them.
+    private func deleteLogFiles(after target: UInt64) throws {
         let journal = mirror.journal
-        let removed = from < to ? try journal.deleteRecords(from + 1...to) : 0
-        // A segment s holds payloads of records s..<(next segment's key); it goes when they all do.
-        try journal.env.write { txn in
+        let firstLive = try journal.env.read { txn -> UInt64 in
             let m = try journal.readMeta(txn)
-            let cursor = try txn.cursor(journal.segments)
-            var ids: [UInt64] = []
-            var entry = try cursor.first()
-            while let e = entry {
-                let id = e.key.loadBE(at: 0)
-                ids.append(id)
-                if id > segmentsUpTo { break }
-                entry = try cursor.next()
-            }
-            for (i, id) in ids.enumerated() where id <= segmentsUpTo {
-                let lastRecordInSegment = i + 1 < ids.count ? ids[i + 1] - 1 : m.lastSeq
-                if lastRecordInSegment <= segmentsUpTo { try txn.delete(journal.segments, seqKey(id)) }
-            }
+            guard target < m.lastSeq else { return m.logEnd }
+            return try journal.header(txn, seq: target + 1).segment - UInt64(LogChunk.headerSize)
         }
-        return removed
+        journal.log.deleteFiles(before: firstLive)
     }
 }
 

@@ -43,6 +43,12 @@ extension Mirror {
             rewritten = try revertSource(source, to: k, progress: progress)
             CrashPoint.hit("rollback.source-reverted")
         }
+        // Where the log can be cut: at the chunk of record k+1 when that record starts it.
+        let logCut = try journal.env.read { txn -> UInt64? in
+            guard k < before.lastSeq, let next = try? journal.header(txn, seq: k + 1) else { return nil }
+            if k > before.horizon, (try? journal.header(txn, seq: k))?.segment == next.segment { return nil }
+            return next.segment - UInt64(LogChunk.headerSize)
+        }
         let removed = try cutJournal(after: k, last: before.lastSeq)
         CrashPoint.hit("rollback.records-deleted")
         var dropped: [String] = []
@@ -64,9 +70,13 @@ extension Mirror {
             m.generation += 1
             m.pendingRollback = MirrorMeta.none
             m.sourceSyncedSeq = min(m.sourceSyncedSeq, k)
+            // The abandoned history's chunks carry the old generation, so replay never takes
+            // them back; cutting the log where it started only frees the space.
+            if let logCut, logCut < m.logEnd { m.logEnd = logCut }
             try journal.writeMeta(txn, m)
         }
         try sync()
+        if let logCut { try journal.log.truncate(at: logCut) }
         return RollbackReport(fromSeq: before.lastSeq, toSeq: k, recordsRemoved: removed,
                               sourceBlocksRewritten: rewritten, bookmarksRemoved: dropped)
     }
@@ -83,7 +93,7 @@ extension Mirror {
         return rewritten
     }
 
-    /// Delete index entries, records and segments after k, in bounded transactions.
+    /// Delete index entries and records after k, in bounded transactions.
     private func cutJournal(after k: UInt64, last: UInt64) throws -> UInt64 {
         var resume = blockKey(0, 0)
         var finished = false
@@ -102,15 +112,6 @@ extension Mirror {
             }
             CrashPoint.hit("rollback.index-chunk-deleted")
         }
-        let removed = k < last ? try journal.deleteRecords(k + 1...last) : 0
-        try journal.env.write { txn in
-            let cursor = try txn.cursor(journal.segments)
-            var entry = try cursor.seek(atLeast: seqKey(k + 1))
-            while entry != nil {
-                try cursor.deleteCurrent()
-                entry = try cursor.next()
-            }
-        }
-        return removed
+        return k < last ? try journal.deleteRecords(k + 1...last) : 0
     }
 }

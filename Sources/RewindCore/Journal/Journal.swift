@@ -1,32 +1,31 @@
 import CLMDB
 
-/// The LMDB side of a mirror: one environment in `MIRROR/journal/` with five named databases.
+/// A mirror's journal: the index in one LMDB environment (`MIRROR/journal/`) with four named
+/// databases, and the payload in the log (`MIRROR/log/`, `PayloadLog`).
 ///
 /// - `meta`      "mirror" → `MirrorMeta`
 /// - `records`   seq (u64 BE) → `RecordHeader` (64 bytes); appended in order (MDB_APPEND)
-/// - `segments`  first seq of a group commit (u64 BE) → that commit's payload bytes, packed
-///               end to end so a 4 KiB write costs 4 KiB, not the two pages a lone 4 KiB
-///               LMDB value takes (overflow pages carry a header)
 /// - `blocks`    (block, seq) → `BlockContent`: the point-in-time index
 /// - `bookmarks` UTF-8 name → seq (u64 BE)
 public final class Journal: @unchecked Sendable {
     public let env: LMDBEnvironment
+    public let log: PayloadLog
     let path: String
     let meta: LMDBDatabase
     let records: LMDBDatabase
-    let segments: LMDBDatabase
     let blocks: LMDBDatabase
     let bookmarks: LMDBDatabase
 
-    static let names = ["meta", "records", "segments", "blocks", "bookmarks"]
+    static let names = ["meta", "records", "blocks", "bookmarks"]
     static let metaKey = Array("mirror".utf8)
 
-    init(directory: String, mirrorPath: String, create: Bool) throws {
+    init(directory: String, logDirectory: String, mirrorPath: String, create: Bool) throws {
         path = mirrorPath
+        log = PayloadLog(directory: logDirectory)
         do {
             env = try LMDBEnvironment(directory: directory)
             let dbs = try env.openDatabases(Self.names, create: create)
-            (meta, records, segments, blocks, bookmarks) = (dbs[0], dbs[1], dbs[2], dbs[3], dbs[4])
+            (meta, records, blocks, bookmarks) = (dbs[0], dbs[1], dbs[2], dbs[3])
         } catch let e as LMDBError where e.code == MDB_NOTFOUND {
             throw RewindError.notAMirror(path: mirrorPath, why: "the journal has no rewind tables")
         } catch let e as LMDBError where e.isInvalid {
@@ -49,8 +48,6 @@ public final class Journal: @unchecked Sendable {
     /// the next check).
     nonisolated(unsafe) private var touchedBytes = 0
     nonisolated(unsafe) private var touchedCalls = 0
-    /// Readahead for sequential payload reads (see `Readahead`).
-    let readahead = Readahead()
 
     @inline(__always)
     func touched(_ bytes: Int) {
@@ -91,36 +88,15 @@ public final class Journal: @unchecked Sendable {
         return try RecordHeader.decode(raw, seq: seq)
     }
 
-    /// The payload bytes of a record, pointing into the map (valid while `txn` lives).
-    func payload(_ txn: LMDBTransaction, seq: UInt64, header h: RecordHeader) throws -> UnsafeRawBufferPointer {
-        guard h.storedLength > 0 else { return UnsafeRawBufferPointer(start: nil, count: 0) }
-        let segment = try segmentBytes(txn, h.segment, seq: seq)
-        let end = Int(h.segmentOffset) + Int(h.storedLength)
-        guard end <= segment.count else {
-            throw RewindError.corruptRecord(seq: seq, why: "payload runs past its segment (\(end) > \(segment.count))")
+    /// The payload bytes of a record, read from the log.
+    func payload(seq: UInt64, header h: RecordHeader) throws -> [UInt8] {
+        guard h.storedLength > 0 else { return [] }
+        var bytes = [UInt8](repeating: 0, count: Int(h.storedLength))
+        let complete = try bytes.withUnsafeMutableBytes { try log.read(at: h.segment + UInt64(h.segmentOffset), into: $0) }
+        guard complete else {
+            throw RewindError.corruptRecord(seq: seq, why: "its payload (log position \(h.segment + UInt64(h.segmentOffset))) is missing from log/")
         }
-        readahead.willRead(segment: h.segment, segment, Int(h.segmentOffset)..<end)
-        return UnsafeRawBufferPointer(rebasing: segment[Int(h.segmentOffset)..<end])
-    }
-
-    func segmentBytes(_ txn: LMDBTransaction, _ id: UInt64, seq: UInt64) throws -> UnsafeRawBufferPointer {
-        guard let segment = try txn.get(segments, seqKey(id)) else {
-            throw RewindError.corruptRecord(seq: seq, why: "its payload segment \(id) is missing")
-        }
-        return segment
-    }
-
-    /// Drop from the page cache the payload pages of the segments written for records `seqs`
-    /// (a segment is keyed by the seq of its first record; see `LMDBEnvironment.dropFromPageCache`).
-    func dropSegmentsFromPageCache(_ seqs: ClosedRange<UInt64>) {
-        try? env.read { txn in
-            let cursor = try txn.cursor(segments)
-            var entry = try cursor.seek(atLeast: seqKey(seqs.lowerBound))
-            while let e = entry, e.key.count == 8, e.key.loadBE(at: 0) <= seqs.upperBound {
-                env.dropFromPageCache(e.value)
-                entry = try cursor.next()
-            }
-        }
+        return bytes
     }
 
     /// Delete the records in `range`, `Compactor.chunkRecords` per write transaction so a live
@@ -140,19 +116,16 @@ public final class Journal: @unchecked Sendable {
 
     // MARK: blocks
 
-    /// The bytes of one journal block, checked against the XXH3 its index entry carries
-    /// (invariant 6). Points into the map; valid while `txn` lives.
-    func verifiedBlock(_ txn: LMDBTransaction, seq: UInt64, block: UInt64, segment: UInt64, offset: UInt32,
-                       hash: UInt64, blockSize: Int) throws -> UnsafeRawBufferPointer {
-        let bytes = try segmentBytes(txn, segment, seq: seq)
-        let start = Int(offset), end = start + blockSize
-        guard end <= bytes.count else { throw RewindError.corruptBlock(seq: seq, block: block, why: "points past its segment") }
-        readahead.willRead(segment: segment, bytes, start..<end)
-        let slice = UnsafeRawBufferPointer(rebasing: bytes[start..<end])
-        guard xxh3(slice) == hash else {
+    /// Read one journal block into `dst` (a block's size), checked against the XXH3 its index
+    /// entry carries (invariant 6).
+    func readBlock(seq: UInt64, block: UInt64, segment: UInt64, offset: UInt32, hash: UInt64,
+                   into dst: UnsafeMutableRawBufferPointer) throws {
+        guard try log.read(at: segment + UInt64(offset), into: dst) else {
+            throw RewindError.corruptBlock(seq: seq, block: block, why: "its payload (log position \(segment + UInt64(offset))) is missing from log/")
+        }
+        guard xxh3(UnsafeRawBufferPointer(dst)) == hash else {
             throw RewindError.corruptBlock(seq: seq, block: block, why: "payload checksum mismatch (data damaged on disk)")
         }
-        return slice
     }
 
     /// The newest index entry of `block` with seq <= `seq`, or nil (then base.img holds it).

@@ -4,7 +4,7 @@
 /// ```
 /// offset size field
 ///   0     8   magic             "REWINDMR"
-///   8     4   format            mirror format version (1)
+///   8     4   format            mirror format version (2: payload in log/ files)
 ///  12     4   blockSize         bytes per block, a power of two 512...1 MiB
 ///  16    16   uuid              volume UUID, shared by every copy of the volume
 ///  32     8   volumeSize        bytes, a multiple of blockSize
@@ -19,13 +19,15 @@
 /// 104     8   createdTime       ns since 1970
 /// 112     8   horizonCumulative payload bytes stored up to the horizon
 /// 120     8   lastCumulative    payload bytes stored up to lastSeq
-/// 128     8   checksum          XXH3-64 of bytes 0..<128
+/// 128     8   logEnd            payload-log position just past the chunk of lastSeq: where
+///                               replay of an unindexed log tail starts (`PayloadLog`)
+/// 136     8   checksum          XXH3-64 of bytes 0..<136
 /// ```
 /// Integers little-endian.
 public struct MirrorMeta: Equatable, Sendable {
     static let magic: [UInt8] = Array("REWINDMR".utf8)
-    public static let currentFormat: UInt32 = 1
-    static let size = 136
+    public static let currentFormat: UInt32 = 2
+    static let size = 144
     static let none = UInt64.max
 
     public var format: UInt32 = currentFormat
@@ -43,6 +45,7 @@ public struct MirrorMeta: Equatable, Sendable {
     public var createdTime: UInt64
     public var horizonCumulative: UInt64 = 0
     public var lastCumulative: UInt64 = 0
+    public var logEnd: UInt64 = PayloadLog.firstPosition
 
     public var blockCount: UInt64 { volumeSize / UInt64(blockSize) }
     public var uuidString: String { formatUUID(uuid) }
@@ -66,7 +69,7 @@ public struct MirrorMeta: Equatable, Sendable {
         b.appendLE(format); b.appendLE(blockSize)
         b.append(contentsOf: uuid)
         for v in [volumeSize, horizon, horizonTime, lastSeq, lastTime, target, generation,
-                  pendingRollback, sourceSyncedSeq, createdTime, horizonCumulative, lastCumulative] {
+                  pendingRollback, sourceSyncedSeq, createdTime, horizonCumulative, lastCumulative, logEnd] {
             b.appendLE(v)
         }
         b.appendLE(xxh3(b))
@@ -81,10 +84,13 @@ public struct MirrorMeta: Equatable, Sendable {
         guard format <= currentFormat else {
             throw RewindError.newerFormat(path: path, found: format, supported: currentFormat)
         }
+        guard format == currentFormat else {
+            throw RewindError.damagedMirror(path: path, why: "mirror format \(format) keeps payload inside LMDB; this rewind reads format \(currentFormat) only (restore it with the rewind that wrote it, then re-create)")
+        }
         guard raw.count == size else {
             throw RewindError.damagedMirror(path: path, why: "header is \(raw.count) bytes, expected \(size)")
         }
-        guard xxh3(UnsafeRawBufferPointer(rebasing: raw[0..<128])) == raw.loadLE(at: 128, as: UInt64.self) else {
+        guard xxh3(UnsafeRawBufferPointer(rebasing: raw[0..<136])) == raw.loadLE(at: 136, as: UInt64.self) else {
             throw RewindError.damagedMirror(path: path, why: "header checksum mismatch")
         }
         var m = MirrorMeta(blockSize: raw.loadLE(at: 12, as: UInt32.self), uuid: Array(raw[16..<32]),
@@ -101,9 +107,10 @@ public struct MirrorMeta: Equatable, Sendable {
         m.createdTime = raw.loadLE(at: 104, as: UInt64.self)
         m.horizonCumulative = raw.loadLE(at: 112, as: UInt64.self)
         m.lastCumulative = raw.loadLE(at: 120, as: UInt64.self)
+        m.logEnd = raw.loadLE(at: 128, as: UInt64.self)
         guard m.blockSize >= 512, m.blockSize <= 1 << 20, m.blockSize & (m.blockSize - 1) == 0,
               m.volumeSize % UInt64(m.blockSize) == 0, m.horizon <= m.lastSeq, m.target <= m.lastSeq,
-              m.horizonCumulative <= m.lastCumulative else {
+              m.horizonCumulative <= m.lastCumulative, m.logEnd >= PayloadLog.firstPosition else {
             throw RewindError.damagedMirror(path: path, why: "header fields are inconsistent")
         }
         return m

@@ -178,6 +178,10 @@ public final class LMDBEnvironment: @unchecked Sendable {
         }
     }
 
+    /// A write transaction the caller ends with `LMDBTransaction.commit()` or `abort()`, on
+    /// the same thread (LMDB's writer lock is a mutex owned by the thread that took it).
+    public func beginWrite() throws -> LMDBTransaction { try begin(readOnly: false) }
+
     /// A long-lived read transaction the caller ends with `LMDBTransaction.abort()`.
     public func beginRead() throws -> LMDBTransaction { try begin(readOnly: true) }
 

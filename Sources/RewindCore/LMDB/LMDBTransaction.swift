@@ -13,6 +13,9 @@ public struct LMDBTransaction {
 
     public func abort() { mdb_txn_abort(txn) }
 
+    /// Commit a write transaction (`mdb_txn_commit`); the handle is gone either way.
+    public func commit() throws { try check(mdb_txn_commit(txn), "mdb_txn_commit") }
+
     public func openDatabase(_ name: String, create: Bool) throws -> LMDBDatabase {
         var dbi: MDB_dbi = 0
         try check(mdb_dbi_open(txn, name, create ? UInt32(MDB_CREATE) : 0, &dbi), "mdb_dbi_open(\(name))")

@@ -11,6 +11,7 @@ public final class Snapshot: @unchecked Sendable {
     private let lock: FileLock
     private var closed = false
     private let zeros: [UInt8]
+    private let scratch: UnsafeMutableRawBufferPointer
 
     public init(mirror: Mirror, point: Point) throws {
         self.mirror = mirror
@@ -33,9 +34,13 @@ public final class Snapshot: @unchecked Sendable {
             throw error
         }
         zeros = [UInt8](repeating: 0, count: mirror.blockSize)
+        scratch = .allocate(byteCount: mirror.blockSize, alignment: 16)
     }
 
-    deinit { close() }
+    deinit {
+        close()
+        scratch.deallocate()
+    }
 
     public func close() {
         guard !closed else { return }
@@ -49,10 +54,11 @@ public final class Snapshot: @unchecked Sendable {
         try mirror.journal.lookup(cursor, block: b, atOrBefore: seq)
     }
 
-    /// The bytes of a journal block, checked against the index's XXH3.
+    /// The bytes of a journal block, checked against the index's XXH3. Valid until the next
+    /// call (one scratch block per snapshot: a snapshot is read by one thread at a time).
     func journalBlock(seq: UInt64, block: UInt64, segment: UInt64, offset: UInt32, hash: UInt64) throws -> UnsafeRawBufferPointer {
-        try mirror.journal.verifiedBlock(txn, seq: seq, block: block, segment: segment, offset: offset, hash: hash,
-                                         blockSize: mirror.blockSize)
+        try mirror.journal.readBlock(seq: seq, block: block, segment: segment, offset: offset, hash: hash, into: scratch)
+        return UnsafeRawBufferPointer(scratch)
     }
 
     /// Read `buffer.count` bytes at `offset` as the volume was at `seq`.

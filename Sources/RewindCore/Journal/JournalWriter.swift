@@ -1,0 +1,273 @@
+import Glibc
+
+/// Appends records. Each `append` (one group commit) writes its payload and record headers to
+/// the payload log as one `LogChunk` and stages its index updates in an LMDB write transaction
+/// that may stay open across many appends; `commit()` makes the index visible to readers.
+///
+/// Durability comes from the log: after `syncLog()` every appended record survives a crash,
+/// indexed or not — the next writer to open the mirror indexes the log's tail
+/// (`replayTail`). So a FLUSH costs one fdatasync of the log, and LMDB's own commit (two
+/// ordered syncs: data pages, then the meta page on the next commit) happens off that path.
+/// Before LMDB commits an index that points into the log, the log is synced, so the index
+/// never names payload a power loss could take away.
+///
+/// Use from one thread only: LMDB's writer lock belongs to the thread that took it.
+public final class JournalWriter {
+    let mirror: Mirror
+    private var journal: Journal { mirror.journal }
+    private var log: PayloadLog { mirror.journal.log }
+    private var txn: LMDBTransaction?
+    private var meta: MirrorMeta?
+    /// The log's end when the open transaction began (nil once committed): what an abort
+    /// that discards the log cuts back to.
+    private var beganAtLogEnd: UInt64?
+    /// Log positions below this are durable / were dropped from the page cache.
+    private var syncedTo: UInt64 = 0
+    private var droppedTo: UInt64 = 0
+    /// Changes staged in the open transaction, and when it began (monotonic ns).
+    public private(set) var stagedChanges = 0
+    public private(set) var stagedSince: UInt64 = 0
+    /// Drop each synced chunk from the page cache (serve); tools that read back what they
+    /// wrote keep it.
+    public var dropsSyncedPayload = false
+
+    /// A chunk's payload is written out once it passes this (bounds the buffer).
+    static let chunkCapBytes = 32 << 20
+    static let chunkMaxRecords = 65536
+
+    public init(mirror: Mirror) {
+        self.mirror = mirror
+    }
+
+    deinit { abort(keepLog: true) }
+
+    /// Whether an index transaction is open (appends not yet committed).
+    public var isStaging: Bool { txn != nil }
+
+    /// The newest seq appended (committed or staged).
+    public var lastSeq: UInt64? { meta?.lastSeq }
+
+    // MARK: append
+
+    /// Append `changes` as consecutive records and return their seqs. Readable by other
+    /// transactions after `commit()`; durable after `syncLog()` or `commit()`.
+    ///
+    /// Each write is stored as the whole blocks it touches: a partial head or tail block is
+    /// read from the volume's current content and merged (read-modify-write), so every index
+    /// entry names a complete block and a point read is one seek. Zero and trim records store
+    /// only their partial edge blocks; their whole blocks get empty ("zero") index entries,
+    /// and none at all where the block already reads as zeros.
+    /// `sourceSynced`, when given, records that the served source is fsynced up to that seq.
+    @discardableResult
+    public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
+        do {
+            let txn = try begin()
+            return try stage(txn, changes, sourceSynced: sourceSynced)
+        } catch let e as LMDBError {
+            throw RewindError.journal(e)
+        }
+    }
+
+    private func begin() throws -> LMDBTransaction {
+        if let txn { return txn }
+        let t = try journal.env.beginWrite()
+        do {
+            let m = try journal.readMeta(t)
+            if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
+            meta = m
+            beganAtLogEnd = m.logEnd
+            syncedTo = max(syncedTo, m.logEnd)
+            droppedTo = max(droppedTo, m.logEnd)
+        } catch {
+            t.abort()
+            throw error
+        }
+        txn = t
+        stagedSince = monotonicNanoseconds()
+        stagedChanges = 0
+        return t
+    }
+
+    private func stage(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
+        guard var meta else { throw RewindError.invalidArgument("no open journal transaction") }
+        for c in changes { try mirror.validate(c) }
+        if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
+        let cursor = try txn.cursor(journal.blocks)
+        let blockSize = mirror.blockSize
+        let bs = UInt64(blockSize)
+        var chunk = ChunkBuilder(start: meta.logEnd, firstSeq: meta.lastSeq + 1, generation: meta.generation)
+        var scratch = [UInt8](repeating: 0, count: blockSize)  // a partial block's current content
+        var seq = meta.lastSeq
+        var cumulative = meta.lastCumulative
+        let firstSeq = seq + 1
+        for change in changes {
+            seq += 1
+            // Each index update faults in a journal page, which may map the 2 MiB folio around
+            // it: counted as `indexUpdateBytes` of reading (see `Journal.touched`).
+            journal.touched(Mirror.indexUpdateBytes)
+            let now = max(wallClockNanoseconds(), meta.lastTime)
+            meta.lastTime = now
+            let (stored, _) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
+            let bytes = stored.count * blockSize
+            if chunk.count > 0 && (chunk.payload.count + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
+                meta.logEnd = try write(&chunk)
+                chunk = ChunkBuilder(start: meta.logEnd, firstSeq: seq, generation: meta.generation)
+            }
+            let start = chunk.payload.count
+            var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
+                                      length: change.length, checksum: 0, segment: chunk.payloadStart,
+                                      segmentOffset: UInt32(start), storedLength: UInt32(bytes), cumulative: cumulative)
+            var blockHashes = [UInt64]()
+            if !stored.isEmpty {
+                let aligned = change.kind == .write && change.offset % bs == 0 && change.length % bs == 0
+                if aligned {
+                    chunk.payload.append(contentsOf: change.data)  // the common case: one copy, no read-modify-write
+                } else {
+                    chunk.payload.append(contentsOf: repeatElement(0, count: bytes))
+                    for (i, block) in stored.enumerated() {
+                        try fillBlock(slot: start + i * blockSize, block: block, change: change, cursor, &chunk, &scratch)
+                    }
+                }
+                blockHashes.reserveCapacity(stored.count)
+                chunk.payload.withUnsafeBytes { p in
+                    for i in 0..<stored.count {
+                        blockHashes.append(xxh3(UnsafeRawBufferPointer(rebasing: p[start + i * blockSize..<start + (i + 1) * blockSize])))
+                    }
+                }
+                header.checksum = payloadChecksum(blockHashes: blockHashes)
+                cumulative += UInt64(bytes)
+                header.cumulative = cumulative
+            }
+            try mirror.index(header, seq: seq, blockHashes: blockHashes, txn, cursor)
+            chunk.add(header)
+        }
+        if chunk.count > 0 { meta.logEnd = try write(&chunk) }
+        meta.lastSeq = seq
+        meta.lastCumulative = cumulative
+        try journal.writeMeta(txn, meta)
+        self.meta = meta
+        stagedChanges += changes.count
+        return firstSeq...max(seq, firstSeq)
+    }
+
+    /// Write a finished chunk to the log; returns the log's new end.
+    private func write(_ chunk: inout ChunkBuilder) throws -> UInt64 {
+        let header = chunk.header()
+        try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
+        try chunk.payload.withUnsafeBytes { try log.write($0, at: chunk.payloadStart) }
+        try chunk.records.withUnsafeBytes { try log.write($0, at: chunk.payloadStart + UInt64(chunk.payload.count)) }
+        return chunk.start + header.totalBytes
+    }
+
+    /// Build one stored block of an unaligned write, or a partial edge block of a zero/trim:
+    /// the block's current content with the change's part applied.
+    private func fillBlock(slot: Int, block: UInt64, change: Change, _ cursor: LMDBCursor,
+                           _ chunk: inout ChunkBuilder, _ scratch: inout [UInt8]) throws {
+        let blockSize = mirror.blockSize
+        let bs = UInt64(blockSize)
+        let blockStart = block * bs
+        let covered = max(blockStart, change.offset)..<min(blockStart + bs, change.offset + change.length)
+        if covered.count < blockSize {
+            try scratch.withUnsafeMutableBytes { try currentContent(cursor, chunk, block: block, into: $0) }
+            chunk.payload.replaceSubrange(slot..<slot + blockSize, with: scratch)
+        }
+        let at = slot + Int(covered.lowerBound - blockStart)
+        if change.kind == .write {
+            let from = Int(covered.lowerBound - change.offset)
+            chunk.payload.replaceSubrange(at..<at + covered.count, with: change.data[from..<from + covered.count])
+        } else {
+            chunk.payload.replaceSubrange(at..<at + covered.count, with: repeatElement(0, count: covered.count))
+        }
+    }
+
+    /// The latest content of `block` as the open transaction sees it, including records
+    /// staged earlier in the chunk being built (still in memory).
+    private func currentContent(_ cursor: LMDBCursor, _ chunk: ChunkBuilder, block: UInt64,
+                                into dst: UnsafeMutableRawBufferPointer) throws {
+        guard let (seq, content) = try journal.lookup(cursor, block: block, atOrBefore: UInt64.max) else {
+            try mirror.base.read(at: block * UInt64(mirror.blockSize), into: dst)
+            return
+        }
+        switch content {
+        case .zero:
+            dst.initializeMemory(as: UInt8.self, repeating: 0)
+        case let .data(segment, offset, hash):
+            if segment == chunk.payloadStart {
+                chunk.payload.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + dst.count])) }
+            } else {
+                try journal.readBlock(seq: seq, block: block, segment: segment, offset: offset, hash: hash, into: dst)
+            }
+        }
+    }
+
+    // MARK: sync and commit
+
+    /// Make every record appended so far durable (the NBD FLUSH): fdatasync of the log.
+    public func syncLog() throws {
+        guard let end = meta?.logEnd, end > syncedTo else { return }
+        try log.sync()
+        syncedTo = end
+        if dropsSyncedPayload && syncedTo > droppedTo {
+            log.dropFromCache(droppedTo..<syncedTo)
+            droppedTo = syncedTo / UInt64(LMDBEnvironment.osPageSize) * UInt64(LMDBEnvironment.osPageSize)
+        }
+    }
+
+    /// Sync the log, then commit the index transaction (readers see the new records).
+    public func commit() throws {
+        guard let txn else { return }
+        do {
+            try syncLog()
+            self.txn = nil
+            try txn.commit()
+            beganAtLogEnd = nil
+        } catch let e as LMDBError {
+            meta = nil
+            throw RewindError.journal(e)
+        } catch {
+            abort(keepLog: true)
+            throw error
+        }
+        meta = nil
+        stagedChanges = 0
+    }
+
+    /// Abandon what is staged. With `keepLog` false, the log is cut back to where the
+    /// transaction began, so no later replay resurrects the abandoned records; with it true
+    /// (a fenced server whose source already holds them), the next writer replays them.
+    public func abort(keepLog: Bool) {
+        txn?.abort()
+        txn = nil
+        meta = nil
+        stagedChanges = 0
+        if !keepLog, let end = beganAtLogEnd { try? log.truncate(at: end) }
+        beganAtLogEnd = nil
+    }
+}
+
+/// The chunk being built for one group commit: payload blocks and record headers.
+struct ChunkBuilder {
+    let start: UInt64
+    let firstSeq: UInt64
+    let generation: UInt64
+    var payload: [UInt8] = []
+    var records: [UInt8] = []
+    private(set) var count: UInt32 = 0
+
+    init(start: UInt64, firstSeq: UInt64, generation: UInt64) {
+        (self.start, self.firstSeq, self.generation) = (start, firstSeq, generation)
+    }
+
+    /// Stream position of the payload (what records and index entries call the segment).
+    var payloadStart: UInt64 { start + UInt64(LogChunk.headerSize) }
+
+    mutating func add(_ header: RecordHeader) {
+        records.append(contentsOf: header.encoded())
+        count += 1
+    }
+
+    func header() -> LogChunk {
+        LogChunk(generation: generation, firstSeq: firstSeq, count: count, payloadBytes: UInt64(payload.count),
+                 recordsCheck: xxh3(records))
+    }
+}

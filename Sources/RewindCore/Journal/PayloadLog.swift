@@ -1,0 +1,241 @@
+import Glibc
+import Synchronization
+
+/// The journal's payload bytes: one append-only byte stream, stored as files of
+/// `fileBytes` in `MIRROR/log/` (`0000000000000000.log`, `0000000000000001.log`, …).
+/// Stream position p lives in file p / fileBytes at offset p % fileBytes; a chunk may run
+/// across a file boundary. The stream holds `LogChunk`s, one per group commit, end to end.
+///
+/// Why a log beside LMDB rather than payload inside it: a FLUSH then costs one fdatasync of
+/// this file (plus the source's), not LMDB's two ordered ones (data pages, then meta page);
+/// payload is written once, by one `pwrite`, instead of being copied into LMDB's dirty pages;
+/// and LMDB's index commits need not be on the FLUSH path at all (`JournalWriter`).
+/// Compaction deletes whole files once every record in them is folded into the base.
+public final class PayloadLog: @unchecked Sendable {
+    public static let fileBytes: UInt64 = 256 << 20
+    public static let firstPosition: UInt64 = 0
+    /// Open descriptors kept at most (beyond it, idle ones are closed).
+    static let maxOpenFiles = 256
+
+    let directory: String
+    private struct Open { var fd: Int32; var users: Int }
+    private let files = Mutex([UInt64: Open]())
+    /// Files written since the last `sync()`, and whether a file was created (the directory
+    /// entry must be synced too).
+    private let dirty = Mutex((files: Set<UInt64>(), created: false))
+
+    public init(directory: String) {
+        self.directory = directory
+    }
+
+    deinit {
+        files.withLock { for (_, o) in $0 { close(o.fd) } }
+    }
+
+    static func create(directory: String) throws {
+        guard mkdir(directory, 0o755) == 0 || errno == EEXIST else {
+            throw RewindError.io(path: directory, operation: "mkdir", errno: errno)
+        }
+    }
+
+    func path(ofFile index: UInt64) -> String {
+        directory + "/" + String(index, radix: 16).leftPadded(16) + ".log"
+    }
+
+    // MARK: descriptors
+
+    /// Run `body` with file `index`'s descriptor, opening (or, with `create`, creating) it.
+    /// Returns nil when the file does not exist and `create` is false.
+    private func withFile<T>(_ index: UInt64, create: Bool, _ body: (Int32) throws -> T) throws -> T? {
+        let fd: Int32? = try files.withLock { open in
+            if var o = open[index] {
+                o.users += 1
+                open[index] = o
+                return o.fd
+            }
+            let p = path(ofFile: index)
+            var fd = Glibc.open(p, O_RDWR | O_CLOEXEC)
+            if fd < 0 && errno == EACCES { fd = Glibc.open(p, O_RDONLY | O_CLOEXEC) }  // a read-only mirror
+            if fd < 0 && errno == ENOENT && create {
+                fd = Glibc.open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
+                if fd >= 0 { dirty.withLock { $0.created = true } }
+            }
+            if fd < 0 {
+                if errno == ENOENT { return nil }
+                throw RewindError.io(path: p, operation: "open", errno: errno)
+            }
+            if open.count >= Self.maxOpenFiles {
+                for (k, o) in open where o.users == 0 { close(o.fd); open[k] = nil }
+            }
+            open[index] = Open(fd: fd, users: 1)
+            return fd
+        }
+        guard let fd else { return nil }
+        defer { files.withLock { $0[index]?.users -= 1 } }
+        return try body(fd)
+    }
+
+    /// Split `count` bytes at `position` into per-file pieces: (file, offset in file, offset in
+    /// the caller's buffer, length).
+    static func pieces(at position: UInt64, count: Int) -> [(file: UInt64, offset: UInt64, from: Int, length: Int)] {
+        var out: [(UInt64, UInt64, Int, Int)] = []
+        var done = 0
+        while done < count {
+            let p = position + UInt64(done)
+            let inFile = p % fileBytes
+            let n = Int(min(UInt64(count - done), fileBytes - inFile))
+            out.append((p / fileBytes, inFile, done, n))
+            done += n
+        }
+        return out
+    }
+
+    // MARK: reading
+
+    /// Fill `buffer` from stream `position`. False if the log does not reach that far (a file
+    /// is missing or too short); I/O errors throw.
+    public func read(at position: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
+        guard let base = buffer.baseAddress else { return true }
+        for piece in Self.pieces(at: position, count: buffer.count) {
+            let complete = try withFile(piece.file, create: false) { fd -> Bool in
+                var done = 0
+                while done < piece.length {
+                    let n = pread(fd, base + piece.from + done, piece.length - done, off_t(piece.offset) + off_t(done))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw RewindError.io(path: path(ofFile: piece.file), operation: "pread", errno: errno)
+                    }
+                    if n == 0 { return false }
+                    done += n
+                }
+                return true
+            }
+            guard complete == true else { return false }
+        }
+        return true
+    }
+
+    // MARK: writing
+
+    /// Write `bytes` at stream `position` (buffered; durable after `sync()`).
+    public func write(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws {
+        guard let base = bytes.baseAddress else { return }
+        for piece in Self.pieces(at: position, count: bytes.count) {
+            _ = try withFile(piece.file, create: true) { fd in
+                var done = 0
+                while done < piece.length {
+                    let n = pwrite(fd, base + piece.from + done, piece.length - done, off_t(piece.offset) + off_t(done))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw RewindError.io(path: path(ofFile: piece.file), operation: "pwrite", errno: errno)
+                    }
+                    done += n
+                }
+            }
+            dirty.withLock { _ = $0.files.insert(piece.file) }
+        }
+    }
+
+    /// Make everything written so far durable: `fdatasync` of each file written since the last
+    /// call (normally one), and of the directory when a file was created.
+    public func sync() throws {
+        let (toSync, created) = dirty.withLock { d -> (Set<UInt64>, Bool) in
+            defer { d = (Set<UInt64>(), false) }
+            return (d.files, d.created)
+        }
+        for index in toSync.sorted() {
+            _ = try withFile(index, create: false) { fd in
+                guard fdatasync(fd) == 0 else {
+                    throw RewindError.io(path: path(ofFile: index), operation: "fdatasync", errno: errno)
+                }
+            }
+        }
+        if created {
+            let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+            if fd >= 0 { fsync(fd); close(fd) }
+        }
+    }
+
+    /// Drop the pages of `range` (already durable) from the page cache: a CDP journal is
+    /// written once and rarely read, and on this machine class every page the cache newly
+    /// takes costs a host-side fault, while recycled pages cost nothing (docs/design.md).
+    public func dropFromCache(_ range: Range<UInt64>) {
+        let page = UInt64(LMDBEnvironment.osPageSize)
+        let start = (range.lowerBound + page - 1) / page * page, end = range.upperBound / page * page
+        guard start < end else { return }
+        for piece in Self.pieces(at: start, count: Int(end - start)) {
+            _ = try? withFile(piece.file, create: false) { fd in
+                _ = posix_fadvise(fd, off_t(piece.offset), off_t(piece.length), Int32(POSIX_FADV_DONTNEED))
+            }
+        }
+    }
+
+    // MARK: housekeeping
+
+    /// Every log file's index, in order.
+    public func fileIndices() -> [UInt64] {
+        guard let dir = opendir(directory) else { return [] }
+        defer { closedir(dir) }
+        var out: [UInt64] = []
+        while let entry = readdir(dir) {
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { String(cString: $0.bindMemory(to: CChar.self).baseAddress!) }
+            guard name.hasSuffix(".log"), name.count == 20, let i = UInt64(name.prefix(16), radix: 16) else { continue }
+            out.append(i)
+        }
+        return out.sorted()
+    }
+
+    /// The stream position just past the last byte of the last file.
+    public func end() -> UInt64 {
+        guard let last = fileIndices().last else { return 0 }
+        var st = stat()
+        guard stat(path(ofFile: last), &st) == 0 else { return last * Self.fileBytes }
+        return last * Self.fileBytes + UInt64(st.st_size)
+    }
+
+    /// Bytes the log files occupy on disk.
+    public func allocatedBytes() -> UInt64 {
+        fileIndices().reduce(0) { sum, i in
+            var st = stat()
+            return stat(path(ofFile: i), &st) == 0 ? sum + UInt64(st.st_blocks) * 512 : sum
+        }
+    }
+
+    /// Delete every file wholly before stream `position` (compaction: nothing there is live).
+    /// Returns how many went.
+    @discardableResult
+    public func deleteFiles(before position: UInt64) -> Int {
+        var n = 0
+        for i in fileIndices() where (i + 1) * Self.fileBytes <= position {
+            closeFile(i)
+            if unlink(path(ofFile: i)) == 0 { n += 1 }
+        }
+        return n
+    }
+
+    /// Cut the stream at `position`: what follows is a torn or abandoned tail. Later files go.
+    public func truncate(at position: UInt64) throws {
+        let keep = position / Self.fileBytes
+        for i in fileIndices() where i > keep || (i == keep && position % Self.fileBytes == 0 && position > 0) {
+            closeFile(i)
+            unlink(path(ofFile: i))
+        }
+        let inFile = position % Self.fileBytes
+        guard inFile > 0 || position == 0 else { return }
+        _ = try withFile(keep, create: false) { fd in
+            guard ftruncate(fd, off_t(inFile)) == 0 else {
+                throw RewindError.io(path: path(ofFile: keep), operation: "ftruncate", errno: errno)
+            }
+            guard fdatasync(fd) == 0 else {
+                throw RewindError.io(path: path(ofFile: keep), operation: "fdatasync", errno: errno)
+            }
+        }
+    }
+
+    private func closeFile(_ index: UInt64) {
+        files.withLock { open in
+            if let o = open[index], o.users == 0 { close(o.fd); open[index] = nil }
+        }
+        dirty.withLock { _ = $0.files.remove(index) }
+    }
+}

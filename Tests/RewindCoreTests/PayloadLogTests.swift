@@ -1,0 +1,111 @@
+import Foundation
+import Testing
+@testable import RewindCore
+
+/// The payload log as the durable journal: records synced to the log but never indexed (the
+/// writer died before LMDB committed) come back on the next open, a torn chunk ends the log,
+/// and a rolled-back history is never replayed.
+@Suite struct PayloadLogTests {
+    static let bs = 4096
+    static let size = UInt64(64 * bs)
+    static let seed: UInt64 = 77
+
+    static func changes(_ range: ClosedRange<UInt64>) -> [Change] {
+        range.map { streamChange(seed: seed, index: $0, size: size, blockSize: bs) }
+    }
+
+    static var logFile: String { "/log/0000000000000000.log" }
+
+    @Test func syncedButUnindexedRecordsAreReplayedOnOpen() throws {
+        let dir = TempDir("replay")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        do {
+            let m = try Mirror.create(at: path, size: Self.size)
+            try m.append(Self.changes(1...10))
+            let w = JournalWriter(mirror: m)
+            #expect(try w.append(Self.changes(11...20)) == 11...20)
+            #expect(try w.append(Self.changes(21...25)) == 21...25)
+            try w.syncLog()
+            #expect(try m.meta().lastSeq == 10)  // other transactions do not see staged records
+            w.abort(keepLog: true)  // the process dies before the index commits
+        }
+        let m = try Mirror.open(at: path)
+        let meta = try m.meta()
+        #expect(meta.lastSeq == 25)
+        _ = try m.verify()
+        let states = streamStates(seed: Self.seed, points: [10, 20, 25], size: Self.size, blockSize: Self.bs)
+        for k: UInt64 in [10, 20, 25] {
+            #expect(firstDifference(try readAll(m, at: .seq(k)), states[k]!) == nil, "seq:\(k)")
+        }
+        // Nothing left to replay: a second open changes nothing.
+        #expect(try Mirror.open(at: path).meta() == meta)
+    }
+
+    @Test func aTornChunkEndsTheLogAndIsCutAway() throws {
+        let dir = TempDir("torn")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        var endOfSecond: UInt64 = 0
+        do {
+            let m = try Mirror.create(at: path, size: Self.size)
+            try m.append(Self.changes(1...5))
+            let w = JournalWriter(mirror: m)
+            try w.append(Self.changes(6...8))
+            try w.syncLog()
+            endOfSecond = m.journal.log.end()
+            try w.append([.write(0, [UInt8](repeating: 0xAB, count: Self.bs))])
+            w.abort(keepLog: true)
+        }
+        // Damage the last chunk's payload (its first byte follows the 64-byte chunk header).
+        var bytes = fileBytes(path + Self.logFile)
+        bytes[Int(endOfSecond) + LogChunk.headerSize] ^= 0xFF
+        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
+        let m = try Mirror.open(at: path)
+        #expect(try m.meta().lastSeq == 8)
+        #expect(try m.meta().logEnd == endOfSecond)
+        #expect(m.journal.log.end() == endOfSecond)
+        _ = try m.verify()
+        #expect(try m.append([.flush]) == 9...9)
+    }
+
+    @Test func aRolledBackHistoryIsNeverReplayed() throws {
+        let dir = TempDir("gen")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        let m = try Mirror.create(at: path, size: Self.size)
+        try m.append(Self.changes(1...5))
+        try m.append(Self.changes(6...10))  // its own chunk, so the rollback cuts the log there
+        let before = fileBytes(path + Self.logFile)
+        _ = try m.rollback(to: .seq(5), source: nil)
+        #expect(fileBytes(path + Self.logFile).count < before.count)
+        // As if the process died after the rollback committed but before the log was cut:
+        // the old chunk for seqs 6...10 lies exactly where the log now ends.
+        try Data(before).write(to: URL(fileURLWithPath: path + Self.logFile))
+        let reopened = try Mirror.open(at: path, recover: true)
+        #expect(try reopened.meta().lastSeq == 5)
+        #expect(reopened.journal.log.end() == (try reopened.meta().logEnd))
+        let states = streamStates(seed: Self.seed, points: [5], size: Self.size, blockSize: Self.bs)
+        #expect(firstDifference(try readAll(reopened, at: .latest), states[5]!) == nil)
+        _ = try reopened.verify()
+    }
+
+    @Test func compactionDeletesWholeLogFilesOnly() throws {
+        let dir = TempDir("logfiles")
+        defer { dir.remove() }
+        let m = try Mirror.create(at: dir.file("m"), size: 256 << 20)
+        // 3 x 128 MiB of 1 MiB writes: the log spans files 0, 1 and part of 2.
+        let mib = [UInt8](repeating: 7, count: 1 << 20)
+        for round in 0..<3 {
+            try m.append((0..<128).map { .write(UInt64($0) << 20, mib, fua: round == 2) })  // 4 chunks each (32 MiB cap)
+        }
+        #expect(m.journal.log.fileIndices() == [0, 1])
+        try m.append((0..<128).map { .write(UInt64($0) << 20, mib) })
+        #expect(m.journal.log.fileIndices() == [0, 1, 2])
+        _ = try m.compact(to: .seq(300))  // record 301's chunk starts in file 1
+        #expect(m.journal.log.fileIndices() == [1, 2])
+        _ = try m.verify()
+        let volume = try readAll(m, at: .latest)
+        #expect(volume[0..<128 << 20].allSatisfy { $0 == 7 } && volume[128 << 20..<256 << 20].allSatisfy { $0 == 0 })
+    }
+}
