@@ -57,6 +57,9 @@ final class VolumeWriter: @unchecked Sendable {
     /// records this much later), and how many changes one index transaction takes at most.
     static let indexCommitIntervalNanoseconds: UInt64 = 100_000_000
     static let indexCommitMaxChanges = 65536
+    /// Once no request has come for this long, staged index updates commit at once, so a
+    /// `timeline` or `restore` run after a client finishes sees its records.
+    static let indexCommitIdleNanoseconds: UInt64 = 1_000_000
 
     private let mirror: Mirror
     /// Used by the writer thread only (LMDB's writer lock belongs to one thread).
@@ -73,6 +76,8 @@ final class VolumeWriter: @unchecked Sendable {
     private var finished = false
     private var fenced: String?
     private var syncedSeq: UInt64
+    /// When the last batch was taken (monotonic ns): the idle clock for index commits.
+    private var lastBatchAt: UInt64 = 0
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -141,7 +146,8 @@ final class VolumeWriter: @unchecked Sendable {
             if queue.isEmpty && !stopping {
                 // Idle: commit staged index updates once they are old enough.
                 if journal.isStaging {
-                    let due = journal.stagedSince + Self.indexCommitIntervalNanoseconds
+                    let due = min(journal.stagedSince + Self.indexCommitIntervalNanoseconds,
+                                  lastBatchAt + Self.indexCommitIdleNanoseconds)
                     let now = monotonicNanoseconds()
                     if now >= due {
                         cond.unlock()
@@ -171,6 +177,7 @@ final class VolumeWriter: @unchecked Sendable {
             queuedBytes -= bytes
             syncWanted = queue.contains { $0.needsSync }
             let batch = inCommit
+            lastBatchAt = monotonicNanoseconds()
             cond.unlock()
             let (failure, seqs) = commit(batch)
             cond.lock()

@@ -45,7 +45,9 @@ for transport in unix tcp; do
 
     # --- nbdcopy both ways, several connections ---
     head -c 40M /dev/urandom > ref2.img; truncate -s 64M ref2.img
-    journal_sizes() { echo "$(stat -c %s v.img.rewind/journal/data.mdb) $(fincore --bytes --noheadings --output RES v.img.rewind/journal/data.mdb)"; }
+    journal_sizes() {  # bytes in the payload log's files, and how many of them are in the page cache
+        echo "$(stat -c %s v.img.rewind/log/*.log | awk '{s += $1} END {print s + 0}') $(fincore --bytes --noheadings --output RES v.img.rewind/log/*.log | awk '{s += $1} END {print s + 0}')"
+    }
     read -r total0 cached0 <<<"$(journal_sizes)"
     nbdcopy --flush -C 4 ref2.img "$U" || fail "nbdcopy to"; ok
     # the journal's payload leaves the page cache once durable (docs/design.md, Serving)

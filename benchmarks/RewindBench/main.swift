@@ -104,7 +104,7 @@ func appendOnce(recordBytes: Int, totalBytes: Int) throws -> (rewind: Double, pe
     try m.sync()
     let rewindSeconds = now() - t0
     let mb = Double(totalBytes) / 1048576
-    let onDisk = try BlockFile(path: m.path + "/journal/data.mdb", mode: .readOnly).allocatedBytes()
+    let onDisk = try BlockFile(path: m.path + "/journal/data.mdb", mode: .readOnly).allocatedBytes() + m.journal.log.allocatedBytes()
     try FileManager.default.removeItem(atPath: m.path)
     return (mb / rewindSeconds, mb / plainSeconds, onDisk)
 }
