@@ -236,11 +236,13 @@ public final class JournalWriter {
     /// transaction began, so no later replay resurrects the abandoned records; with it true
     /// (a fenced server whose source already holds them), the next writer replays them.
     public func abort(keepLog: Bool) {
+        // Cut the log while still holding LMDB's writer lock, so no other writer's chunk can
+        // have followed ours.
+        if !keepLog, let end = beganAtLogEnd { try? log.truncate(at: end) }
         txn?.abort()
         txn = nil
         meta = nil
         stagedChanges = 0
-        if !keepLog, let end = beganAtLogEnd { try? log.truncate(at: end) }
         beganAtLogEnd = nil
     }
 }

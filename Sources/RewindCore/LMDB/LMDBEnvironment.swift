@@ -7,7 +7,8 @@ import Glibc
 /// Opened with `MDB_NOTLS` so a read transaction is not tied to the thread that began it
 /// (Swift tasks hop threads), and `MDB_NOMETASYNC`: each commit fdatasyncs the data pages
 /// but not the meta page, so a power loss can drop at most the last commit and never
-/// corrupts the tree; `sync()` (NBD FLUSH/FUA) makes everything committed durable.
+/// corrupts the tree; `sync()` makes everything committed durable. (An NBD FLUSH syncs the
+/// payload log instead: see `JournalWriter`.)
 public final class LMDBEnvironment: @unchecked Sendable {
     let env: OpaquePointer
     let directory: String
@@ -17,13 +18,8 @@ public final class LMDBEnvironment: @unchecked Sendable {
     public static let defaultMapSizeBytes = 1 << 40
     static let maxNamedDatabases: UInt32 = 16
 
-    /// Whether each commit fdatasyncs its pages (`MDB_NOMETASYNC`) rather than leaving them
-    /// to `sync()` (`MDB_NOSYNC`, for tools that sync once at the end).
-    public let syncsEachCommit: Bool
-
     public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true) throws {
         self.directory = directory
-        self.syncsEachCommit = syncEachCommit
         var handle: OpaquePointer?
         try check(mdb_env_create(&handle), "mdb_env_create")
         guard let handle else { throw LMDBError(code: EINVAL, operation: "mdb_env_create") }
@@ -97,25 +93,6 @@ public final class LMDBEnvironment: @unchecked Sendable {
             (mapStart, mapLength) = (start, end - start)
         }
         return true
-    }
-
-    /// Drop from the page cache the pages that hold `value`, a large value just read from this
-    /// environment (so a pointer into its map, on overflow pages of its own), once it is on
-    /// disk: `posix_fadvise(POSIX_FADV_DONTNEED)` over those whole pages. A journal's payload
-    /// is written once and rarely read; left cached it evicts the served volume's pages, and
-    /// on this machine class every page the cache newly takes costs a host fault (~400 MB/s),
-    /// while recycled pages cost nothing. Values smaller than a page share leaf pages and are
-    /// left alone.
-    public func dropFromPageCache(_ value: UnsafeRawBufferPointer) {
-        let page = Self.osPageSize
-        guard let base = value.baseAddress, value.count >= page, findMap() else { return }
-        let offset = Int(bitPattern: base) - mapStart
-        guard offset >= 0, offset + value.count <= mapLength else { return }
-        let start = offset / page * page
-        let end = (offset + value.count + page - 1) / page * page
-        var fd: Int32 = -1
-        guard mdb_env_get_fd(env, &fd) == 0, fd >= 0 else { return }
-        _ = posix_fadvise(fd, off_t(start), off_t(end - start), Int32(POSIX_FADV_DONTNEED))
     }
 
     static func findMapping(of path: String) -> (Int, Int)? {
