@@ -26,6 +26,14 @@ static inline int rewind_fadvise_willneed(int fd, off_t offset, off_t length) {
     return posix_fadvise(fd, offset, length, POSIX_FADV_WILLNEED);
 }
 static inline void rewind_limit_arenas(int n) { mallopt(M_ARENA_MAX, n); }
+/* Start writeback of a range now, or wait until it is written (not a durability barrier). */
+static inline int rewind_start_writeback(int fd, off_t offset, off_t length) {
+    return sync_file_range(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+}
+static inline int rewind_finish_writeback(int fd, off_t offset, off_t length) {
+    return sync_file_range(fd, offset, length,
+                           SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER);
+}
 
 #include <sys/syscall.h>
 /* A read that never waits for the disk: EAGAIN (or a short count) unless the page cache holds it.

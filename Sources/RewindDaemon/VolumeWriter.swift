@@ -82,7 +82,7 @@ final class VolumeWriter: @unchecked Sendable {
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
         self.journal = JournalWriter(mirror: mirror)
-        journal.dropsSyncedPayload = true
+        journal.keepsLogOutOfCache = true
         self.source = source
         self.syncedSeq = syncedSeq
         self.metrics = metrics

@@ -21,15 +21,20 @@ public final class JournalWriter {
     /// The log's end when the open transaction began (nil once committed): what an abort
     /// that discards the log cuts back to.
     private var beganAtLogEnd: UInt64?
-    /// Log positions below this are durable / were dropped from the page cache.
+    /// Log positions below this are durable.
     private var syncedTo: UInt64 = 0
-    private var droppedTo: UInt64 = 0
     /// Changes staged in the open transaction, and when it began (monotonic ns).
     public private(set) var stagedChanges = 0
     public private(set) var stagedSince: UInt64 = 0
-    /// Drop each synced chunk from the page cache (serve); tools that read back what they
+    /// Keep the log out of the page cache (serve): each group commit's chunk is written back
+    /// at once and dropped once written, after the next one; tools that read back what they
     /// wrote keep it.
-    public var dropsSyncedPayload = false
+    public var keepsLogOutOfCache = false
+    /// The previous group commit's log range, written back but not yet dropped.
+    private var writingBack: Range<UInt64>?
+    /// The chunk payload buffer, kept between group commits: a fresh 32 MiB array each time
+    /// cost page faults on every page, and its `munmap`.
+    private var spare: [UInt8] = []
 
     /// A chunk's payload is written out once it passes this (bounds the buffer).
     static let chunkCapBytes = 32 << 20
@@ -77,7 +82,6 @@ public final class JournalWriter {
             meta = m
             beganAtLogEnd = m.logEnd
             syncedTo = max(syncedTo, m.logEnd)
-            droppedTo = max(droppedTo, m.logEnd)
         } catch {
             t.abort()
             throw error
@@ -95,7 +99,10 @@ public final class JournalWriter {
         let cursor = try txn.cursor(journal.blocks)
         let blockSize = mirror.blockSize
         let bs = UInt64(blockSize)
+        let appendStart = meta.logEnd
         var chunk = ChunkBuilder(start: meta.logEnd, firstSeq: meta.lastSeq + 1, generation: meta.generation)
+        swap(&chunk.payload, &spare)  // moved, not shared: clearing a shared array would copy it
+        chunk.payload.removeAll(keepingCapacity: true)
         var scratch = [UInt8](repeating: 0, count: blockSize)  // a partial block's current content
         var seq = meta.lastSeq
         var cumulative = meta.lastCumulative
@@ -111,7 +118,10 @@ public final class JournalWriter {
             let bytes = stored.count * blockSize
             if chunk.count > 0 && (chunk.payload.count + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
                 meta.logEnd = try write(&chunk)
-                chunk = ChunkBuilder(start: meta.logEnd, firstSeq: seq, generation: meta.generation)
+                var next = ChunkBuilder(start: meta.logEnd, firstSeq: seq, generation: meta.generation)
+                swap(&next.payload, &chunk.payload)
+                next.payload.removeAll(keepingCapacity: true)
+                chunk = next
             }
             let start = chunk.payload.count
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
@@ -142,6 +152,12 @@ public final class JournalWriter {
             chunk.add(header)
         }
         if chunk.count > 0 { meta.logEnd = try write(&chunk) }
+        swap(&spare, &chunk.payload)
+        if keepsLogOutOfCache && meta.logEnd > appendStart {
+            log.startWriteback(appendStart..<meta.logEnd)
+            if let previous = writingBack { log.release(previous) }
+            writingBack = appendStart..<meta.logEnd
+        }
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
         try journal.writeMeta(txn, meta)
@@ -207,9 +223,9 @@ public final class JournalWriter {
         guard let end = meta?.logEnd, end > syncedTo else { return }
         try log.sync()
         syncedTo = end
-        if dropsSyncedPayload && syncedTo > droppedTo {
-            log.dropFromCache(droppedTo..<syncedTo)
-            droppedTo = syncedTo / UInt64(LMDBEnvironment.osPageSize) * UInt64(LMDBEnvironment.osPageSize)
+        if keepsLogOutOfCache, let pending = writingBack {
+            log.dropFromCache(pending)  // clean now
+            writingBack = nil
         }
     }
 

@@ -1,3 +1,4 @@
+import CLinux
 import Glibc
 import Synchronization
 
@@ -168,6 +169,28 @@ public final class PayloadLog: @unchecked Sendable {
                 _ = posix_fadvise(fd, off_t(piece.offset), off_t(piece.length), Int32(POSIX_FADV_DONTNEED))
             }
         }
+    }
+
+    /// Start writing `range` back to disk now (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a
+    /// later `release` finds it clean. Not a durability barrier: `sync()` is.
+    public func startWriteback(_ range: Range<UInt64>) {
+        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
+            _ = try? withFile(piece.file, create: false) { fd in
+                _ = rewind_start_writeback(fd, off_t(piece.offset), off_t(piece.length))
+            }
+        }
+    }
+
+    /// Wait until `range` is written back, then drop it from the page cache: the streaming
+    /// writer's pattern, which keeps the log's footprint in the cache to a couple of group
+    /// commits and hands the kernel back pages it can reuse at once.
+    public func release(_ range: Range<UInt64>) {
+        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
+            _ = try? withFile(piece.file, create: false) { fd in
+                _ = rewind_finish_writeback(fd, off_t(piece.offset), off_t(piece.length))
+            }
+        }
+        dropFromCache(range)
     }
 
     // MARK: housekeeping
