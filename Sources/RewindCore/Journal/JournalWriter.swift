@@ -39,6 +39,9 @@ public final class JournalWriter {
     /// A chunk's payload is written out once it passes this (bounds the buffer).
     static let chunkCapBytes = 32 << 20
     static let chunkMaxRecords = 65536
+    /// Aligned writes at least this large go to the log straight from the caller's array
+    /// (one copy fewer than gathering them into the chunk buffer).
+    static let directMinBytes = 64 << 10
 
     public init(mirror: Mirror) {
         self.mirror = mirror
@@ -116,33 +119,37 @@ public final class JournalWriter {
             meta.lastTime = now
             let (stored, _) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
             let bytes = stored.count * blockSize
-            if chunk.count > 0 && (chunk.payload.count + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
+            if chunk.count > 0 && (chunk.payloadBytes + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
                 meta.logEnd = try write(&chunk)
                 var next = ChunkBuilder(start: meta.logEnd, firstSeq: seq, generation: meta.generation)
                 swap(&next.payload, &chunk.payload)
                 next.payload.removeAll(keepingCapacity: true)
                 chunk = next
             }
-            let start = chunk.payload.count
+            let start = chunk.payloadBytes
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
                                       length: change.length, checksum: 0, segment: chunk.payloadStart,
                                       segmentOffset: UInt32(start), storedLength: UInt32(bytes), cumulative: cumulative)
             var blockHashes = [UInt64]()
             if !stored.isEmpty {
                 let aligned = change.kind == .write && change.offset % bs == 0 && change.length % bs == 0
-                if aligned {
-                    chunk.payload.append(contentsOf: change.data)  // the common case: one copy, no read-modify-write
-                } else {
-                    chunk.payload.append(contentsOf: repeatElement(0, count: bytes))
-                    for (i, block) in stored.enumerated() {
-                        try fillBlock(slot: start + i * blockSize, block: block, change: change, cursor, &chunk, &scratch)
+                blockHashes.reserveCapacity(stored.count)
+                func hashBlocks(_ p: UnsafeRawBufferPointer) {
+                    for i in 0..<stored.count {
+                        blockHashes.append(xxh3(UnsafeRawBufferPointer(rebasing: p[i * blockSize..<(i + 1) * blockSize])))
                     }
                 }
-                blockHashes.reserveCapacity(stored.count)
-                chunk.payload.withUnsafeBytes { p in
-                    for i in 0..<stored.count {
-                        blockHashes.append(xxh3(UnsafeRawBufferPointer(rebasing: p[start + i * blockSize..<start + (i + 1) * blockSize])))
+                if aligned {
+                    // The common case, no read-modify-write: a large write is written to the log
+                    // from the caller's array; a small one is copied into the chunk.
+                    if change.data.count >= Self.directMinBytes { chunk.appendDirect(change.data) } else { chunk.appendCopied(change.data) }
+                    change.data.withUnsafeBytes(hashBlocks)
+                } else {
+                    let at = chunk.appendZeros(bytes)
+                    for (i, block) in stored.enumerated() {
+                        try fillBlock(slot: at + i * blockSize, block: block, change: change, cursor, &chunk, &scratch)
                     }
+                    chunk.payload.withUnsafeBytes { hashBlocks(UnsafeRawBufferPointer(rebasing: $0[at..<at + bytes])) }
                 }
                 header.checksum = payloadChecksum(blockHashes: blockHashes)
                 cumulative += UInt64(bytes)
@@ -170,13 +177,24 @@ public final class JournalWriter {
     private func write(_ chunk: inout ChunkBuilder) throws -> UInt64 {
         let header = chunk.header()
         try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
-        try chunk.payload.withUnsafeBytes { try log.write($0, at: chunk.payloadStart) }
-        try chunk.records.withUnsafeBytes { try log.write($0, at: chunk.payloadStart + UInt64(chunk.payload.count)) }
+        var at = chunk.payloadStart
+        for part in chunk.parts {
+            switch part {
+            case let .copied(from, length):
+                try chunk.payload.withUnsafeBytes { try log.write(UnsafeRawBufferPointer(rebasing: $0[from..<from + length]), at: at) }
+                at += UInt64(length)
+            case let .direct(data):
+                try data.withUnsafeBytes { try log.write($0, at: at) }
+                at += UInt64(data.count)
+            }
+        }
+        try chunk.records.withUnsafeBytes { try log.write($0, at: at) }
         return chunk.start + header.totalBytes
     }
 
     /// Build one stored block of an unaligned write, or a partial edge block of a zero/trim:
-    /// the block's current content with the change's part applied.
+    /// the block's current content with the change's part applied. `slot` is where the block
+    /// sits in `chunk.payload` (the copied bytes).
     private func fillBlock(slot: Int, block: UInt64, change: Change, _ cursor: LMDBCursor,
                            _ chunk: inout ChunkBuilder, _ scratch: inout [UInt8]) throws {
         let blockSize = mirror.blockSize
@@ -209,7 +227,7 @@ public final class JournalWriter {
             dst.initializeMemory(as: UInt8.self, repeating: 0)
         case let .data(segment, offset, hash):
             if segment == chunk.payloadStart {
-                chunk.payload.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + dst.count])) }
+                chunk.copy(from: Int(offset), into: dst)
             } else {
                 try journal.readBlock(seq: seq, block: block, segment: segment, offset: offset, hash: hash, into: dst)
             }
@@ -263,12 +281,22 @@ public final class JournalWriter {
     }
 }
 
-/// The chunk being built for one group commit: payload blocks and record headers.
+/// The chunk being built for one group commit: its payload — bytes copied into `payload`,
+/// and large aligned writes kept as the caller's arrays — and its record headers.
 struct ChunkBuilder {
+    enum Part {
+        case copied(from: Int, length: Int)  // a run of `payload`
+        case direct([UInt8])
+    }
     let start: UInt64
     let firstSeq: UInt64
     let generation: UInt64
+    /// The copied bytes (its capacity is reused between group commits).
     var payload: [UInt8] = []
+    private(set) var parts: [Part] = []
+    /// Where each part starts in the chunk's payload.
+    private var partStarts: [Int] = []
+    private(set) var payloadBytes = 0
     var records: [UInt8] = []
     private(set) var count: UInt32 = 0
 
@@ -279,13 +307,58 @@ struct ChunkBuilder {
     /// Stream position of the payload (what records and index entries call the segment).
     var payloadStart: UInt64 { start + UInt64(LogChunk.headerSize) }
 
+    private mutating func grow(copied n: Int) {
+        if case let .copied(from, length)? = parts.last {
+            parts[parts.count - 1] = .copied(from: from, length: length + n)
+        } else {
+            parts.append(.copied(from: payload.count - n, length: n))
+            partStarts.append(payloadBytes)
+        }
+        payloadBytes += n
+    }
+
+    mutating func appendCopied(_ data: [UInt8]) {
+        payload.append(contentsOf: data)
+        grow(copied: data.count)
+    }
+
+    /// Append `n` zero bytes to the copied payload; returns where they start in `payload`.
+    mutating func appendZeros(_ n: Int) -> Int {
+        let at = payload.count
+        payload.append(contentsOf: repeatElement(0, count: n))
+        grow(copied: n)
+        return at
+    }
+
+    mutating func appendDirect(_ data: [UInt8]) {
+        parts.append(.direct(data))
+        partStarts.append(payloadBytes)
+        payloadBytes += data.count
+    }
+
+    /// Copy `dst.count` bytes from payload offset `offset` (within one part: a block).
+    func copy(from offset: Int, into dst: UnsafeMutableRawBufferPointer) {
+        var lo = 0, hi = partStarts.count - 1
+        while lo < hi {  // the last part starting at or before offset
+            let mid = (lo + hi + 1) / 2
+            if partStarts[mid] <= offset { lo = mid } else { hi = mid - 1 }
+        }
+        let inPart = offset - partStarts[lo]
+        switch parts[lo] {
+        case let .copied(from, _):
+            payload.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from + inPart..<from + inPart + dst.count])) }
+        case let .direct(data):
+            data.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inPart..<inPart + dst.count])) }
+        }
+    }
+
     mutating func add(_ header: RecordHeader) {
         records.append(contentsOf: header.encoded())
         count += 1
     }
 
     func header() -> LogChunk {
-        LogChunk(generation: generation, firstSeq: firstSeq, count: count, payloadBytes: UInt64(payload.count),
+        LogChunk(generation: generation, firstSeq: firstSeq, count: count, payloadBytes: UInt64(payloadBytes),
                  recordsCheck: xxh3(records))
     }
 }
