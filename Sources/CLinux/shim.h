@@ -19,8 +19,8 @@ static inline void rewind_tune_malloc(int mmapThreshold, int trimThreshold) {
     mallopt(M_TRIM_THRESHOLD, trimThreshold);
 }
 
-static inline int rewind_preallocate(int fd, off_t length) {
-    return fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, length);
+static inline int rewind_preallocate_range(int fd, off_t offset, off_t length) {
+    return fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length);
 }
 static inline int rewind_zero_range(int fd, off_t offset, off_t length) {
     return fallocate(fd, FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length);

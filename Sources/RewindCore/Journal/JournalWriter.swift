@@ -26,9 +26,11 @@ public final class JournalWriter {
     /// Changes staged in the open transaction, and when it began (monotonic ns).
     public private(set) var stagedChanges = 0
     public private(set) var stagedSince: UInt64 = 0
-    /// Keep the log out of the page cache (serve): each group commit's chunk is written back
-    /// at once and dropped once written, after the next one; tools that read back what they
-    /// wrote keep it.
+    /// Streaming mode (serve): keep the log out of the page cache — each group commit's chunk
+    /// is written back at once and dropped once written, after the next one — and reserve its
+    /// disk blocks 8 MiB ahead (`PayloadLog.reserve`). Tools that read back what they wrote
+    /// keep the pages, and reserve only each chunk's own blocks (the log's size on disk stays
+    /// what was written).
     public var keepsLogOutOfCache = false
     /// The previous group commit's log range, written back but not yet dropped.
     private var writingBack: Range<UInt64>?
@@ -176,6 +178,7 @@ public final class JournalWriter {
     /// Write a finished chunk to the log; returns the log's new end.
     private func write(_ chunk: inout ChunkBuilder) throws -> UInt64 {
         let header = chunk.header()
+        log.reserve(chunk.start..<chunk.start + header.totalBytes, ahead: keepsLogOutOfCache ? PayloadLog.reserveAheadBytes : 0)
         try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
         var at = chunk.payloadStart
         for part in chunk.parts {

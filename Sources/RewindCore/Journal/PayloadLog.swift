@@ -59,12 +59,7 @@ public final class PayloadLog: @unchecked Sendable {
             if fd < 0 && errno == EACCES { fd = Glibc.open(p, O_RDONLY | O_CLOEXEC) }  // a read-only mirror
             if fd < 0 && errno == ENOENT && create {
                 fd = Glibc.open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-                if fd >= 0 {
-                    dirty.withLock { $0.created = true }
-                    // Reserve the whole file's blocks up front (the size stays what was written):
-                    // appends then skip delayed allocation, ~17 % of the writer's time.
-                    _ = rewind_preallocate(fd, off_t(Self.fileBytes))
-                }
+                if fd >= 0 { dirty.withLock { $0.created = true } }
             }
             if fd < 0 {
                 if errno == ENOENT { return nil }
@@ -139,6 +134,29 @@ public final class PayloadLog: @unchecked Sendable {
                 }
             }
             dirty.withLock { _ = $0.files.insert(piece.file) }
+        }
+    }
+
+    /// Blocks are reserved this far ahead of the log's end (`reserve(through:)`).
+    public static let reserveAheadBytes: UInt64 = 8 << 20
+    private let reservedTo = Mutex<UInt64>(0)
+
+    /// Reserve disk blocks for `range` (a chunk about to be written) and `ahead` bytes past it
+    /// (`fallocate(FALLOC_FL_KEEP_SIZE)`: the size stays what was written), unless already
+    /// reserved. Appends into reserved blocks skip ext4's delayed allocation (~17 % of the
+    /// serve writer's time at sequential 1 MiB writes).
+    public func reserve(_ range: Range<UInt64>, ahead: UInt64) {
+        let from = reservedTo.withLock { r -> UInt64? in
+            guard range.upperBound > r || r > range.upperBound + 2 * max(ahead, Self.reserveAheadBytes) else { return nil }
+            defer { r = range.upperBound + ahead }
+            return r > range.lowerBound && r <= range.upperBound ? r : range.lowerBound
+        }
+        guard let from else { return }
+        let to = range.upperBound + ahead
+        for piece in Self.pieces(at: from, count: Int(to - from)) {
+            _ = try? withFile(piece.file, create: true) { fd in
+                _ = rewind_preallocate_range(fd, off_t(piece.offset), off_t(piece.length))
+            }
         }
     }
 
