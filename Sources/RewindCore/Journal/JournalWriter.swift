@@ -44,6 +44,10 @@ public final class JournalWriter {
     /// Aligned writes at least this large go to the log straight from the caller's array
     /// (one copy fewer than gathering them into the chunk buffer).
     static let directMinBytes = 64 << 10
+    /// Chunks smaller than this are written into zeroed, synced blocks (see `PayloadLog.reserve`),
+    /// prepared this far ahead.
+    static let prewriteBelowBytes: UInt64 = 64 << 10
+    static let prewriteAheadBytes: UInt64 = 1 << 20
 
     public init(mirror: Mirror) {
         self.mirror = mirror
@@ -178,7 +182,12 @@ public final class JournalWriter {
     /// Write a finished chunk to the log; returns the log's new end.
     private func write(_ chunk: inout ChunkBuilder) throws -> UInt64 {
         let header = chunk.header()
-        log.reserve(chunk.start..<chunk.start + header.totalBytes, ahead: keepsLogOutOfCache ? PayloadLog.reserveAheadBytes : 0)
+        // Small chunks (a FLUSH after a few writes) land in zeroed, synced blocks, so their
+        // FLUSH syncs data only; large ones in fallocated blocks, written once.
+        let small = header.totalBytes < Self.prewriteBelowBytes
+        try log.reserve(chunk.start..<chunk.start + header.totalBytes,
+                        ahead: keepsLogOutOfCache ? (small ? Self.prewriteAheadBytes : PayloadLog.reserveAheadBytes) : 0,
+                        prewrite: keepsLogOutOfCache && small)
         try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
         var at = chunk.payloadStart
         for part in chunk.parts {
