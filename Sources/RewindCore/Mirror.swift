@@ -85,7 +85,8 @@ public final class Mirror: @unchecked Sendable {
     /// Open an existing mirror. `recover` (writers only) indexes the log's unindexed tail and
     /// finishes an interrupted compaction. Readers index a tail too when no process owns the
     /// mirror (the tail a crashed server left); a live owner's tail is its own staged work.
-    public static func open(at path: String, recover: Bool = false) throws -> Mirror {
+    /// `ownerLockHeld`: the caller holds `owner.lock` (serve), so the log's tail is its to index.
+    public static func open(at path: String, recover: Bool = false, ownerLockHeld: Bool = false) throws -> Mirror {
         var st = stat()
         guard stat(path, &st) == 0 else {
             throw RewindError.notAMirror(path: path, why: "no such directory")
@@ -98,12 +99,16 @@ public final class Mirror: @unchecked Sendable {
             throw RewindError.notAMirror(path: path, why: "base.img is missing")
         }
         let mirror = try Mirror(path: path)
-        if recover {
-            try mirror.recover()
-        } else if try mirror.hasLogTail(), let owner = try? FileLock(path: mirror.ownerLockPath, kind: .exclusive, holder: "") {
+        // The log's tail is indexed only by the owner of the mirror: a live server's tail is
+        // its own staged work, which another process must neither index nor cut.
+        if ownerLockHeld {
+            try mirror.replayLogTail()
+        } else if try mirror.hasLogTail() || recover,
+                  let owner = try? FileLock(path: mirror.ownerLockPath, kind: .exclusive, holder: "") {
             defer { owner.release() }
             try mirror.replayLogTail()
         }
+        if recover { try mirror.recover() }
         return mirror
     }
 
@@ -135,10 +140,8 @@ public final class Mirror: @unchecked Sendable {
         do { try journal.env.sync() } catch let e as LMDBError { throw RewindError.journal(e) }
     }
 
-    /// Finish work a crash interrupted: index the log's tail, then finish a compaction whose
-    /// target is above the horizon.
+    /// Finish work a crash interrupted: a compaction whose target is above the horizon.
     func recover() throws {
-        try replayLogTail()
         let m = try meta()
         if m.target > m.horizon {
             _ = try Compactor(mirror: self).finish(target: m.target, progress: nil)

@@ -15,6 +15,10 @@ extension Mirror {
     public func verify(at point: Point? = nil, against image: String? = nil, progress: ProgressObserver? = nil) throws -> VerifyReport {
         var report = VerifyReport()
         let bs = UInt64(blockSize)
+        // A compaction deletes log files once the horizon moves: hold it off, as a snapshot does.
+        let lock = try FileLock(path: baseLockPath, kind: .shared, waitSeconds: 30,
+                                holder: "a compaction is rewriting base.img")
+        defer { lock.release() }
         try journal.env.read { txn in
             let m = try journal.readMeta(txn)
             let cursor = try txn.cursor(journal.records)
@@ -40,6 +44,9 @@ extension Mirror {
                 }
                 guard h.offset <= volumeSize, h.length <= volumeSize - h.offset else {
                     throw RewindError.corruptRecord(seq: seq, why: "range \(h.offset)+\(h.length) lies outside the volume")
+                }
+                guard h.kind != .write || h.length <= Self.maxWriteBytes else {
+                    throw RewindError.corruptRecord(seq: seq, why: "write of \(h.length) bytes exceeds the \(Self.maxWriteBytes)-byte limit")
                 }
                 let expectedStored = UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs
                 guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {

@@ -98,9 +98,10 @@ public enum ServeDaemon {
             logger.info("creating mirror \(mirrorPath) from \(o.source)")
             try Mirror.create(at: mirrorPath, from: o.source, blockSize: o.blockSize, progress: progress)
         }
-        let lock = try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 0,
+        // A moment's wait: a reader indexing a crashed server's log tail holds it briefly.
+        let lock = try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 3,
                                 holder: "another rewind process (serve or rollback) owns this mirror")
-        let mirror = try Mirror.open(at: mirrorPath, recover: true)
+        let mirror = try Mirror.open(at: mirrorPath, recover: true, ownerLockHeld: true)
         guard mirror.volumeSize == sourceSize else {
             throw RewindError.invalidArgument("\(o.source) is \(sourceSize) bytes but mirror \(mirrorPath) holds a volume of \(mirror.volumeSize): not its mirror")
         }

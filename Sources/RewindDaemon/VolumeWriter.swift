@@ -252,6 +252,7 @@ final class VolumeWriter: @unchecked Sendable {
                 let sourceSync = SyncResult()
                 let group = DispatchGroup()
                 DispatchQueue.global().async(group: group) { [source] in sourceSync.set { try source.dataSync() } }
+                defer { group.wait() }  // never leave the source's sync running past a failure
                 try journal.syncLog()
                 group.wait()
                 try sourceSync.get()
@@ -287,7 +288,11 @@ final class VolumeWriter: @unchecked Sendable {
         }
     }
 
+    /// Refuse every later write. Called on the writer thread, which also gives up its open
+    /// index transaction (and with it LMDB's writer lock, which compaction and `bookmark`
+    /// need): the log keeps the staged records, and the next start indexes them.
     private func fence(_ why: String) {
+        journal.abort(keepLog: true)
         cond.lock()
         fenced = why
         cond.unlock()

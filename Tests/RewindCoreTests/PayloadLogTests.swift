@@ -42,6 +42,27 @@ import Testing
         #expect(try Mirror.open(at: path).meta() == meta)
     }
 
+    /// `rewind compact` (a writer opening with `recover`) beside a live server must neither
+    /// index nor cut the server's staged tail: only the owner of `owner.lock` replays.
+    @Test func anotherProcessNeverTouchesALiveOwnersTail() throws {
+        let dir = TempDir("owner")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        let m = try Mirror.create(at: path, size: Self.size)
+        let owner = try FileLock(path: m.ownerLockPath, kind: .exclusive, holder: "the test's server")
+        let w = JournalWriter(mirror: m)
+        try w.append(Self.changes(1...6))
+        try w.syncLog()
+        let end = m.journal.log.end()
+        let other = try Mirror.open(at: path, recover: true)
+        #expect(m.journal.log.end() == end)
+        #expect(try other.meta().lastSeq == 0)
+        try w.commit()
+        #expect(try other.meta().lastSeq == 6)
+        owner.release()
+        _ = try other.verify()
+    }
+
     @Test func aTornChunkEndsTheLogAndIsCutAway() throws {
         let dir = TempDir("torn")
         defer { dir.remove() }

@@ -90,7 +90,7 @@ public final class JournalWriter {
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             meta = m
             beganAtLogEnd = m.logEnd
-            syncedTo = max(syncedTo, m.logEnd)
+            syncedTo = m.logEnd  // synced by whoever committed it (a rollback may have cut it back)
         } catch {
             t.abort()
             throw error
@@ -259,23 +259,21 @@ public final class JournalWriter {
         }
     }
 
-    /// Sync the log, then commit the index transaction (readers see the new records).
+    /// Sync the log, then commit the index transaction (readers see the new records). If the
+    /// sync fails the transaction stays open and the caller chooses how to abort; if LMDB's
+    /// commit fails the transaction is gone, and `abort(keepLog: false)` can still cut the log.
     public func commit() throws {
         guard let txn else { return }
-        do {
-            try syncLog()
-            self.txn = nil
-            try txn.commit()
-            beganAtLogEnd = nil
-        } catch let e as LMDBError {
-            meta = nil
-            throw RewindError.journal(e)
-        } catch {
-            abort(keepLog: true)
-            throw error
-        }
+        try syncLog()
+        self.txn = nil
         meta = nil
         stagedChanges = 0
+        do {
+            try txn.commit()
+        } catch let e as LMDBError {
+            throw RewindError.journal(e)
+        }
+        beganAtLogEnd = nil
     }
 
     /// Abandon what is staged. With `keepLog` false, the log is cut back to where the

@@ -24,6 +24,7 @@ extension Mirror {
                 var meta = try journal.readMeta(txn)
                 let cursor = try txn.cursor(journal.blocks)
                 var replayed: UInt64 = 0
+                let start = meta.logEnd
                 while let (chunk, headers, payload) = try readChunk(at: meta.logEnd, meta: meta) {
                     for (i, h) in headers.enumerated() {
                         let seq = chunk.firstSeq + UInt64(i)
@@ -40,6 +41,11 @@ extension Mirror {
                     }
                     meta.logEnd += chunk.totalBytes
                     replayed += UInt64(chunk.count)
+                }
+                if replayed > 0 {
+                    // The chunks may be only in the page cache (a killed process's unsynced
+                    // writes): durable before the index that names them.
+                    try log.sync(start..<meta.logEnd)
                 }
                 if log.end() > meta.logEnd { try log.truncate(at: meta.logEnd) }
                 if replayed > 0 { try journal.writeMeta(txn, meta) }
@@ -58,6 +64,7 @@ extension Mirror {
         guard try raw.withUnsafeMutableBytes({ try log.read(at: position, into: $0) }),
               let chunk = raw.withUnsafeBytes({ LogChunk.decodeHeader($0) }),
               chunk.generation == meta.generation, chunk.firstSeq == meta.lastSeq + 1, chunk.count > 0,
+              chunk.count <= UInt32(JournalWriter.chunkMaxRecords),
               chunk.payloadBytes <= UInt64(Mirror.maxWriteBytes) * 2 + UInt64(JournalWriter.chunkCapBytes) else { return nil }
         let payloadStart = position + UInt64(LogChunk.headerSize)
         var records = [UInt8](repeating: 0, count: Int(chunk.count) * RecordHeader.size)
@@ -72,6 +79,7 @@ extension Mirror {
             let seq = chunk.firstSeq + UInt64(i)
             guard let h = try? records.withUnsafeBytes({ try RecordHeader.decode(UnsafeRawBufferPointer(rebasing: $0[i * 64..<(i + 1) * 64]), seq: seq) }),
                   h.segment == payloadStart, h.offset <= volumeSize, h.length <= volumeSize - h.offset,
+                  h.kind != .write || h.length <= Mirror.maxWriteBytes,
                   UInt64(h.storedLength) == UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs,
                   UInt64(h.segmentOffset) + UInt64(h.storedLength) <= chunk.payloadBytes,
                   h.cumulative == cumulative + UInt64(h.storedLength) else { return nil }

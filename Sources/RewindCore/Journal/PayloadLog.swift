@@ -19,8 +19,15 @@ public final class PayloadLog: @unchecked Sendable {
     static let maxOpenFiles = 256
 
     let directory: String
-    private struct Open { var fd: Int32; var users: Int }
-    private let files = Mutex([UInt64: Open]())
+    /// An open descriptor and how many callers are using it. A file unlinked while in use is
+    /// taken out of the map at once and closed by its last user.
+    private final class Handle {
+        let fd: Int32
+        var users = 0
+        var doomed = false
+        init(fd: Int32) { self.fd = fd }
+    }
+    private let files = Mutex([UInt64: Handle]())
     /// Files written since the last `sync()`, and whether a file was created (the directory
     /// entry must be synced too).
     private let dirty = Mutex((files: Set<UInt64>(), created: false))
@@ -30,7 +37,7 @@ public final class PayloadLog: @unchecked Sendable {
     }
 
     deinit {
-        files.withLock { for (_, o) in $0 { close(o.fd) } }
+        files.withLock { for (_, h) in $0 { close(h.fd) } }
     }
 
     static func create(directory: String) throws {
@@ -48,11 +55,10 @@ public final class PayloadLog: @unchecked Sendable {
     /// Run `body` with file `index`'s descriptor, opening (or, with `create`, creating) it.
     /// Returns nil when the file does not exist and `create` is false.
     private func withFile<T>(_ index: UInt64, create: Bool, _ body: (Int32) throws -> T) throws -> T? {
-        let fd: Int32? = try files.withLock { open in
-            if var o = open[index] {
-                o.users += 1
-                open[index] = o
-                return o.fd
+        let handle: Handle? = try files.withLock { open in
+            if let h = open[index] {
+                h.users += 1
+                return h
             }
             let p = path(ofFile: index)
             var fd = Glibc.open(p, O_RDWR | O_CLOEXEC)
@@ -66,14 +72,21 @@ public final class PayloadLog: @unchecked Sendable {
                 throw RewindError.io(path: p, operation: "open", errno: errno)
             }
             if open.count >= Self.maxOpenFiles {
-                for (k, o) in open where o.users == 0 { close(o.fd); open[k] = nil }
+                for (k, h) in open where h.users == 0 { close(h.fd); open[k] = nil }
             }
-            open[index] = Open(fd: fd, users: 1)
-            return fd
+            let h = Handle(fd: fd)
+            h.users = 1
+            open[index] = h
+            return h
         }
-        guard let fd else { return nil }
-        defer { files.withLock { $0[index]?.users -= 1 } }
-        return try body(fd)
+        guard let handle else { return nil }
+        defer {
+            files.withLock { _ in
+                handle.users -= 1
+                if handle.doomed && handle.users == 0 { close(handle.fd) }
+            }
+        }
+        return try body(handle.fd)
     }
 
     /// Split `count` bytes at `position` into per-file pieces: (file, offset in file, offset in
@@ -188,16 +201,29 @@ public final class PayloadLog: @unchecked Sendable {
             defer { d = (Set<UInt64>(), false) }
             return (d.files, d.created)
         }
-        for index in toSync.sorted() {
-            _ = try withFile(index, create: false) { fd in
-                guard fdatasync(fd) == 0 else {
-                    throw RewindError.io(path: path(ofFile: index), operation: "fdatasync", errno: errno)
-                }
-            }
+        do {
+            for index in toSync.sorted() { try syncFile(index) }
+            if created { try syncDirectory() }
+        } catch {
+            // Still owed: a later sync retries (the writer fences the volume meanwhile).
+            dirty.withLock { $0.files.formUnion(toSync); $0.created = $0.created || created }
+            throw error
         }
-        if created {
-            let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
-            if fd >= 0 { fsync(fd); close(fd) }
+    }
+
+    /// Make the files spanning `range` durable, whoever wrote them (log replay indexes bytes a
+    /// killed process may have left in the page cache only), and the directory.
+    public func sync(_ range: Range<UInt64>) throws {
+        guard !range.isEmpty else { return }
+        for index in range.lowerBound / Self.fileBytes...(range.upperBound - 1) / Self.fileBytes { try syncFile(index) }
+        try syncDirectory()
+    }
+
+    private func syncFile(_ index: UInt64) throws {
+        _ = try withFile(index, create: false) { fd in
+            guard fdatasync(fd) == 0 else {
+                throw RewindError.io(path: path(ofFile: index), operation: "fdatasync", errno: errno)
+            }
         }
     }
 
@@ -277,16 +303,20 @@ public final class PayloadLog: @unchecked Sendable {
             closeFile(i)
             if unlink(path(ofFile: i)) == 0 { n += 1 }
         }
+        if n > 0 { try? syncDirectory() }  // space only: a file that comes back is deleted again
         return n
     }
 
     /// Cut the stream at `position`: what follows is a torn or abandoned tail. Later files go.
     public func truncate(at position: UInt64) throws {
         let keep = position / Self.fileBytes
+        var unlinked = false
         for i in fileIndices() where i > keep || (i == keep && position % Self.fileBytes == 0 && position > 0) {
             closeFile(i)
-            unlink(path(ofFile: i))
+            guard unlink(path(ofFile: i)) == 0 else { throw RewindError.io(path: path(ofFile: i), operation: "unlink", errno: errno) }
+            unlinked = true
         }
+        if unlinked { try syncDirectory() }
         let inFile = position % Self.fileBytes
         guard inFile > 0 || position == 0 else { return }
         _ = try withFile(keep, create: false) { fd in
@@ -301,8 +331,17 @@ public final class PayloadLog: @unchecked Sendable {
 
     private func closeFile(_ index: UInt64) {
         files.withLock { open in
-            if let o = open[index], o.users == 0 { close(o.fd); open[index] = nil }
+            guard let h = open.removeValue(forKey: index) else { return }
+            if h.users == 0 { close(h.fd) } else { h.doomed = true }
         }
         dirty.withLock { _ = $0.files.remove(index) }
+    }
+
+    /// Make the directory's entries durable (files created or unlinked).
+    private func syncDirectory() throws {
+        let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
+        guard fd >= 0 else { throw RewindError.io(path: directory, operation: "open", errno: errno) }
+        defer { close(fd) }
+        guard fsync(fd) == 0 else { throw RewindError.io(path: directory, operation: "fsync", errno: errno) }
     }
 }
