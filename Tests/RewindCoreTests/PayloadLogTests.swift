@@ -30,19 +30,24 @@ import Testing
             #expect(try m.meta().lastSeq == 10)  // other transactions do not see staged records
             w.abort(keepLog: true)  // the process dies before the index commits
         }
-        let m = try Mirror.open(at: path)
-        let meta = try m.meta()
-        #expect(meta.lastSeq == 25)
-        _ = try m.verify()
-        let states = streamStates(seed: Self.seed, points: [10, 20, 25], size: Self.size, blockSize: Self.bs)
-        for k: UInt64 in [10, 20, 25] {
-            #expect(firstDifference(try readAll(m, at: .seq(k)), states[k]!) == nil, "seq:\(k)")
+        // (One LMDB environment per file at a time in a process: each `Mirror` here is gone
+        // before the next opens. LMDB re-initialises its lock file on an overlapping open.)
+        let meta: MirrorMeta
+        do {
+            let m = try Mirror.open(at: path)
+            meta = try m.meta()
+            #expect(meta.lastSeq == 25)
+            _ = try m.verify()
+            let states = streamStates(seed: Self.seed, points: [10, 20, 25], size: Self.size, blockSize: Self.bs)
+            for k: UInt64 in [10, 20, 25] {
+                #expect(firstDifference(try readAll(m, at: .seq(k)), states[k]!) == nil, "seq:\(k)")
+            }
         }
         // Nothing left to replay: a second open changes nothing.
         #expect(try Mirror.open(at: path).meta() == meta)
     }
 
-    /// `rewind compact` (a writer opening with `recover`) beside a live server must neither
+    /// `rewind compact` and `rewind status` (other processes) beside a live server must neither
     /// index nor cut the server's staged tail: only the owner of `owner.lock` replays.
     @Test func anotherProcessNeverTouchesALiveOwnersTail() throws {
         let dir = TempDir("owner")
@@ -53,14 +58,35 @@ import Testing
         let w = JournalWriter(mirror: m)
         try w.append(Self.changes(1...6))
         try w.syncLog()
-        let end = m.journal.log.end()
-        let other = try Mirror.open(at: path, recover: true)
-        #expect(m.journal.log.end() == end)
-        #expect(try other.meta().lastSeq == 0)
         try w.commit()
-        #expect(try other.meta().lastSeq == 6)
+        try w.append(Self.changes(7...9))  // staged and synced, not indexed: the live owner's tail
+        try w.syncLog()
+        let end = m.journal.log.end()
+        for args in [["status", path, "--json"], ["compact", path, "--keep-size", "1T"]] {
+            let child = Process()
+            child.executableURL = URL(fileURLWithPath: Self.rewindBinary)
+            child.arguments = args
+            child.standardOutput = FileHandle.nullDevice
+            try child.run()
+            // It must finish while the owner still holds LMDB's writer lock: indexing the tail
+            // would wait for it (and then could cut the log under the owner).
+            let deadline = Date().addingTimeInterval(20)
+            while child.isRunning && Date() < deadline { usleep(20_000) }
+            let blocked = child.isRunning
+            if blocked { try w.commit() }  // let it go on, and fail
+            child.waitUntilExit()
+            #expect(!blocked, "rewind \(args[0]) waited for the live owner's writer lock")
+            #expect(child.terminationStatus == 0, "rewind \(args[0])")
+            #expect(m.journal.log.end() == end, "rewind \(args[0]) cut the live owner's log")
+        }
+        try w.commit()
+        #expect(try m.meta().lastSeq == 9)
         owner.release()
-        _ = try other.verify()
+        _ = try m.verify()
+    }
+
+    static var rewindBinary: String {
+        CrashTests.tortureBinary.replacingOccurrences(of: "rewind-torture", with: "rewind")
     }
 
     @Test func aTornChunkEndsTheLogAndIsCutAway() throws {
@@ -94,12 +120,15 @@ import Testing
         let dir = TempDir("gen")
         defer { dir.remove() }
         let path = dir.file("m")
-        let m = try Mirror.create(at: path, size: Self.size)
-        try m.append(Self.changes(1...5))
-        try m.append(Self.changes(6...10))  // its own chunk, so the rollback cuts the log there
-        let before = fileBytes(path + Self.logFile)
-        _ = try m.rollback(to: .seq(5), source: nil)
-        #expect(fileBytes(path + Self.logFile).count < before.count)
+        let before: [UInt8]
+        do {
+            let m = try Mirror.create(at: path, size: Self.size)
+            try m.append(Self.changes(1...5))
+            try m.append(Self.changes(6...10))  // its own chunk, so the rollback cuts the log there
+            before = fileBytes(path + Self.logFile)
+            _ = try m.rollback(to: .seq(5), source: nil)
+            #expect(fileBytes(path + Self.logFile).count < before.count)
+        }
         // As if the process died after the rollback committed but before the log was cut:
         // the old chunk for seqs 6...10 lies exactly where the log now ends.
         try Data(before).write(to: URL(fileURLWithPath: path + Self.logFile))
@@ -116,7 +145,6 @@ import Testing
     @Test func largeWritesAndPartialWritesInOneGroupCommitReadBackExactly() throws {
         let dir = TempDir("direct")
         defer { dir.remove() }
-        let m = try Mirror.create(at: dir.file("m"), size: Self.size)
         var model = [UInt8](repeating: 0, count: Int(Self.size))
         func apply(_ c: Change) {
             if c.kind == .write { model.replaceSubrange(Int(c.offset)..<Int(c.offset) + c.data.count, with: c.data) }
@@ -132,17 +160,20 @@ import Testing
             .write(32 << 12, big),                                           // direct again (overlaps the first)
             .write((32 << 12) + 1, [1, 2, 3]),
         ]
-        changes.forEach(apply)
-        try m.append(changes)
-        #expect(firstDifference(try readAll(m, at: .latest), model) == nil)
-        _ = try m.verify()
-        // And through replay: the same changes staged and synced, never indexed.
-        let w = JournalWriter(mirror: m)
-        let again = changes.map { c -> Change in c.kind == .write ? .write(c.offset, c.data.map { $0 ^ 0x55 }) : c }
-        again.forEach(apply)
-        try w.append(again)
-        try w.syncLog()
-        w.abort(keepLog: true)
+        do {
+            let m = try Mirror.create(at: dir.file("m"), size: Self.size)
+            changes.forEach(apply)
+            try m.append(changes)
+            #expect(firstDifference(try readAll(m, at: .latest), model) == nil)
+            _ = try m.verify()
+            // And through replay: the same changes staged and synced, never indexed.
+            let w = JournalWriter(mirror: m)
+            let again = changes.map { c -> Change in c.kind == .write ? .write(c.offset, c.data.map { $0 ^ 0x55 }) : c }
+            again.forEach(apply)
+            try w.append(again)
+            try w.syncLog()
+            w.abort(keepLog: true)
+        }
         let reopened = try Mirror.open(at: dir.file("m"))
         #expect(firstDifference(try readAll(reopened, at: .latest), model) == nil)
         _ = try reopened.verify()
