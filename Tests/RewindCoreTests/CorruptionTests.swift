@@ -96,40 +96,31 @@ import Testing
         }
     }
 
+    /// Rewrite the raw header of the mirror at `path` in place (through the journal alone, as
+    /// `Mirror.open` would refuse it).
+    static func editHeader(_ path: String, _ edit: (inout [UInt8]) -> Void) throws {
+        let j = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
+        try j.env.write { txn in
+            var raw = [UInt8](try txn.get(j.meta, Journal.metaKey)!)
+            edit(&raw)
+            try txn.put(j.meta, Journal.metaKey, raw)
+        }
+    }
+
     @Test func newerFormatAndDamagedHeaderAreRefused() throws {
         let dir = TempDir("format")
         defer { dir.remove() }
         let path = dir.file("m")
-        do {
-            let m = try Mirror.create(at: path, size: 4096)
-            try m.journal.env.write { txn in
-                var raw = [UInt8](try txn.get(m.journal.meta, Journal.metaKey)!)
-                raw[8] = 9  // format 9
-                try txn.put(m.journal.meta, Journal.metaKey, raw)
-            }
-        }
+        do { _ = try Mirror.create(at: path, size: 4096) }
+        try Self.editHeader(path) { $0[8] = 9 }  // format 9
         do { _ = try Mirror.open(at: path); Issue.record("opened a newer format") } catch let e as RewindError {
             #expect(e.description == "\(path) has mirror format 9, newer than this rewind understands (2); upgrade rewind")
         }
-        do {
-            let j = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
-            try j.env.write { txn in
-                var raw = [UInt8](try txn.get(j.meta, Journal.metaKey)!)
-                raw[8] = 1  // format 1: payload inside LMDB, not read by this rewind
-                try txn.put(j.meta, Journal.metaKey, raw)
-            }
-        }
+        try Self.editHeader(path) { $0[8] = 1 }  // format 1: payload inside LMDB, not read by this rewind
         do { _ = try Mirror.open(at: path); Issue.record("opened format 1") } catch let e as RewindError {
             #expect(e.description == "mirror \(path) is damaged: mirror format 1 keeps payload inside LMDB; this rewind reads format 2 only (restore it with the rewind that wrote it, then re-create)")
         }
-        do {
-            let j = try Journal(directory: path + "/journal", logDirectory: path + "/log", mirrorPath: path, create: false)
-            try j.env.write { txn in
-                var raw = [UInt8](try txn.get(j.meta, Journal.metaKey)!)
-                raw[8] = 2; raw[40] ^= 1  // right format, damaged field
-                try txn.put(j.meta, Journal.metaKey, raw)
-            }
-        }
+        try Self.editHeader(path) { $0[8] = 2; $0[40] ^= 1 }  // right format, damaged field
         do { _ = try Mirror.open(at: path); Issue.record("opened a damaged header") } catch let e as RewindError {
             #expect(e.description == "mirror \(path) is damaged: header checksum mismatch")
         }

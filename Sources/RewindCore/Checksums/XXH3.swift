@@ -20,13 +20,19 @@ public func payloadChecksum(blockHashes: [UInt64]) -> UInt64 {
     }
 }
 
-/// The record checksum of a stored payload made of `blockSize`-byte blocks.
-public func payloadChecksum(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> UInt64 {
-    var hashes = [UInt64](); hashes.reserveCapacity(payload.count / blockSize)
+/// The XXH3-64 of each `blockSize`-byte block of `payload` (the last may be short), in order:
+/// what index entries carry and what a record's checksum is taken over.
+public func blockHashes(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> [UInt64] {
+    var hashes = [UInt64](); hashes.reserveCapacity((payload.count + blockSize - 1) / blockSize)
     var at = 0
     while at < payload.count {
         hashes.append(xxh3(UnsafeRawBufferPointer(rebasing: payload[at..<min(at + blockSize, payload.count)])))
         at += blockSize
     }
-    return payloadChecksum(blockHashes: hashes)
+    return hashes
+}
+
+/// The record checksum of a stored payload made of `blockSize`-byte blocks.
+public func payloadChecksum(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> UInt64 {
+    payloadChecksum(blockHashes: blockHashes(payload, blockSize: blockSize))
 }

@@ -52,6 +52,15 @@ public final class BlockFile: @unchecked Sendable {
     /// Read exactly `buffer.count` bytes at `offset`, looping over short reads (`pread`).
     /// Past end of file reads zeros.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let n = try readAvailable(at: offset, into: buffer)
+        if n < buffer.count {
+            (buffer.baseAddress! + n).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - n)
+        }
+    }
+
+    /// Read up to `buffer.count` bytes at `offset`, looping over short reads until end of
+    /// file; returns how many were read.
+    public func readAvailable(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Int {
         var done = 0
         while done < buffer.count {
             let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -59,12 +68,10 @@ public final class BlockFile: @unchecked Sendable {
                 if errno == EINTR { continue }
                 throw err("pread")
             }
-            if n == 0 {
-                (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
-                return
-            }
+            if n == 0 { break }
             done += n
         }
+        return done
     }
 
     /// Write all of `buffer` at `offset`, looping over short writes (`pwrite`).

@@ -139,23 +139,19 @@ public final class JournalWriter {
             var blockHashes = [UInt64]()
             if !stored.isEmpty {
                 let aligned = change.kind == .write && change.offset % bs == 0 && change.length % bs == 0
-                blockHashes.reserveCapacity(stored.count)
-                func hashBlocks(_ p: UnsafeRawBufferPointer) {
-                    for i in 0..<stored.count {
-                        blockHashes.append(xxh3(UnsafeRawBufferPointer(rebasing: p[i * blockSize..<(i + 1) * blockSize])))
-                    }
-                }
                 if aligned {
                     // The common case, no read-modify-write: a large write is written to the log
                     // from the caller's array; a small one is copied into the chunk.
                     if change.data.count >= Self.directMinBytes { chunk.appendDirect(change.data) } else { chunk.appendCopied(change.data) }
-                    change.data.withUnsafeBytes(hashBlocks)
+                    blockHashes = change.data.withUnsafeBytes { RewindCore.blockHashes($0, blockSize: blockSize) }
                 } else {
                     let at = chunk.appendZeros(bytes)
                     for (i, block) in stored.enumerated() {
                         try fillBlock(slot: at + i * blockSize, block: block, change: change, cursor, &chunk, &scratch)
                     }
-                    chunk.payload.withUnsafeBytes { hashBlocks(UnsafeRawBufferPointer(rebasing: $0[at..<at + bytes])) }
+                    blockHashes = chunk.payload.withUnsafeBytes {
+                        RewindCore.blockHashes(UnsafeRawBufferPointer(rebasing: $0[at..<at + bytes]), blockSize: blockSize)
+                    }
                 }
                 header.checksum = payloadChecksum(blockHashes: blockHashes)
                 cumulative += UInt64(bytes)

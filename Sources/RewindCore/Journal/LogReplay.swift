@@ -18,22 +18,15 @@ extension Mirror {
     @discardableResult
     func replayLogTail() throws -> UInt64 {
         let log = journal.log
-        let bs = UInt64(blockSize)
         do {
             return try journal.env.write { txn in
                 var meta = try journal.readMeta(txn)
                 let cursor = try txn.cursor(journal.blocks)
                 var replayed: UInt64 = 0
                 let start = meta.logEnd
-                while let (chunk, headers, payload) = try readChunk(at: meta.logEnd, meta: meta) {
-                    for (i, h) in headers.enumerated() {
+                while let (chunk, records) = try readChunk(at: meta.logEnd, meta: meta) {
+                    for (i, (h, hashes)) in records.enumerated() {
                         let seq = chunk.firstSeq + UInt64(i)
-                        var hashes = [UInt64]()
-                        var at = Int(h.segmentOffset)
-                        while at < Int(h.segmentOffset) + Int(h.storedLength) {
-                            hashes.append(payload.withUnsafeBytes { xxh3(UnsafeRawBufferPointer(rebasing: $0[at..<at + Int(bs)])) })
-                            at += Int(bs)
-                        }
                         try index(h, seq: seq, blockHashes: hashes, txn, cursor)
                         meta.lastSeq = seq
                         meta.lastTime = max(meta.lastTime, h.timestamp)
@@ -56,9 +49,10 @@ extension Mirror {
         }
     }
 
-    /// The chunk at `position` with its record headers and payload, if it is intact and is
-    /// the next one the index expects; nil otherwise (the log ends there).
-    private func readChunk(at position: UInt64, meta: MirrorMeta) throws -> (LogChunk, [RecordHeader], [UInt8])? {
+    /// The chunk at `position` with its record headers and each record's block hashes (from
+    /// the payload, checked against the record's checksum), if it is intact and is the next
+    /// one the index expects; nil otherwise (the log ends there).
+    private func readChunk(at position: UInt64, meta: MirrorMeta) throws -> (LogChunk, [(RecordHeader, [UInt64])])? {
         let log = journal.log
         var raw = [UInt8](repeating: 0, count: LogChunk.headerSize)
         guard try raw.withUnsafeMutableBytes({ try log.read(at: position, into: $0) }),
@@ -72,7 +66,7 @@ extension Mirror {
               xxh3(records) == chunk.recordsCheck else { return nil }
         var payload = [UInt8](repeating: 0, count: Int(chunk.payloadBytes))
         guard try payload.withUnsafeMutableBytes({ try log.read(at: payloadStart, into: $0) }) else { return nil }
-        var headers: [RecordHeader] = []
+        var checked: [(RecordHeader, [UInt64])] = []
         let bs = UInt64(blockSize)
         var cumulative = meta.lastCumulative
         for i in 0..<Int(chunk.count) {
@@ -83,15 +77,13 @@ extension Mirror {
                   UInt64(h.storedLength) == UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs,
                   UInt64(h.segmentOffset) + UInt64(h.storedLength) <= chunk.payloadBytes,
                   h.cumulative == cumulative + UInt64(h.storedLength) else { return nil }
-            if h.storedLength > 0 {
-                let sum = payload.withUnsafeBytes {
-                    payloadChecksum(UnsafeRawBufferPointer(rebasing: $0[Int(h.segmentOffset)..<Int(h.segmentOffset) + Int(h.storedLength)]), blockSize: blockSize)
-                }
-                guard sum == h.checksum else { return nil }
+            let hashes = payload.withUnsafeBytes {
+                blockHashes(UnsafeRawBufferPointer(rebasing: $0[Int(h.segmentOffset)..<Int(h.segmentOffset) + Int(h.storedLength)]), blockSize: blockSize)
             }
+            guard hashes.isEmpty || payloadChecksum(blockHashes: hashes) == h.checksum else { return nil }
             cumulative = h.cumulative
-            headers.append(h)
+            checked.append((h, hashes))
         }
-        return (chunk, headers, payload)
+        return (chunk, checked)
     }
 }

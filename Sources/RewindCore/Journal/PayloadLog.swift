@@ -19,25 +19,15 @@ public final class PayloadLog: @unchecked Sendable {
     static let maxOpenFiles = 256
 
     let directory: String
-    /// An open descriptor and how many callers are using it. A file unlinked while in use is
-    /// taken out of the map at once and closed by its last user.
-    private final class Handle {
-        let fd: Int32
-        var users = 0
-        var doomed = false
-        init(fd: Int32) { self.fd = fd }
-    }
-    private let files = Mutex([UInt64: Handle]())
+    /// Open files. A file taken out of the map (unlinked, or evicted) stays open until its
+    /// last user lets go of it.
+    private let files = Mutex([UInt64: BlockFile]())
     /// Files written since the last `sync()`, and whether a file was created (the directory
     /// entry must be synced too).
     private let dirty = Mutex((files: Set<UInt64>(), created: false))
 
     public init(directory: String) {
         self.directory = directory
-    }
-
-    deinit {
-        files.withLock { for (_, h) in $0 { close(h.fd) } }
     }
 
     static func create(directory: String) throws {
@@ -52,41 +42,27 @@ public final class PayloadLog: @unchecked Sendable {
 
     // MARK: descriptors
 
-    /// Run `body` with file `index`'s descriptor, opening (or, with `create`, creating) it.
-    /// Returns nil when the file does not exist and `create` is false.
-    private func withFile<T>(_ index: UInt64, create: Bool, _ body: (Int32) throws -> T) throws -> T? {
-        let handle: Handle? = try files.withLock { open in
-            if let h = open[index] {
-                h.users += 1
-                return h
-            }
+    /// Run `body` with file `index`, opening (or, with `create`, creating) it. Returns nil
+    /// when the file does not exist and `create` is false.
+    private func withFile<T>(_ index: UInt64, create: Bool, _ body: (BlockFile) throws -> T) throws -> T? {
+        let file: BlockFile? = try files.withLock { open in
+            if let f = open[index] { return f }
             let p = path(ofFile: index)
-            var fd = Glibc.open(p, O_RDWR | O_CLOEXEC)
-            if fd < 0 && errno == EACCES { fd = Glibc.open(p, O_RDONLY | O_CLOEXEC) }  // a read-only mirror
-            if fd < 0 && errno == ENOENT && create {
-                fd = Glibc.open(p, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-                if fd >= 0 { dirty.withLock { $0.created = true } }
+            let f: BlockFile
+            do {
+                f = try BlockFile(path: p, mode: .readWrite)
+            } catch RewindError.io(_, _, EACCES) {
+                f = try BlockFile(path: p, mode: .readOnly)  // a read-only mirror
+            } catch RewindError.io(_, _, ENOENT) {
+                guard create else { return nil }
+                f = try BlockFile(path: p, mode: .createNew)
+                dirty.withLock { $0.created = true }
             }
-            if fd < 0 {
-                if errno == ENOENT { return nil }
-                throw RewindError.io(path: p, operation: "open", errno: errno)
-            }
-            if open.count >= Self.maxOpenFiles {
-                for (k, h) in open where h.users == 0 { close(h.fd); open[k] = nil }
-            }
-            let h = Handle(fd: fd)
-            h.users = 1
-            open[index] = h
-            return h
+            if open.count >= Self.maxOpenFiles { open.removeAll() }
+            open[index] = f
+            return f
         }
-        guard let handle else { return nil }
-        defer {
-            files.withLock { _ in
-                handle.users -= 1
-                if handle.doomed && handle.users == 0 { close(handle.fd) }
-            }
-        }
-        return try body(handle.fd)
+        return try file.map(body)
     }
 
     /// Split `count` bytes at `position` into per-file pieces: (file, offset in file, offset in
@@ -109,22 +85,11 @@ public final class PayloadLog: @unchecked Sendable {
     /// Fill `buffer` from stream `position`. False if the log does not reach that far (a file
     /// is missing or too short); I/O errors throw.
     public func read(at position: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> Bool {
-        guard let base = buffer.baseAddress else { return true }
         for piece in Self.pieces(at: position, count: buffer.count) {
-            let complete = try withFile(piece.file, create: false) { fd -> Bool in
-                var done = 0
-                while done < piece.length {
-                    let n = pread(fd, base + piece.from + done, piece.length - done, off_t(piece.offset) + off_t(done))
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        throw RewindError.io(path: path(ofFile: piece.file), operation: "pread", errno: errno)
-                    }
-                    if n == 0 { return false }
-                    done += n
-                }
-                return true
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[piece.from..<piece.from + piece.length])
+            guard try withFile(piece.file, create: false, { try $0.readAvailable(at: piece.offset, into: slice) }) == piece.length else {
+                return false
             }
-            guard complete == true else { return false }
         }
         return true
     }
@@ -133,19 +98,9 @@ public final class PayloadLog: @unchecked Sendable {
 
     /// Write `bytes` at stream `position` (buffered; durable after `sync()`).
     public func write(_ bytes: UnsafeRawBufferPointer, at position: UInt64) throws {
-        guard let base = bytes.baseAddress else { return }
         for piece in Self.pieces(at: position, count: bytes.count) {
-            _ = try withFile(piece.file, create: true) { fd in
-                var done = 0
-                while done < piece.length {
-                    let n = pwrite(fd, base + piece.from + done, piece.length - done, off_t(piece.offset) + off_t(done))
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        throw RewindError.io(path: path(ofFile: piece.file), operation: "pwrite", errno: errno)
-                    }
-                    done += n
-                }
-            }
+            let slice = UnsafeRawBufferPointer(rebasing: bytes[piece.from..<piece.from + piece.length])
+            _ = try withFile(piece.file, create: true) { try $0.write(at: piece.offset, from: slice) }
             dirty.withLock { _ = $0.files.insert(piece.file) }
         }
     }
@@ -170,29 +125,16 @@ public final class PayloadLog: @unchecked Sendable {
         guard let from else { return }
         let to = range.upperBound + ahead
         for piece in Self.pieces(at: from, count: Int(to - from)) {
-            _ = try withFile(piece.file, create: true) { fd in
+            _ = try withFile(piece.file, create: true) { file in
                 guard prewrite else {
-                    _ = rewind_preallocate_range(fd, off_t(piece.offset), off_t(piece.length))
+                    _ = rewind_preallocate_range(file.fd, off_t(piece.offset), off_t(piece.length))
                     return
                 }
-                var done = 0
-                while done < piece.length {
-                    let n = Self.zeros.withUnsafeBytes { z in
-                        pwrite(fd, z.baseAddress, min(z.count, piece.length - done), off_t(piece.offset) + off_t(done))
-                    }
-                    if n < 0 {
-                        if errno == EINTR { continue }
-                        throw RewindError.io(path: path(ofFile: piece.file), operation: "pwrite", errno: errno)
-                    }
-                    done += n
-                }
-                guard fdatasync(fd) == 0 else {
-                    throw RewindError.io(path: path(ofFile: piece.file), operation: "fdatasync", errno: errno)
-                }
+                try file.writeZeros(at: piece.offset, length: UInt64(piece.length))
+                try file.dataSync()
             }
         }
     }
-    private static let zeros = [UInt8](repeating: 0, count: 256 << 10)
 
     /// Make everything written so far durable: `fdatasync` of each file written since the last
     /// call (normally one), and of the directory when a file was created.
@@ -220,11 +162,7 @@ public final class PayloadLog: @unchecked Sendable {
     }
 
     private func syncFile(_ index: UInt64) throws {
-        _ = try withFile(index, create: false) { fd in
-            guard fdatasync(fd) == 0 else {
-                throw RewindError.io(path: path(ofFile: index), operation: "fdatasync", errno: errno)
-            }
-        }
+        _ = try withFile(index, create: false) { try $0.dataSync() }
     }
 
     /// Drop the pages of `range` (already durable) from the page cache: a CDP journal is
@@ -234,33 +172,29 @@ public final class PayloadLog: @unchecked Sendable {
         let page = UInt64(LMDBEnvironment.osPageSize)
         let start = (range.lowerBound + page - 1) / page * page, end = range.upperBound / page * page
         guard start < end else { return }
-        for piece in Self.pieces(at: start, count: Int(end - start)) {
-            _ = try? withFile(piece.file, create: false) { fd in
-                _ = posix_fadvise(fd, off_t(piece.offset), off_t(piece.length), Int32(POSIX_FADV_DONTNEED))
-            }
-        }
+        advise(start..<end) { posix_fadvise($0, $1, $2, Int32(POSIX_FADV_DONTNEED)) }
     }
 
     /// Start writing `range` back to disk now (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a
     /// later `release` finds it clean. Not a durability barrier: `sync()` is.
     public func startWriteback(_ range: Range<UInt64>) {
-        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
-            _ = try? withFile(piece.file, create: false) { fd in
-                _ = rewind_start_writeback(fd, off_t(piece.offset), off_t(piece.length))
-            }
-        }
+        advise(range, rewind_start_writeback)
     }
 
     /// Wait until `range` is written back, then drop it from the page cache: the streaming
     /// writer's pattern, which keeps the log's footprint in the cache to a couple of group
     /// commits and hands the kernel back pages it can reuse at once.
     public func release(_ range: Range<UInt64>) {
-        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
-            _ = try? withFile(piece.file, create: false) { fd in
-                _ = rewind_finish_writeback(fd, off_t(piece.offset), off_t(piece.length))
-            }
-        }
+        advise(range, rewind_finish_writeback)
         dropFromCache(range)
+    }
+
+    /// Apply a page-cache call (`fd, offset, length`) to each file's part of `range`. Advice
+    /// only: errors are ignored.
+    private func advise(_ range: Range<UInt64>, _ call: (Int32, off_t, off_t) -> Int32) {
+        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
+            _ = try? withFile(piece.file, create: false) { _ = call($0.fd, off_t(piece.offset), off_t(piece.length)) }
+        }
     }
 
     // MARK: housekeeping
@@ -319,21 +253,14 @@ public final class PayloadLog: @unchecked Sendable {
         if unlinked { try syncDirectory() }
         let inFile = position % Self.fileBytes
         guard inFile > 0 || position == 0 else { return }
-        _ = try withFile(keep, create: false) { fd in
-            guard ftruncate(fd, off_t(inFile)) == 0 else {
-                throw RewindError.io(path: path(ofFile: keep), operation: "ftruncate", errno: errno)
-            }
-            guard fdatasync(fd) == 0 else {
-                throw RewindError.io(path: path(ofFile: keep), operation: "fdatasync", errno: errno)
-            }
+        _ = try withFile(keep, create: false) { file in
+            try file.truncate(to: inFile)
+            try file.dataSync()
         }
     }
 
     private func closeFile(_ index: UInt64) {
-        files.withLock { open in
-            guard let h = open.removeValue(forKey: index) else { return }
-            if h.users == 0 { close(h.fd) } else { h.doomed = true }
-        }
+        _ = files.withLock { $0.removeValue(forKey: index) }
         dirty.withLock { _ = $0.files.remove(index) }
     }
 
