@@ -14,7 +14,11 @@ import RewindNBD
 /// reads (`overlay`), like a write into a disk's cache; the commit thread takes everything
 /// queued every `commitIntervalNanoseconds` (or sooner when a FLUSH or FUA write waits, or the
 /// queue passes `ackedBytesMax`), appends it to the journal as one log chunk — the journal
-/// first, write-ahead — then applies it to the source in the same order. A FLUSH or FUA
+/// first, write-ahead — then applies it to the source in the same order. The source writes
+/// of a batch run on a second thread (`applyQueue`) while the writer journals the next batch:
+/// the kernel's cost of a buffered write into the source is as large as the whole journal's,
+/// and one thread doing both was the bottleneck. At most one batch is at the applier; overlay
+/// reads see it until it is in the source. A FLUSH or FUA
 /// request is answered once its batch is in the log and the log and the source are
 /// fdatasynced, so it covers every write answered before it, on any connection. The LMDB index
 /// of those records commits later (`indexCommitIntervalNanoseconds`), off the FLUSH path: the
@@ -70,14 +74,20 @@ final class VolumeWriter: @unchecked Sendable {
     private let cond = NSCondition()
     private var queue: [Op] = []          // not yet taken by the commit thread
     private var inCommit: [Op] = []       // taken, not yet applied to the source
+    private var applying: [Op] = []       // journalled and handed to the applier, not yet in the source
+    /// Source writes of journalled batches, one batch at a time, in order.
+    private let applyQueue = DispatchQueue(label: "rewind-apply")
     private var queuedBytes = 0
     private var syncWanted = false
     private var stopping = false
     private var finished = false
     private var fenced: String?
     private var syncedSeq: UInt64
-    /// When the last batch was taken (monotonic ns): the idle clock for index commits.
-    private var lastBatchAt: UInt64 = 0
+    /// When the writer last had work — a request arrived or a batch finished (monotonic ns):
+    /// the idle clock for index commits. A commit that took longer than the idle interval
+    /// (a FLUSH on a slow disk) must not count as idleness, or every FLUSH at queue depth 1
+    /// would be followed by an index commit that the next request waits behind.
+    private var lastActiveAt: UInt64 = 0
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -108,6 +118,7 @@ final class VolumeWriter: @unchecked Sendable {
             if op.needsSync { syncWanted = true }
             queuedBytes += op.bytes
             queue.append(op)
+            lastActiveAt = monotonicNanoseconds()
             cond.signal()
         }
         cond.unlock()
@@ -119,8 +130,8 @@ final class VolumeWriter: @unchecked Sendable {
     func overlay(_ range: Range<UInt64>) -> [Op] {
         cond.lock()
         defer { cond.unlock() }
-        guard !inCommit.isEmpty || !queue.isEmpty else { return [] }
-        return (inCommit + queue).filter { $0.range.overlaps(range) }
+        guard !applying.isEmpty || !inCommit.isEmpty || !queue.isEmpty else { return [] }
+        return (applying + inCommit + queue).filter { $0.range.overlaps(range) }
     }
 
     /// Whether any write answered but not yet in the source overlaps `range` (what `overlay`
@@ -128,7 +139,8 @@ final class VolumeWriter: @unchecked Sendable {
     func overlaps(_ range: Range<UInt64>) -> Bool {
         cond.lock()
         defer { cond.unlock() }
-        return inCommit.contains { $0.range.overlaps(range) } || queue.contains { $0.range.overlaps(range) }
+        return applying.contains { $0.range.overlaps(range) } || inCommit.contains { $0.range.overlaps(range) }
+            || queue.contains { $0.range.overlaps(range) }
     }
 
     /// Commit everything queued, sync source and journal, record the source as synced, stop.
@@ -147,7 +159,7 @@ final class VolumeWriter: @unchecked Sendable {
                 // Idle: commit staged index updates once they are old enough.
                 if journal.isStaging {
                     let due = min(journal.stagedSince + Self.indexCommitIntervalNanoseconds,
-                                  lastBatchAt + Self.indexCommitIdleNanoseconds)
+                                  lastActiveAt + Self.indexCommitIdleNanoseconds)
                     let now = monotonicNanoseconds()
                     if now >= due {
                         cond.unlock()
@@ -177,14 +189,16 @@ final class VolumeWriter: @unchecked Sendable {
             queuedBytes -= bytes
             syncWanted = queue.contains { $0.needsSync }
             let batch = inCommit
-            lastBatchAt = monotonicNanoseconds()
             cond.unlock()
-            let (failure, seqs) = commit(batch)
+            let (failure, seqs, handedOff) = commit(batch)
             cond.lock()
             inCommit.removeAll()
+            lastActiveAt = monotonicNanoseconds()
             cond.broadcast()
             cond.unlock()
-            for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
+            if !handedOff {
+                for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
+            }
             if seqs != nil && journal.isStaging && (journal.stagedChanges >= Self.indexCommitMaxChanges
                 || monotonicNanoseconds() - journal.stagedSince >= Self.indexCommitIntervalNanoseconds) {
                 commitIndex()
@@ -194,6 +208,7 @@ final class VolumeWriter: @unchecked Sendable {
             cond.lock()
         }
         cond.unlock()
+        _ = waitForApplier()
         finalSync()
         cond.lock()
         finished = true
@@ -202,11 +217,13 @@ final class VolumeWriter: @unchecked Sendable {
     }
 
     /// Journal (log chunk, staged index), then source, then (if asked) sync of both. Returns the
-    /// errno to answer waiting requests with, or the seqs appended.
-    private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?) {
-        if let fenced {
+    /// errno to answer waiting requests with, or the seqs appended; `handedOff` when the
+    /// batch's source writes went to the applier, which answers its waiting requests.
+    private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?, handedOff: Bool) {
+        if let fenced = fencedReason() {
+            journal.abort(keepLog: true)  // the applier may have fenced: give up LMDB's writer lock here
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
-            return (.io, nil)
+            return (.io, nil, false)
         }
         let changes: [Change] = batch.map { op in
             switch op.kind {
@@ -224,53 +241,102 @@ final class VolumeWriter: @unchecked Sendable {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
-            return (Self.isOutOfSpace(error) ? .nospc : .io, nil)
+            return (Self.isOutOfSpace(error) ? .nospc : .io, nil, false)
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
+        // The previous batch reaches the source first (seq order, invariant 5).
+        if waitForApplier() != nil {
+            journal.abort(keepLog: true)  // the applier fenced the volume (and logged why)
+            return (.io, nil, false)
+        }
+        let needsSync = batch.contains(where: \.needsSync)
+        if !needsSync {
+            cond.lock()
+            applying = batch  // moved in one step: overlay reads never miss it nor see it twice
+            inCommit.removeAll()
+            cond.unlock()
+            applyQueue.async { [self] in apply(batch) }
+            return (nil, seqs, true)
+        }
         do {
-            for op in batch {
-                switch op.kind {
-                case .write(let data): try source.write(at: op.offset, data)
-                case let .zero(length, noHole):
-                    if noHole {
-                        if try !source.zeroRange(at: op.offset, length: length) { try source.writeZeros(at: op.offset, length: length) }
-                    } else {
-                        try source.punchHole(at: op.offset, length: length)
-                    }
-                case let .trim(length): try source.punchHole(at: op.offset, length: length)
-                case .flush: break
-                }
-            }
+            try Self.write(batch, to: source)
         } catch {
             fence("source write failed: \(error)")
-            return (.io, nil)
+            return (.io, nil, false)
         }
-        if batch.contains(where: \.needsSync) {
-            let started = DispatchTime.now().uptimeNanoseconds
-            do {
-                // The two syncs touch different files: run them side by side.
-                let sourceSync = SyncResult()
-                let group = DispatchGroup()
-                DispatchQueue.global().async(group: group) { [source] in sourceSync.set { try source.dataSync() } }
-                defer { group.wait() }  // never leave the source's sync running past a failure
-                try journal.syncLog()
-                group.wait()
-                try sourceSync.get()
-                syncedSeq = seqs.upperBound
-            } catch {
-                // After a failed sync the page cache may have dropped the data: never ack again.
-                fence("sync failed: \(error)")
-                return (.io, nil)
+        let started = DispatchTime.now().uptimeNanoseconds
+        do {
+            // The two syncs touch different files: run them side by side.
+            let sourceSync = SyncResult()
+            let group = DispatchGroup()
+            DispatchQueue.global().async(group: group) { [source] in sourceSync.set { try source.dataSync() } }
+            defer { group.wait() }  // never leave the source's sync running past a failure
+            try journal.syncLog()
+            group.wait()
+            try sourceSync.get()
+            syncedSeq = seqs.upperBound
+        } catch {
+            // After a failed sync the page cache may have dropped the data: never ack again.
+            fence("sync failed: \(error)")
+            return (.io, nil, false)
+        }
+        metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
+        return (nil, seqs, false)
+    }
+
+    /// Write a journalled batch's changes to the source, in order.
+    private static func write(_ batch: [Op], to source: BlockFile) throws {
+        for op in batch {
+            switch op.kind {
+            case .write(let data): try source.write(at: op.offset, data)
+            case let .zero(length, noHole):
+                if noHole {
+                    if try !source.zeroRange(at: op.offset, length: length) { try source.writeZeros(at: op.offset, length: length) }
+                } else {
+                    try source.punchHole(at: op.offset, length: length)
+                }
+            case let .trim(length): try source.punchHole(at: op.offset, length: length)
+            case .flush: break
             }
-            metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
         }
-        return (nil, seqs)
+    }
+
+    /// On `applyQueue`: the source writes of a batch with no FLUSH or FUA in it, then its
+    /// waiting requests answered. A failure fences the volume at once (later writes are
+    /// refused); the writer thread gives up the journal's transaction when it next looks.
+    private func apply(_ batch: [Op]) {
+        var failure: String?
+        do { try Self.write(batch, to: source) } catch { failure = "source write failed: \(error)" }
+        cond.lock()
+        applying.removeAll()
+        if let failure, fenced == nil { fenced = failure }
+        cond.broadcast()
+        cond.unlock()
+        if let failure { logger.critical("volume fenced, every further write fails with EIO: \(failure)") }
+        for op in batch { if failure != nil { op.promise?.fail(NBDErrno.io) } else { op.promise?.succeed(()) } }
+    }
+
+    /// Wait until the applier has written the batch it holds; the fencing reason if it failed.
+    private func waitForApplier() -> String? {
+        cond.lock()
+        defer { cond.unlock() }
+        while !applying.isEmpty { cond.wait() }
+        return fenced
+    }
+
+    private func fencedReason() -> String? {
+        cond.lock()
+        defer { cond.unlock() }
+        return fenced
     }
 
     /// Commit the staged index (the log is synced first). A failure fences the volume; the
     /// synced log still holds every record, and the next start indexes them.
     private func commitIndex() {
-        guard fenced == nil else { return }
+        guard fencedReason() == nil else {
+            journal.abort(keepLog: true)
+            return
+        }
         do {
             try journal.commit()
         } catch {
@@ -300,7 +366,7 @@ final class VolumeWriter: @unchecked Sendable {
     }
 
     private func finalSync() {
-        guard fenced == nil else {
+        guard fencedReason() == nil else {
             journal.abort(keepLog: true)  // on this thread, which holds LMDB's writer lock
             return
         }
