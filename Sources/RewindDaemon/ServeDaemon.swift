@@ -69,7 +69,12 @@ public enum ServeDaemon {
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
         prepared.lock.release()
-        logger.info("stopped cleanly; journal at seq:\((try? prepared.mirror.meta().lastSeq) ?? 0)")
+        let lastSeq = (try? prepared.mirror.meta().lastSeq) ?? 0
+        if let why = writer.fenceReason {
+            logger.error("stopped; writes were refused since: \(why); the journal holds seq:\(lastSeq), and the next start brings the source to it")
+        } else {
+            logger.info("stopped cleanly; journal at seq:\(lastSeq)")
+        }
     }
 
     struct Prepared {

@@ -324,6 +324,9 @@ final class VolumeWriter: @unchecked Sendable {
         return fenced
     }
 
+    /// Why writes are refused, once the volume is fenced.
+    var fenceReason: String? { fencedReason() }
+
     private func fencedReason() -> String? {
         cond.lock()
         defer { cond.unlock() }
