@@ -19,6 +19,8 @@ public final class Mirror: @unchecked Sendable {
     public let blockSize: Int
     public let volumeSize: UInt64
     public let uuid: [UInt8]
+    /// Set when opening found the log's tail damaged rather than torn (see `LogDamage`).
+    public internal(set) var logDamage: LogDamage?
 
     /// Largest single write the journal accepts (NBD's maximum payload is 32 MiB).
     public static let maxWriteBytes: UInt64 = 64 << 20

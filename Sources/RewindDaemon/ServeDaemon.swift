@@ -107,6 +107,9 @@ public enum ServeDaemon {
         let lock = try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 3,
                                 holder: "another rewind process (serve or rollback) owns this mirror")
         let mirror = try Mirror.open(at: mirrorPath, recover: true, ownerLockHeld: true)
+        if let damage = mirror.logDamage {
+            logger.error("\(damage); the source may still hold what those records wrote: check with rewind verify \(mirrorPath) --against \(o.source)")
+        }
         guard mirror.volumeSize == sourceSize else {
             throw RewindError.invalidArgument("\(o.source) is \(sourceSize) bytes but mirror \(mirrorPath) holds a volume of \(mirror.volumeSize): not its mirror")
         }

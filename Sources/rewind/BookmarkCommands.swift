@@ -16,7 +16,7 @@ struct BookmarkCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.open(at: mirror)
+            let m = try openMirror(mirror)
             if delete {
                 try m.deleteBookmark(name)
                 if !json { print("removed bookmark \(name)") }
@@ -38,7 +38,7 @@ struct BookmarksCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.open(at: mirror)
+            let m = try openMirror(mirror)
             for b in try m.bookmarks() {
                 let line = Line(name: b.name, seq: b.seq, time: formatRFC3339(b.time))
                 if json { printJSON(line) } else { print("\(b.name)\tseq:\(b.seq)\t\(line.time)") }

@@ -18,7 +18,7 @@ struct CompactCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.open(at: mirror, recover: true)
+            let m = try openMirror(mirror, recover: true)
             let progress = ProgressPrinter(command: "compact")
             let report: CompactionReport?
             if let to { report = try m.compact(to: to, progress: progress) } else {

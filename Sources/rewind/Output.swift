@@ -21,6 +21,13 @@ private func exitCode(for error: Error) -> Error {
     }
 }
 
+/// Open a mirror for a command; a damaged log tail found on the way is said on stderr.
+func openMirror(_ path: String, recover: Bool = false) throws -> Mirror {
+    let m = try Mirror.open(at: path, recover: recover)
+    if let damage = m.logDamage { printError("rewind: warning: \(damage)") }
+    return m
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("rewind: error: \(message)\n".utf8))
 }

@@ -15,7 +15,7 @@ struct RestoreCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.open(at: mirror)
+            let m = try openMirror(mirror)
             let r = try m.restore(at: at, to: to, force: force, progress: ProgressPrinter(command: "restore"))
             if json { printJSON(Line(seq: r.seq, image: to, bytes: r.bytes, blocksFromJournal: r.blocksFromJournal)) } else {
                 print("restored seq:\(r.seq) to \(to) (\(humanBytes(r.bytes)), \(r.blocksFromJournal) blocks from the journal)")

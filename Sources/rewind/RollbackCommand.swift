@@ -18,7 +18,7 @@ struct RollbackCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.open(at: mirror)
+            let m = try openMirror(mirror)
             let r = try m.rollback(to: at, source: source, progress: ProgressPrinter(command: "rollback"))
             if json { printJSON(r) } else {
                 var line = "rolled back from seq:\(r.fromSeq) to seq:\(r.toSeq): \(r.recordsRemoved) records removed"

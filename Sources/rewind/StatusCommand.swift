@@ -9,7 +9,7 @@ struct StatusCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let s = try Mirror.open(at: mirror).status()
+            let s = try openMirror(mirror).status()
             if json { printJSON(s); return }
             print("""
             mirror       \(s.path)

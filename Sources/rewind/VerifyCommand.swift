@@ -20,7 +20,7 @@ struct VerifyCommand: ParsableCommand {
 
     func run() throws {
         do {
-            let m = try Mirror.open(at: mirror)
+            let m = try openMirror(mirror)
             let r = try m.verify(at: at, against: against, progress: ProgressPrinter(command: "verify"))
             if json { printJSON(Success(report: r)) } else {
                 var line = "ok: \(r.records) records, \(humanBytes(r.payloadBytes)) of payload and \(r.indexEntries) index entries verified"

@@ -116,6 +116,65 @@ import Testing
         #expect(try m.append([.flush]) == 9...9)
     }
 
+    /// A damaged chunk with intact chunks after it is not a torn tail: the log still ends at
+    /// the damage (nothing after it can be indexed in order), but the mirror says so and the
+    /// cut bytes are kept, byte for byte, in damaged-log/.
+    @Test func aDamagedChunkBeforeIntactOnesIsReportedAndKept() throws {
+        let dir = TempDir("damaged")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        var endOfFirst: UInt64 = 0
+        do {
+            let m = try Mirror.create(at: path, size: Self.size)
+            try m.append(Self.changes(1...5))
+            let w = JournalWriter(mirror: m)
+            try w.append(Self.changes(6...8))
+            endOfFirst = m.journal.log.end()
+            try w.append(Self.changes(9...12))
+            try w.append(Self.changes(13...13))
+            try w.syncLog()
+            w.abort(keepLog: true)  // synced, never indexed
+        }
+        var bytes = fileBytes(path + Self.logFile)
+        let originalTail = Array(bytes[Int(endOfFirst)...])
+        bytes[Int(endOfFirst) + LogChunk.headerSize + 5] ^= 0x01  // payload of seq:9...12's chunk
+        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
+        let damagedTail = Array(bytes[Int(endOfFirst)...])
+        let m = try Mirror.open(at: path)
+        #expect(try m.meta().lastSeq == 8)
+        #expect(m.journal.log.end() == endOfFirst)
+        let d = try #require(m.logDamage)
+        #expect(d.position == endOfFirst && d.expectedSeq == 9 && d.laterChunks == 1 && d.laterSeqs == 13...13)
+        #expect(d.bytes == UInt64(originalTail.count))
+        #expect(d.savedAs == path + String(format: "/damaged-log/%016llx-%016llx.log", endOfFirst, endOfFirst + d.bytes))
+        #expect(fileBytes(d.savedAs) == damagedTail)
+        #expect(d.description == "the journal's log is damaged at byte \(endOfFirst) (seq:9 failed its checks) and 1 intact chunk claiming seq:13...seq:13 followed; the journal now ends at seq:8, and the \(d.bytes) bytes from there were kept in \(d.savedAs)")
+        _ = try m.verify()
+    }
+
+    /// A torn last chunk (nothing intact after it) is a crash's unsynced write: no report.
+    @Test func aTornLastChunkIsNotReportedAsDamage() throws {
+        let dir = TempDir("tornonly")
+        defer { dir.remove() }
+        let path = dir.file("m")
+        var endOfFirst: UInt64 = 0
+        do {
+            let m = try Mirror.create(at: path, size: Self.size)
+            let w = JournalWriter(mirror: m)
+            try w.append(Self.changes(1...3))
+            endOfFirst = m.journal.log.end()
+            try w.append(Self.changes(4...9))
+            w.abort(keepLog: true)
+        }
+        var bytes = fileBytes(path + Self.logFile)
+        bytes[Int(endOfFirst) + LogChunk.headerSize + 100] ^= 0x01
+        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
+        let m = try Mirror.open(at: path)
+        #expect(try m.meta().lastSeq == 3)
+        #expect(m.logDamage == nil)
+        #expect(access(path + "/damaged-log", F_OK) != 0)
+    }
+
     @Test func aRolledBackHistoryIsNeverReplayed() throws {
         let dir = TempDir("gen")
         defer { dir.remove() }

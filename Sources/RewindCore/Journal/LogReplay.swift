@@ -1,3 +1,28 @@
+import Foundation
+
+/// What replay found past the last intact chunk when that was not just a torn tail: intact
+/// chunks of the current history after a damaged one. A crash tears only unsynced writes, but
+/// the kernel may write later pages first, so this is not proof of a disk error — yet the later
+/// chunks may hold FLUSHed writes, so their bytes are kept (`savedAs`, fsynced) before the log
+/// is cut, and every command that opens the mirror says so.
+public struct LogDamage: Sendable, Equatable, CustomStringConvertible {
+    /// Where the first chunk that failed its checks starts, and the seq it should have begun with.
+    public let position: UInt64
+    public let expectedSeq: UInt64
+    /// Intact chunks found after it, and the seqs they claim.
+    public let laterChunks: Int
+    public let laterSeqs: ClosedRange<UInt64>
+    /// Bytes from `position` to the log's end, kept in `savedAs`.
+    public let bytes: UInt64
+    public let savedAs: String
+
+    public var description: String {
+        "the journal's log is damaged at byte \(position) (seq:\(expectedSeq) failed its checks) and \(laterChunks) "
+            + "intact chunk\(laterChunks == 1 ? "" : "s") claiming seq:\(laterSeqs.lowerBound)...seq:\(laterSeqs.upperBound) "
+            + "followed; the journal now ends at seq:\(expectedSeq - 1), and the \(bytes) bytes from there were kept in \(savedAs)"
+    }
+}
+
 /// Indexing the log's tail: the chunks a writer wrote (and perhaps synced, and answered a
 /// FLUSH for) whose LMDB transaction never committed, because the process died first.
 extension Mirror {
@@ -40,13 +65,72 @@ extension Mirror {
                     // writes): durable before the index that names them.
                     try log.sync(start..<meta.logEnd)
                 }
-                if log.end() > meta.logEnd { try log.truncate(at: meta.logEnd) }
+                let end = log.end()
+                if end > meta.logEnd {
+                    if let (count, seqs) = try laterIntactChunks(from: meta.logEnd, to: end, meta: meta) {
+                        let saved = try keepDamagedTail(meta.logEnd..<end)
+                        logDamage = LogDamage(position: meta.logEnd, expectedSeq: meta.lastSeq + 1, laterChunks: count,
+                                              laterSeqs: seqs, bytes: end - meta.logEnd, savedAs: saved)
+                    }
+                    try log.truncate(at: meta.logEnd)
+                }
                 if replayed > 0 { try journal.writeMeta(txn, meta) }
                 return replayed
             }
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
+    }
+
+    /// Intact chunk headers of the current history that claim later seqs, between the first
+    /// chunk that failed and the log's end (chunks start on 64-byte boundaries): how many, and
+    /// the seqs they claim; nil when there are none (a torn tail).
+    private func laterIntactChunks(from start: UInt64, to end: UInt64, meta: MirrorMeta) throws -> (Int, ClosedRange<UInt64>)? {
+        let step = UInt64(LogChunk.headerSize)
+        let window = 1 << 20
+        var buffer = [UInt8](repeating: 0, count: window + LogChunk.headerSize)
+        var found = 0
+        var seqs: ClosedRange<UInt64>?
+        var at = start + step
+        while at + step <= end {
+            let n = Int(min(UInt64(buffer.count), end - at))
+            guard try buffer.withUnsafeMutableBytes({ try journal.log.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }) else { break }
+            var i = 0
+            while i + LogChunk.headerSize <= n && i < window {
+                if buffer[i] == LogChunk.magic[0],
+                   let chunk = buffer.withUnsafeBytes({ LogChunk.decodeHeader(UnsafeRawBufferPointer(rebasing: $0[i..<i + LogChunk.headerSize])) }),
+                   chunk.generation == meta.generation, chunk.count > 0, chunk.firstSeq > meta.lastSeq + 1 {
+                    found += 1
+                    let last = chunk.firstSeq + UInt64(chunk.count) - 1
+                    seqs = min(seqs?.lowerBound ?? chunk.firstSeq, chunk.firstSeq)...max(seqs?.upperBound ?? last, last)
+                }
+                i += Int(step)
+            }
+            at += UInt64(window)
+        }
+        guard found > 0, let seqs else { return nil }
+        return (found, seqs)
+    }
+
+    /// Copy the log's bytes in `range` to `MIRROR/damaged-log/`, fsynced, before they are cut.
+    private func keepDamagedTail(_ range: Range<UInt64>) throws -> String {
+        let dir = path + "/damaged-log"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let file = dir + "/" + String(format: "%016llx-%016llx.log", range.lowerBound, range.upperBound)
+        let out = try BlockFile(path: file, mode: .createOrTruncate)
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        var at = range.lowerBound
+        while at < range.upperBound {
+            let n = Int(min(UInt64(buffer.count), range.upperBound - at))
+            let complete = try buffer.withUnsafeMutableBytes { try journal.log.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            guard complete else { break }
+            try buffer.withUnsafeBytes { try out.write(at: at - range.lowerBound, from: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
+            at += UInt64(n)
+        }
+        try out.dataSync()
+        syncDirectory(containing: file)
+        syncDirectory(containing: dir)
+        return file
     }
 
     /// The chunk at `position` with its record headers and each record's block hashes (from
