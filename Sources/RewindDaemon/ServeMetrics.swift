@@ -22,6 +22,8 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
     let compactedBlocks = Counter(label: "rewind_compaction_blocks_written_total")
     let horizon = Gauge(label: "rewind_journal_horizon_seq")
     let journalPayload = Gauge(label: "rewind_journal_payload_bytes")
+    /// 1 once a failed journal append, source write or sync has fenced the volume (writes fail).
+    private let fencedGauge = Gauge(label: "rewind_volume_fenced")
     private let state = NIOLockedValueBox((inflight: 0, connections: 0))
 
     init() {
@@ -34,7 +36,10 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
             l[c] = Metrics.Timer(label: "rewind_nbd_request_duration_seconds", dimensions: [("command", c.name)])
         }
         requests = r; bytes = b; latency = l; errors = e
+        fencedGauge.record(0)
     }
+
+    func volumeFenced() { fencedGauge.record(1) }
 
     func requestStarted(_ command: NBDCommand) {
         let n = state.withLockedValue { $0.inflight += 1; return $0.inflight }

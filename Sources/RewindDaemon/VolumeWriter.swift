@@ -309,7 +309,7 @@ final class VolumeWriter: @unchecked Sendable {
         do { try Self.write(batch, to: source) } catch { failure = "source write failed: \(error)" }
         cond.lock()
         applying.removeAll()
-        if let failure, fenced == nil { fenced = failure }
+        if let failure, fenced == nil { fenced = failure; metrics.volumeFenced() }
         cond.broadcast()
         cond.unlock()
         if let failure { logger.critical("volume fenced, every further write fails with EIO: \(failure)") }
@@ -363,8 +363,9 @@ final class VolumeWriter: @unchecked Sendable {
     private func fence(_ why: String) {
         journal.abort(keepLog: true)
         cond.lock()
-        fenced = why
+        if fenced == nil { fenced = why }  // the first failure is the reason
         cond.unlock()
+        metrics.volumeFenced()
         logger.critical("volume fenced, every further write fails with EIO: \(why)")
     }
 

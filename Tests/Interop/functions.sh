@@ -41,11 +41,12 @@ requires() { command -v "$1" >/dev/null 2>&1 || { echo "SKIP: $1 not installed" 
 finish() { echo "$(basename "$0"): $CHECKS checks passed"; }
 
 # start_server SOURCE [serve options...] — starts `rewind serve` on a Unix socket and a free
-# TCP port; sets SERVER_PID, SOCK, PORT, UNIX_URI, TCP_URI. Waits until it listens.
+# TCP port; sets SERVER_PID, SOCK, PORT, UNIX_URI, TCP_URI, SERVER_JSON (its --json line). Waits until it listens.
 start_server() {
     local source=$1; shift
     SOCK="$T/nbd-$RANDOM.sock"
     local log="$T/serve-$RANDOM.json"
+    SERVER_JSON=$log
     "$REWIND" serve "$source" --listen "unix:$SOCK" --listen 127.0.0.1:0 --json "$@" >"$log" 2>>"$T/serve.log" &
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")

@@ -51,7 +51,9 @@ PYEOF
 
 # --- the source's file system fills (the source writes run on the applier thread) ---
 small_fs src 12M
-start_server src/vol.img --size 64M --mirror "$T/vol.rewind"
+start_server src/vol.img --size 64M --mirror "$T/vol.rewind" --metrics 127.0.0.1:0
+METRICS=$(sed 's/.*"metrics":"\([^"]*\)".*/\1/' "$SERVER_JSON")
+curl -s "http://$METRICS/metrics" | grep -qx 'rewind_volume_fenced 0.0' || fail "metrics: rewind_volume_fenced 0 before the failure"; ok
 read -r first flush later readok written < <(FUA=0 "$PY" fill.py "$UNIX_URI") || fail "client on a full source"
 # Plain writes are answered before they reach the source: the failure surfaces at the FLUSH
 # (EIO, as a disk reports a writeback error) unless a later write already met the fence.
@@ -62,6 +64,7 @@ read -r first flush later readok written < <(FUA=0 "$PY" fill.py "$UNIX_URI") ||
 grep -q "volume fenced, every further write fails with EIO: source write failed" "$T/serve.log" \
     || fail "no fencing message: $(tail -3 "$T/serve.log")"; ok
 nbdinfo --size "$UNIX_URI" | grep -qx 67108864 || fail "a second connection after the fence"; ok
+curl -s "http://$METRICS/metrics" | grep -qx 'rewind_volume_fenced 1.0' || fail "metrics: rewind_volume_fenced 1 after the failure"; ok
 stop_server
 grep -q "stopped; writes were refused since: source write failed" "$T/serve.log" || fail "stop message of a fenced volume"; ok
 mount -o remount,size=128M "$T/src"
