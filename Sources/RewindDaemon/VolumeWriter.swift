@@ -220,7 +220,7 @@ final class VolumeWriter: @unchecked Sendable {
     /// errno to answer waiting requests with, or the seqs appended; `handedOff` when the
     /// batch's source writes went to the applier, which answers its waiting requests.
     private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?, handedOff: Bool) {
-        if let fenced = fencedReason() {
+        if let fenced = fenceReason {
             journal.abort(keepLog: true)  // the applier may have fenced: give up LMDB's writer lock here
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
             return (.io, nil, false)
@@ -309,10 +309,11 @@ final class VolumeWriter: @unchecked Sendable {
         do { try Self.write(batch, to: source) } catch { failure = "source write failed: \(error)" }
         cond.lock()
         applying.removeAll()
-        if let failure, fenced == nil { fenced = failure; metrics.volumeFenced() }
+        // Under the same lock: the writer, woken by the broadcast, must see the fence.
+        if let failure, fenced == nil { fenced = failure }
         cond.broadcast()
         cond.unlock()
-        if let failure { logger.critical("volume fenced, every further write fails with EIO: \(failure)") }
+        if let failure { announceFence(failure) }
         for op in batch { if failure != nil { op.promise?.fail(NBDErrno.io) } else { op.promise?.succeed(()) } }
     }
 
@@ -325,9 +326,7 @@ final class VolumeWriter: @unchecked Sendable {
     }
 
     /// Why writes are refused, once the volume is fenced.
-    var fenceReason: String? { fencedReason() }
-
-    private func fencedReason() -> String? {
+    var fenceReason: String? {
         cond.lock()
         defer { cond.unlock() }
         return fenced
@@ -336,7 +335,7 @@ final class VolumeWriter: @unchecked Sendable {
     /// Commit the staged index (the log is synced first). A failure fences the volume; the
     /// synced log still holds every record, and the next start indexes them.
     private func commitIndex() {
-        guard fencedReason() == nil else {
+        guard fenceReason == nil else {
             journal.abort(keepLog: true)
             return
         }
@@ -365,12 +364,16 @@ final class VolumeWriter: @unchecked Sendable {
         cond.lock()
         if fenced == nil { fenced = why }  // the first failure is the reason
         cond.unlock()
+        announceFence(why)
+    }
+
+    private func announceFence(_ why: String) {
         metrics.volumeFenced()
         logger.critical("volume fenced, every further write fails with EIO: \(why)")
     }
 
     private func finalSync() {
-        guard fencedReason() == nil else {
+        guard fenceReason == nil else {
             journal.abort(keepLog: true)  // on this thread, which holds LMDB's writer lock
             return
         }
