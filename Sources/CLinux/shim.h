@@ -48,3 +48,18 @@ static inline ssize_t rewind_pread_nowait(int fd, void *buffer, size_t length, o
     struct rewind_iovec iov = { buffer, length };
     return syscall(SYS_preadv2, fd, &iov, 1, (unsigned long)offset, 0UL, REWIND_RWF_NOWAIT);
 }
+
+#include <sys/ioctl.h>
+#include <sys/vfs.h>
+#include <linux/fs.h>
+/* The file system type (statfs's f_type: 0xEF53 ext2/3/4, 0x58465342 XFS), or -1. */
+static inline long rewind_fs_type(int fd) {
+    struct statfs s;
+    return fstatfs(fd, &s) == 0 ? (long)s.f_type : -1;
+}
+/* Whether an XFS file lives on the realtime device (its fdatasync flushes that device only). */
+static inline int rewind_is_realtime(int fd) {
+    struct fsxattr x;
+    if (ioctl(fd, FS_IOC_FSGETXATTR, &x) != 0) return 0;
+    return (x.fsx_xflags & FS_XFLAG_REALTIME) != 0;
+}

@@ -150,6 +150,35 @@ public final class BlockFile: @unchecked Sendable {
         guard fdatasync(fd) == 0 else { throw err("fdatasync") }
     }
 
+    /// Write the file's dirty pages to the device and wait for them (`sync_file_range` with
+    /// WAIT_BEFORE | WRITE | WAIT_AFTER): not durable until a device cache flush follows, and
+    /// no metadata is written. Reports a writeback error as `fdatasync` would.
+    public func writeOut() throws {
+        guard rewind_finish_writeback(fd, 0, 0) == 0 else { throw err("sync_file_range") }
+    }
+
+    /// Start writing the file's dirty pages to the device (`sync_file_range(WRITE)`); advice only.
+    public func startWriteback() {
+        _ = rewind_start_writeback(fd, 0, 0)
+    }
+
+    /// Whether this file's `fdatasync` ends with a device cache flush that also makes durable
+    /// the writes already completed to files on the file system holding `directory`: both on
+    /// one ext4 or XFS file system (so one device, or a device-mapper stack that passes the
+    /// flush to all of it), and not an XFS realtime file (its flush goes to the realtime
+    /// device only). Both file systems issue that flush after waiting for the file's own data,
+    /// whether or not a metadata commit was needed (`ext4_sync_file`, `xfs_file_fsync`).
+    public func fdatasyncFlushesDevice(of directory: String) -> Bool {
+        var mine = stat(), theirs = stat()
+        guard fstat(fd, &mine) == 0, stat(directory, &theirs) == 0, mine.st_dev == theirs.st_dev,
+              (mine.st_mode & S_IFMT) == S_IFREG else { return false }
+        switch rewind_fs_type(fd) {
+        case 0xEF53: return true
+        case 0x5846_5342: return rewind_is_realtime(fd) == 0
+        default: return false
+        }
+    }
+
     /// Flush data and metadata to stable storage. The corresponding C function is `fsync`.
     public func sync() throws {
         guard fsync(fd) == 0 else { throw err("fsync") }

@@ -258,6 +258,27 @@ public final class JournalWriter {
         }
     }
 
+    /// Like `syncLog()`, but lets `deviceFlush` — an `fdatasync` of a file whose device cache
+    /// flush covers the log (`BlockFile.fdatasyncFlushesDevice`) — make the log durable when
+    /// only data is owed (`PayloadLog.sync(flushedBy:)`): the FLUSH of a served volume then
+    /// costs one device cache flush. Returns whether `deviceFlush` ran; if not, nothing was
+    /// synced and the caller syncs both the usual way.
+    public func syncLog(sharingFlush deviceFlush: () throws -> Void) throws -> Bool {
+        guard let end = meta?.logEnd, end > syncedTo else { return false }
+        guard try log.sync(flushedBy: deviceFlush) else { return false }
+        syncedTo = end
+        if keepsLogOutOfCache, let pending = writingBack {
+            log.dropFromCache(pending)
+            writingBack = nil
+        }
+        return true
+    }
+
+    /// Whether an `fdatasync` of `file` flushes the device cache under the log too.
+    public func logSharesDeviceFlush(with file: BlockFile) -> Bool {
+        file.fdatasyncFlushesDevice(of: log.directory)
+    }
+
     /// Sync the log, then commit the index transaction (readers see the new records). If the
     /// sync fails the transaction stays open and the caller chooses how to abort; if LMDB's
     /// commit fails the transaction is gone, and `abort(keepLog: false)` can still cut the log.

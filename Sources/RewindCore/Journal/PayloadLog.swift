@@ -22,9 +22,12 @@ public final class PayloadLog: @unchecked Sendable {
     /// Open files. A file taken out of the map (unlinked, or evicted) stays open until its
     /// last user lets go of it.
     private let files = Mutex([UInt64: BlockFile]())
-    /// Files written since the last `sync()`, and whether a file was created (the directory
-    /// entry must be synced too).
-    private let dirty = Mutex((files: Set<UInt64>(), created: false))
+    /// Files written since the last `sync()`, the stream positions written, and whether a file
+    /// was created (the directory entry must be synced too).
+    private let dirty = Mutex((files: Set<UInt64>(), written: Range<UInt64>?.none, created: false))
+    /// Stream positions on blocks already written with zeros and synced (`reserve(prewrite:)`),
+    /// file size included: overwriting them leaves no metadata to write (`sync(flushedBy:)`).
+    private let prepared = Mutex<Range<UInt64>>(0..<0)
 
     public init(directory: String) {
         self.directory = directory
@@ -103,6 +106,10 @@ public final class PayloadLog: @unchecked Sendable {
             _ = try withFile(piece.file, create: true) { try $0.write(at: piece.offset, from: slice) }
             dirty.withLock { _ = $0.files.insert(piece.file) }
         }
+        let range = position..<position + UInt64(bytes.count)
+        dirty.withLock { d in
+            d.written = d.written.map { min($0.lowerBound, range.lowerBound)..<max($0.upperBound, range.upperBound) } ?? range
+        }
     }
 
     /// Blocks are reserved this far ahead of the log's end (`reserve(through:)`).
@@ -134,23 +141,72 @@ public final class PayloadLog: @unchecked Sendable {
                 try file.dataSync()
             }
         }
+        if prewrite {
+            prepared.withLock { p in
+                p = p.upperBound >= from && p.lowerBound <= from ? p.lowerBound..<max(p.upperBound, to) : from..<to
+            }
+        }
     }
 
     /// Make everything written so far durable: `fdatasync` of each file written since the last
     /// call (normally one), and of the directory when a file was created.
     public func sync() throws {
-        let (toSync, created) = dirty.withLock { d -> (Set<UInt64>, Bool) in
-            defer { d = (Set<UInt64>(), false) }
-            return (d.files, d.created)
+        let (toSync, written, created) = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?, Bool) in
+            defer { d = (Set<UInt64>(), nil, false) }
+            return (d.files, d.written, d.created)
         }
         do {
             for index in toSync.sorted() { try syncFile(index) }
             if created { try syncDirectory() }
         } catch {
             // Still owed: a later sync retries (the writer fences the volume meanwhile).
-            dirty.withLock { $0.files.formUnion(toSync); $0.created = $0.created || created }
+            owe(toSync, written, created)
             throw error
         }
+    }
+
+    /// Put back what a failed sync still owes: a later sync retries (the writer fences the
+    /// volume meanwhile).
+    private func owe(_ files: Set<UInt64>, _ written: Range<UInt64>?, _ created: Bool) {
+        dirty.withLock { d in
+            d.files.formUnion(files)
+            d.created = d.created || created
+            if let written {
+                d.written = d.written.map { min($0.lowerBound, written.lowerBound)..<max($0.upperBound, written.upperBound) } ?? written
+            }
+        }
+    }
+
+    /// Make everything written so far durable with the device cache flush of another file's
+    /// `fdatasync` (`deviceFlush`, on the same device: `BlockFile.fdatasyncFlushesDevice`),
+    /// instead of a cache flush of its own: a FLUSH then costs the device one cache flush, not
+    /// two (two side by side took 220–270 µs here, one 107–150 µs). Possible only when every
+    /// byte written since the last sync overwrote prepared blocks and no file was created —
+    /// nothing but data is owed — so the bytes are written out and waited for
+    /// (`BlockFile.writeOut`) before `deviceFlush` runs, and its flush, issued after its own
+    /// data wait, covers them. Returns false, having done nothing, when a full `sync()` is
+    /// needed instead. With nothing owed, `deviceFlush` just runs.
+    public func sync(flushedBy deviceFlush: () throws -> Void) throws -> Bool {
+        let ready = prepared.withLock { $0 }
+        let owed = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?, Bool)? in
+            guard !d.created else { return nil }
+            if let w = d.written {
+                guard w.lowerBound >= ready.lowerBound, w.upperBound <= ready.upperBound else { return nil }
+            } else if !d.files.isEmpty {
+                return nil
+            }
+            defer { d = (Set<UInt64>(), nil, false) }
+            return (d.files, d.written, d.created)
+        }
+        guard let (toSync, written, created) = owed else { return false }
+        do {
+            for index in toSync.sorted() { _ = try withFile(index, create: false) { try $0.writeOut() } }
+            try deviceFlush()
+        } catch {
+            owe(toSync, written, created)
+            throw error
+        }
+        return true
     }
 
     /// Make the files spanning `range` durable, whoever wrote them (log replay indexes bytes a
@@ -238,11 +294,13 @@ public final class PayloadLog: @unchecked Sendable {
             if unlink(path(ofFile: i)) == 0 { n += 1 }
         }
         if n > 0 { try? syncDirectory() }  // space only: a file that comes back is deleted again
+        prepared.withLock { $0 = $0.clamped(to: position..<max(position, $0.upperBound)) }
         return n
     }
 
     /// Cut the stream at `position`: what follows is a torn or abandoned tail. Later files go.
     public func truncate(at position: UInt64) throws {
+        prepared.withLock { $0 = $0.clamped(to: 0..<position) }
         let keep = position / Self.fileBytes
         var unlinked = false
         for i in fileIndices() where i > keep || (i == keep && position % Self.fileBytes == 0 && position > 0) {
