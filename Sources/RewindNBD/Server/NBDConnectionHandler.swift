@@ -49,6 +49,11 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private var waitingForBudget = false
     private let budget: InflightBudget
     private var disconnecting = false
+    /// Inside `channelRead`: replies completed there (writes answered at once) are flushed
+    /// together when it ends, one `writev` for many — each flush wakes the client, and on a
+    /// small machine the woken client preempted this loop after every reply.
+    private var batchingReplies = false
+    private var flushOwed = false
     private var deadline: Scheduled<Void>?
 
     /// `budget`: payload in flight shared with the server's other connections.
@@ -91,6 +96,11 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
         input.writeBuffer(&bytes)
+        batchingReplies = true
+        defer {
+            batchingReplies = false
+            if flushOwed { flushOwed = false; context.flush() }
+        }
         do {
             try process(context: context)
         } catch {
@@ -426,7 +436,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             case .success(let value):
                 // The reply's pieces go out as they are (one writev): read data is never copied.
                 for piece in reply(value) { context.write(wrapOutboundOut(piece), promise: nil) }
-                context.flush()
+                if batchingReplies { flushOwed = true } else { context.flush() }
                 observer?.requestFinished(kind, bytes: bytes, nanoseconds: elapsed, error: nil)
             case .failure(let error):
                 let errno = error as? NBDErrno ?? .io
