@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # fio's nbd engine against `rewind serve` (journal on), `nbdkit file` and `qemu-nbd`, on the
 # same file system, in one run; plus FLUSH latency against a plain fdatasync and rewind's peak
-# RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build.
+# RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build. Each job starts after
+# `sync` (the previous job's writeback finished).
 # usage: benchmarks/serve-bench.sh [DIR] [SECONDS-PER-JOB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,6 +33,10 @@ stop() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=
 
 fio_json() {  # fio_json NAME RW BS DEPTH [extra...] -> prints "MiB/s IOPS sync_lat_us"
     local name=$1 rw=$2 bs=$3 depth=$4; shift 4
+    # Every job starts on a quiet disk, for every server alike: the page cache's writeback
+    # of the previous job (the source's dirty pages, rewind's journal) would otherwise land
+    # on whichever job runs next.
+    sync; sleep 1
     fio --name="$name" --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw="$rw" --bs="$bs" --iodepth="$depth" \
         --size=$SIZE --time_based --runtime="$RUNTIME" --output-format=json "$@" > "$DIR/$name.json" 2>/dev/null
     /usr/bin/python3 - "$DIR/$name.json" <<'PY'
