@@ -12,7 +12,10 @@ import ServiceLifecycle
 /// journal after an unclean stop, then serve NBD until SIGTERM/SIGINT, when in-flight
 /// requests are answered, source and journal synced and the journal closed cleanly.
 public enum ServeDaemon {
-    public static func run(_ options: ServeOptions, progress: ProgressObserver?) async throws {
+    /// Serve until SIGTERM/SIGINT. Returns false when the volume was fenced (writes refused
+    /// after a failure): the caller exits non-zero, so a service manager sees the failure.
+    @discardableResult
+    public static func run(_ options: ServeOptions, progress: ProgressObserver?) async throws -> Bool {
         let level = Logger.Level(rawValue: options.logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -72,9 +75,10 @@ public enum ServeDaemon {
         let lastSeq = (try? prepared.mirror.meta().lastSeq) ?? 0
         if let why = writer.fenceReason {
             logger.error("stopped; writes were refused since: \(why); the journal holds seq:\(lastSeq), and the next start brings the source to it")
-        } else {
-            logger.info("stopped cleanly; journal at seq:\(lastSeq)")
+            return false
         }
+        logger.info("stopped cleanly; journal at seq:\(lastSeq)")
+        return true
     }
 
     struct Prepared {

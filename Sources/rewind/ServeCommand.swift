@@ -55,7 +55,8 @@ struct ServeCommand: AsyncParsableCommand {
                 throw ValidationError("invalid log level \"\(o.logLevel)\"")
             }
             o.json = json
-            try await ServeDaemon.run(o, progress: ProgressPrinter(command: "serve"))
+            // A fenced volume stops with exit status 3 (its reason is already in the log).
+            guard try await ServeDaemon.run(o, progress: ProgressPrinter(command: "serve")) else { throw ExitCode(3) }
         }
     }
 }

@@ -65,7 +65,8 @@ grep -q "volume fenced, every further write fails with EIO: source write failed"
     || fail "no fencing message: $(tail -3 "$T/serve.log")"; ok
 nbdinfo --size "$UNIX_URI" | grep -qx 67108864 || fail "a second connection after the fence"; ok
 curl -s "http://$METRICS/metrics" | grep -qx 'rewind_volume_fenced 1.0' || fail "metrics: rewind_volume_fenced 1 after the failure"; ok
-stop_server
+kill -TERM "$SERVER_PID"; status=0; wait "$SERVER_PID" || status=$?
+[ $status = 3 ] || fail "a fenced server exited $status on SIGTERM, expected 3"; ok
 grep -q "stopped; writes were refused since: source write failed" "$T/serve.log" || fail "stop message of a fenced volume"; ok
 mount -o remount,size=128M "$T/src"
 start_server src/vol.img --mirror "$T/vol.rewind"
@@ -90,7 +91,8 @@ read -r first flush later readok written < <(FUA=1 "$PY" fill.py "$UNIX_URI") ||
 [ "$readok" = True ] || fail "flushed data unreadable after the fence"; ok
 grep -q "volume fenced, every further write fails with EIO: journal append failed" "$T/serve.log" \
     || fail "no fencing message: $(tail -3 "$T/serve.log")"; ok
-stop_server
+kill -TERM "$SERVER_PID"; status=0; wait "$SERVER_PID" || status=$?
+[ $status = 3 ] || fail "a fenced server exited $status on SIGTERM, expected 3"; ok
 mount -o remount,size=256M "$T/mir"
 start_server big.img --mirror "$T/mir/vol.rewind"
 stop_server
