@@ -17,10 +17,17 @@ func say(_ line: String, fd: Int32 = 1) {
     _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
 }
 
+/// `n` as 16 hex digits (a log file's name).
+func hex16(_ n: UInt64) -> String {
+    let digits = String(n, radix: 16)
+    return String(repeating: "0", count: max(0, 16 - digits.count)) + digits
+}
+
 /// Other modes, for the CLI scripts:
 ///   rewind-torture append MIRROR SEED COUNT [BATCH]  append changes lastSeq+1... of stream SEED, then sync
 ///   rewind-torture model SEED SIZE BLOCKSIZE K OUT   write the volume after change K of stream SEED
 ///   rewind-torture describe SEED SIZE BLOCKSIZE K    print change K's kind, offset and length
+///   rewind-torture damage-log MIRROR SEED             leave a damaged chunk before an intact one past the index
 let args = CommandLine.arguments
 do {
     switch (args.count, args.count > 1 ? args[1] : "") {
@@ -67,10 +74,37 @@ do {
         _ = try mirror.compact(to: .seq(count / 2))
         _ = try mirror.rollback(to: .seq(count * 3 / 4), source: args[5])
         exit(0)
+    case (4, "damage-log"):
+        // Stage changes lastSeq+1... of stream SEED as three log chunks that are synced but
+        // never indexed (a writer killed before its index commit), then damage the middle
+        // chunk's payload, so the next open finds damage with an intact chunk after it.
+        // Prints the damaged chunk's log position and its first seq.
+        guard let seed = UInt64(args[3]) else { break }
+        let mirror = try Mirror.open(at: args[2], recover: true)
+        let writer = JournalWriter(mirror: mirror)
+        var last = try mirror.meta().lastSeq
+        var damagedAt: UInt64 = 0, damagedSeq: UInt64 = 0
+        for chunk in 0..<3 {
+            if chunk == 1 { (damagedAt, damagedSeq) = (mirror.journal.log.end(), last + 1) }
+            last = try writer.append((1...3).map {
+                streamChange(seed: seed, index: last + $0, size: mirror.volumeSize, blockSize: mirror.blockSize)
+            }).upperBound
+        }
+        try writer.syncLog()
+        writer.abort(keepLog: true)
+        let at = damagedAt + 64 + 5  // a payload byte, past the 64-byte chunk header
+        let file = try BlockFile(path: mirror.path + "/log/" + hex16(at / PayloadLog.fileBytes) + ".log", mode: .readWrite)
+        var byte: [UInt8] = [0]
+        try byte.withUnsafeMutableBytes { try file.read(at: at % PayloadLog.fileBytes, into: $0) }
+        byte[0] ^= 0x01
+        try file.write(at: at % PayloadLog.fileBytes, byte)
+        try file.dataSync()
+        say("\(damagedAt) \(damagedSeq)")
+        exit(0)
     case (3, _):
         break
     default:
-        say("usage: rewind-torture MIRROR SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K", fd: 2)
+        say("usage: rewind-torture MIRROR SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
         exit(2)
     }
 } catch {

@@ -24,12 +24,16 @@ private func exitCode(for error: Error) -> Error {
 /// Open a mirror for a command; a damaged log tail found on the way is said on stderr.
 func openMirror(_ path: String, recover: Bool = false) throws -> Mirror {
     let m = try Mirror.open(at: path, recover: recover)
-    if let damage = m.logDamage { printError("rewind: warning: \(damage)") }
+    if let damage = m.logDamage { printWarning("\(damage)") }
     return m
 }
 
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("rewind: error: \(message)\n".utf8))
+}
+
+func printWarning(_ message: String) {
+    FileHandle.standardError.write(Data("rewind: warning: \(message)\n".utf8))
 }
 
 /// One JSON object per line (JSON Lines), keys sorted so output is stable.

@@ -110,4 +110,18 @@ expect_error 1 "rewind: error: seq:1600 is after the newest record seq:1500" "$R
 [ "$("$REWIND" status w --json | sed 's/.*"journalPayloadBytes":\([0-9]*\).*/\1/')" -le 65536 ] || fail "keep-size left too much"; ok
 "$REWIND" verify w --against model.img >/dev/null || fail "verify after keep-size"; ok
 
+# a damaged log chunk with an intact one after it (synced, never indexed): the first command
+# to open the mirror warns — one exact line, exit 0 — keeps the cut bytes, and the journal
+# ends before the damage
+"$REWIND" init d --size 1M >/dev/null
+read -r at seq < <("$TORTURE" damage-log d $SEED)
+err=$("$REWIND" status d 2>&1 >/dev/null) || fail "status of a mirror with a damaged log failed: $err"
+kept=$(ls d/damaged-log)
+name=${kept%.log}; bytes=$(( 16#${name#*-} - 16#${name%-*} ))
+want="rewind: warning: the journal's log is damaged at byte $at (seq:$seq failed its checks) and 1 intact chunk claiming seq:$((seq + 3))...seq:$((seq + 5)) followed; the journal now ends at seq:$((seq - 1)), and the $bytes bytes from there were kept in d/damaged-log/$kept"
+[ "$err" = "$want" ] || fail "damage warning was [$err], expected [$want]"; ok
+[ "$("$REWIND" status d --json | sed 's/.*"newestSeq":\([0-9]*\).*/\1/')" = $((seq - 1)) ] || fail "the journal does not end before the damage"; ok
+err=$("$REWIND" verify d 2>&1 >/dev/null) || fail "verify after the damage was cut: $err"
+[ -z "$err" ] || fail "a second open warned again: [$err]"; ok
+
 finish
