@@ -16,6 +16,13 @@ import Testing
 
     static var logFile: String { "/log/0000000000000000.log" }
 
+    /// Damage the mirror's first log file: flip the bits of `mask` in the byte at `offset`.
+    static func flipLogByte(_ mirror: String, at offset: Int, _ mask: UInt8) throws {
+        var bytes = fileBytes(mirror + logFile)
+        bytes[offset] ^= mask
+        try Data(bytes).write(to: URL(fileURLWithPath: mirror + logFile))
+    }
+
     @Test func syncedButUnindexedRecordsAreReplayedOnOpen() throws {
         let dir = TempDir("replay")
         defer { dir.remove() }
@@ -105,9 +112,7 @@ import Testing
             w.abort(keepLog: true)
         }
         // Damage the last chunk's payload (its first byte follows the 64-byte chunk header).
-        var bytes = fileBytes(path + Self.logFile)
-        bytes[Int(endOfSecond) + LogChunk.headerSize] ^= 0xFF
-        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
+        try Self.flipLogByte(path, at: Int(endOfSecond) + LogChunk.headerSize, 0xFF)
         let m = try Mirror.open(at: path)
         #expect(try m.meta().lastSeq == 8)
         #expect(try m.meta().logEnd == endOfSecond)
@@ -135,11 +140,9 @@ import Testing
             try w.syncLog()
             w.abort(keepLog: true)  // synced, never indexed
         }
-        var bytes = fileBytes(path + Self.logFile)
-        let originalTail = Array(bytes[Int(endOfFirst)...])
-        bytes[Int(endOfFirst) + LogChunk.headerSize + 5] ^= 0x01  // payload of seq:9...12's chunk
-        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
-        let damagedTail = Array(bytes[Int(endOfFirst)...])
+        let originalTail = Array(fileBytes(path + Self.logFile)[Int(endOfFirst)...])
+        try Self.flipLogByte(path, at: Int(endOfFirst) + LogChunk.headerSize + 5, 0x01)  // payload of seq:9...12's chunk
+        let damagedTail = Array(fileBytes(path + Self.logFile)[Int(endOfFirst)...])
         let m = try Mirror.open(at: path)
         #expect(try m.meta().lastSeq == 8)
         #expect(m.journal.log.end() == endOfFirst)
@@ -166,9 +169,7 @@ import Testing
             try w.append(Self.changes(4...9))
             w.abort(keepLog: true)
         }
-        var bytes = fileBytes(path + Self.logFile)
-        bytes[Int(endOfFirst) + LogChunk.headerSize + 100] ^= 0x01
-        try Data(bytes).write(to: URL(fileURLWithPath: path + Self.logFile))
+        try Self.flipLogByte(path, at: Int(endOfFirst) + LogChunk.headerSize + 100, 0x01)
         let m = try Mirror.open(at: path)
         #expect(try m.meta().lastSeq == 3)
         #expect(m.logDamage == nil)

@@ -251,11 +251,7 @@ public final class JournalWriter {
     public func syncLog() throws {
         guard let end = meta?.logEnd, end > syncedTo else { return }
         try log.sync()
-        syncedTo = end
-        if keepsLogOutOfCache, let pending = writingBack {
-            log.dropFromCache(pending)  // clean now
-            writingBack = nil
-        }
+        logSynced(to: end)
     }
 
     /// Like `syncLog()`, but lets `deviceFlush` — an `fdatasync` of a file whose device cache
@@ -266,12 +262,17 @@ public final class JournalWriter {
     public func syncLog(sharingFlush deviceFlush: () throws -> Void) throws -> Bool {
         guard let end = meta?.logEnd, end > syncedTo else { return false }
         guard try log.sync(flushedBy: deviceFlush) else { return false }
+        logSynced(to: end)
+        return true
+    }
+
+    /// The log is durable up to `end`: what was being written back is clean, so it leaves the cache.
+    private func logSynced(to end: UInt64) {
         syncedTo = end
         if keepsLogOutOfCache, let pending = writingBack {
             log.dropFromCache(pending)
             writingBack = nil
         }
-        return true
     }
 
     /// Whether an `fdatasync` of `file` flushes the device cache under the log too.

@@ -106,10 +106,7 @@ public final class PayloadLog: @unchecked Sendable {
             _ = try withFile(piece.file, create: true) { try $0.write(at: piece.offset, from: slice) }
             dirty.withLock { _ = $0.files.insert(piece.file) }
         }
-        let range = position..<position + UInt64(bytes.count)
-        dirty.withLock { d in
-            d.written = d.written.map { min($0.lowerBound, range.lowerBound)..<max($0.upperBound, range.upperBound) } ?? range
-        }
+        dirty.withLock { $0.written = Self.spanning($0.written, position..<position + UInt64(bytes.count)) }
     }
 
     /// Blocks are reserved this far ahead of the log's end (`reserve(through:)`).
@@ -171,10 +168,14 @@ public final class PayloadLog: @unchecked Sendable {
         dirty.withLock { d in
             d.files.formUnion(files)
             d.created = d.created || created
-            if let written {
-                d.written = d.written.map { min($0.lowerBound, written.lowerBound)..<max($0.upperBound, written.upperBound) } ?? written
-            }
+            if let written { d.written = Self.spanning(d.written, written) }
         }
+    }
+
+    /// The smallest range holding `a` (if any) and `b`.
+    private static func spanning(_ a: Range<UInt64>?, _ b: Range<UInt64>) -> Range<UInt64> {
+        guard let a else { return b }
+        return min(a.lowerBound, b.lowerBound)..<max(a.upperBound, b.upperBound)
     }
 
     /// Make everything written so far durable with the device cache flush of another file's
@@ -188,7 +189,7 @@ public final class PayloadLog: @unchecked Sendable {
     /// needed instead. With nothing owed, `deviceFlush` just runs.
     public func sync(flushedBy deviceFlush: () throws -> Void) throws -> Bool {
         let ready = prepared.withLock { $0 }
-        let owed = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?, Bool)? in
+        let owed = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?)? in
             guard !d.created else { return nil }
             if let w = d.written {
                 guard w.lowerBound >= ready.lowerBound, w.upperBound <= ready.upperBound else { return nil }
@@ -196,14 +197,14 @@ public final class PayloadLog: @unchecked Sendable {
                 return nil
             }
             defer { d = (Set<UInt64>(), nil, false) }
-            return (d.files, d.written, d.created)
+            return (d.files, d.written)
         }
-        guard let (toSync, written, created) = owed else { return false }
+        guard let (toSync, written) = owed else { return false }
         do {
             for index in toSync.sorted() { _ = try withFile(index, create: false) { try $0.writeOut() } }
             try deviceFlush()
         } catch {
-            owe(toSync, written, created)
+            owe(toSync, written, false)
             throw error
         }
         return true
