@@ -57,9 +57,18 @@ final class VolumeWriter: @unchecked Sendable {
     /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
     static let maxBatchBytes = 32 << 20
     static let maxBatchOps = 8192
+    /// Source writes are cut at this alignment, so the source's page cache holds folios of at
+    /// most this size. ext4's buffered write walks every block of the folio it lands in
+    /// (`ext4_block_write_begin`): a 4 KiB write into the 1 MiB folio a 1 MiB write left
+    /// behind visited 256 buffer heads, 43 % of the server's CPU at random 4 KiB writes.
+    static let sourceWritePieceBytes = 64 << 10
     /// How long staged index updates wait before LMDB commits them (readers of points see
     /// records this much later), and how many changes one index transaction takes at most.
-    static let indexCommitIntervalNanoseconds: UInt64 = 100_000_000
+    /// Each index commit costs the device two cache flushes (the log's `fdatasync`, then
+    /// LMDB's), and under a steady stream of writes each took 30–60 ms on the reference
+    /// machine: at one commit per 100 ms the writer spent most of its time in them and held
+    /// random 4 KiB writes at QD 16 to 22–27k IOPS; at one per second, 32–47k (docs/benchmarks.md).
+    static let indexCommitIntervalNanoseconds: UInt64 = 1_000_000_000
     static let indexCommitMaxChanges = 65536
     /// Once no request has come for this long, staged index updates commit at once, so a
     /// `timeline` or `restore` run after a client finishes sees its records.
@@ -309,7 +318,7 @@ final class VolumeWriter: @unchecked Sendable {
     private static func write(_ batch: [Op], to source: BlockFile) throws {
         for op in batch {
             switch op.kind {
-            case .write(let data): try source.write(at: op.offset, data)
+            case .write(let data): try source.write(at: op.offset, data, piecesOf: Self.sourceWritePieceBytes)
             case let .zero(length, noHole):
                 if noHole {
                     if try !source.zeroRange(at: op.offset, length: length) { try source.writeZeros(at: op.offset, length: length) }

@@ -39,6 +39,10 @@ expect_output() {
 requires() { command -v "$1" >/dev/null 2>&1 || { echo "SKIP: $1 not installed" >&2; exit 77; }; }
 
 finish() { echo "$(basename "$0"): $CHECKS checks passed"; }
+# Run a check until it passes, for up to 10 s. A reader sees a running server's records once
+# it commits its index, 1 ms after the volume goes idle; on a loaded disk that commit can take
+# longer than the next command takes to start. A check that never passes still fails.
+eventually() { local i; for i in $(seq 50); do "$@" && return 0; sleep 0.2; done; "$@"; }
 
 # start_server SOURCE [serve options...] — starts `rewind serve` on a Unix socket and a free
 # TCP port; sets SERVER_PID, SOCK, PORT, UNIX_URI, TCP_URI, SERVER_JSON (its --json line). Waits until it listens.

@@ -37,4 +37,24 @@ import Testing
         var mixed = [UInt8](repeating: 0, count: 2 << 20)
         #expect(!mixed.withUnsafeMutableBytes { file.readIfCached(at: 7 << 20, into: $0) } || mixed[(1 << 20)...] == bytes[...])
     }
+
+    /// The served source's writes go out cut at 64 KiB boundaries (`VolumeWriter`): every byte
+    /// must land where one whole write would have put it, whatever the alignment.
+    @Test func writeInPiecesLandsEveryByte() throws {
+        let dir = TempDir("pieces")
+        defer { dir.remove() }
+        let file = try BlockFile(path: dir.file("v.img"), mode: .createNew)
+        try file.truncate(to: 4 << 20)
+        var rng = SplitMix(seed: 11)
+        for (offset, count) in [(0, 1 << 20), (4096, 65536), (65536 - 1, 2), (100_003, 300_001), (3 << 20, 512), (123, 1)] {
+            let bytes = (0..<count).map { _ in UInt8(truncatingIfNeeded: rng.next()) }
+            try file.write(at: UInt64(offset), bytes, piecesOf: 64 << 10)
+            var got = [UInt8](repeating: 0, count: count + 2)
+            try got.withUnsafeMutableBytes { try file.read(at: UInt64(max(offset, 1) - 1), into: $0) }
+            let inner = offset == 0 ? Array(got[0..<count]) : Array(got[1..<count + 1])
+            #expect(inner == bytes, "write of \(count) bytes at \(offset)")
+        }
+        var size = stat()
+        #expect(fstat(file.fd, &size) == 0 && size.st_size == 4 << 20)
+    }
 }

@@ -106,6 +106,21 @@ public final class BlockFile: @unchecked Sendable {
         try bytes.withUnsafeBytes { try write(at: offset, from: $0) }
     }
 
+    /// Write `bytes` as one `pwrite` per `piece`-aligned piece (`piece` a power of two). The
+    /// page cache sizes the folios a buffered write creates by the write's length, so this
+    /// caps them at `piece` (see `VolumeWriter.sourceWritePieceBytes` for why that matters).
+    public func write(at offset: UInt64, _ bytes: [UInt8], piecesOf piece: Int) throws {
+        try bytes.withUnsafeBytes { all in
+            var at = offset
+            let end = offset + UInt64(all.count)
+            while at < end {
+                let next = min(end, (at / UInt64(piece) + 1) * UInt64(piece))
+                try write(at: at, from: UnsafeRawBufferPointer(rebasing: all[Int(at - offset)..<Int(next - offset)]))
+                at = next
+            }
+        }
+    }
+
     /// Make the range read as zeros and free its space:
     /// `fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE)`, falling back to writing zeros
     /// where the file system cannot punch holes.
