@@ -70,6 +70,11 @@ final class VolumeWriter: @unchecked Sendable {
     /// random 4 KiB writes at QD 16 to 22–27k IOPS; at one per second, 32–47k (docs/benchmarks.md).
     static let indexCommitIntervalNanoseconds: UInt64 = 1_000_000_000
     static let indexCommitMaxChanges = 65536
+    /// Block index entries one index transaction takes at most: LMDB holds the pages they
+    /// dirty in memory until the commit, at worst one 4 KiB leaf each (random writes over a
+    /// large index), so this bounds them to ~64 MiB whatever the volume's size. A second of
+    /// random 4 KiB writes unbounded (~38k entries) took the server's peak RSS to ~215 MiB.
+    static let indexCommitMaxBlocks = 16384
     /// Once no request has come for this long, staged index updates commit at once, so a
     /// `timeline` or `restore` run after a client finishes sees its records.
     static let indexCommitIdleNanoseconds: UInt64 = 1_000_000
@@ -218,6 +223,7 @@ final class VolumeWriter: @unchecked Sendable {
                 for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
             }
             if seqs != nil && journal.isStaging && (journal.stagedChanges >= Self.indexCommitMaxChanges
+                || journal.stagedBlocks >= Self.indexCommitMaxBlocks
                 || monotonicNanoseconds() - journal.stagedSince >= Self.indexCommitIntervalNanoseconds) {
                 commitIndex()
             }

@@ -25,6 +25,9 @@ public final class JournalWriter {
     private var syncedTo: UInt64 = 0
     /// Changes staged in the open transaction, and when it began (monotonic ns).
     public private(set) var stagedChanges = 0
+    /// Block index entries staged in the open transaction, at most (a zero or trim range may
+    /// need none): each dirties LMDB pages held in memory until the commit.
+    public private(set) var stagedBlocks = 0
     public private(set) var stagedSince: UInt64 = 0
     /// Streaming mode (serve): keep the log out of the page cache — each group commit's chunk
     /// is written back at once and dropped once written, after the next one — and reserve its
@@ -98,6 +101,7 @@ public final class JournalWriter {
         txn = t
         stagedSince = monotonicNanoseconds()
         stagedChanges = 0
+        stagedBlocks = 0
         return t
     }
 
@@ -123,7 +127,8 @@ public final class JournalWriter {
             journal.touched(Mirror.indexUpdateBytes)
             let now = max(wallClockNanoseconds(), meta.lastTime)
             meta.lastTime = now
-            let (stored, _) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
+            let (stored, zeroed) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
+            stagedBlocks += stored.count + zeroed.count
             let bytes = stored.count * blockSize
             if chunk.count > 0 && (chunk.payloadBytes + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
                 meta.logEnd = try write(&chunk)
@@ -289,6 +294,7 @@ public final class JournalWriter {
         self.txn = nil
         meta = nil
         stagedChanges = 0
+        stagedBlocks = 0
         do {
             try txn.commit()
         } catch let e as LMDBError {
@@ -308,6 +314,7 @@ public final class JournalWriter {
         txn = nil
         meta = nil
         stagedChanges = 0
+        stagedBlocks = 0
         beganAtLogEnd = nil
     }
 }
