@@ -79,16 +79,16 @@ for server in rewind nbdkit qemu-nbd; do
     stop
 done
 # the device's own sequential write bandwidth (4 GiB of 4 MiB O_DIRECT writes, past the page cache)
-t0=$(date +%s%N)
-dd if=/dev/zero of="$DIR/disk.img" bs=4M count=1024 oflag=direct status=none
-disk_bw=$(( 4096 * 1000000000 / ($(date +%s%N) - t0) ))
-rm -f "$DIR/disk.img"; sync; sleep 1
+dd_bw() {  # dd_bw [dd options...] -> MiB/s of writing 4 GiB with them
+    local t0; t0=$(date +%s%N)
+    dd if=/dev/zero of="$DIR/disk.img" bs=4M count=1024 oflag=direct status=none "$@"
+    echo $(( 4096 * 1000000000 / ($(date +%s%N) - t0) ))
+    rm -f "$DIR/disk.img"; sync; sleep 1
+}
+disk_bw=$(dd_bw)
 # ... and until it is durable: the same, ended by fdatasync. A journal must reach this; a
 # virtual disk's host cache takes bursts far faster (the number above), but not for long.
-t0=$(date +%s%N)
-dd if=/dev/zero of="$DIR/disk.img" bs=4M count=1024 oflag=direct conv=fdatasync status=none
-durable_bw=$(( 4096 * 1000000000 / ($(date +%s%N) - t0) ))
-rm -f "$DIR/disk.img"
+durable_bw=$(dd_bw conv=fdatasync)
 # plain fdatasync after each 4 KiB write on the same file system
 fio --name=plain --ioengine=psync --filename="$DIR/plain.img" --rw=randwrite --bs=4k --size=256M --fdatasync=1 \
     --time_based --runtime="$RUNTIME" --output-format=json > "$DIR/plain.json" 2>/dev/null

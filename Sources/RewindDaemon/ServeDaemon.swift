@@ -14,7 +14,6 @@ import ServiceLifecycle
 public enum ServeDaemon {
     /// Serve until SIGTERM/SIGINT. Returns false when the volume was fenced (writes refused
     /// after a failure): the caller exits non-zero, so a service manager sees the failure.
-    @discardableResult
     public static func run(_ options: ServeOptions, progress: ProgressObserver?) async throws -> Bool {
         let level = Logger.Level(rawValue: options.logLevel) ?? .info
         LoggingSystem.bootstrap { label in

@@ -67,7 +67,8 @@ final class VolumeWriter: @unchecked Sendable {
     /// Each index commit costs the device two cache flushes (the log's `fdatasync`, then
     /// LMDB's), and under a steady stream of writes each took 30–60 ms on the reference
     /// machine: at one commit per 100 ms the writer spent most of its time in them and held
-    /// random 4 KiB writes at QD 16 to 22–27k IOPS; at one per second, 32–47k (docs/benchmarks.md).
+    /// random 4 KiB writes at QD 16 to 22–27k IOPS; at one per second, 32–47k, and ~25k (1.24×
+    /// nbdkit) once `indexCommitMaxBlocks` also ends transactions (docs/benchmarks.md).
     static let indexCommitIntervalNanoseconds: UInt64 = 1_000_000_000
     static let indexCommitMaxChanges = 65536
     /// Block index entries one index transaction takes at most: LMDB holds the pages they
