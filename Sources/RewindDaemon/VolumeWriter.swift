@@ -21,8 +21,9 @@ import RewindNBD
 /// reads see it until it is in the source. A FLUSH or FUA
 /// request is answered once its batch is in the log and the log and the source are
 /// fdatasynced, so it covers every write answered before it, on any connection. The LMDB index
-/// of those records commits later (`indexCommitIntervalNanoseconds`), off the FLUSH path: the
-/// synced log alone brings them back after a crash (`JournalWriter`). A crash can lose
+/// of those records is built and committed on a third thread (`IndexCommitter`, by
+/// `indexPolicy`), off the FLUSH path and off this one: the synced log alone brings records
+/// back after a crash (`JournalWriter`). A crash can lose
 /// answered writes that no FLUSH covered — exactly what NBD allows — but never leaves the
 /// source holding a write the journal lacks.
 final class VolumeWriter: @unchecked Sendable {
@@ -62,26 +63,20 @@ final class VolumeWriter: @unchecked Sendable {
     /// (`ext4_block_write_begin`): a 4 KiB write into the 1 MiB folio a 1 MiB write left
     /// behind visited 256 buffer heads, 43 % of the server's CPU at random 4 KiB writes.
     static let sourceWritePieceBytes = 64 << 10
-    /// How long staged index updates wait before LMDB commits them (readers of points see
-    /// records this much later), and how many changes one index transaction takes at most.
-    /// Each index commit costs the device two cache flushes (the log's `fdatasync`, then
-    /// LMDB's), and under a steady stream of writes each took 30–60 ms on the reference
-    /// machine: at one commit per 100 ms the writer spent most of its time in them and held
-    /// random 4 KiB writes at QD 16 to 22–27k IOPS; at one per second, 32–47k, and ~25k (1.24×
-    /// nbdkit) once `indexCommitMaxBlocks` also ends transactions (docs/benchmarks.md).
-    static let indexCommitIntervalNanoseconds: UInt64 = 1_000_000_000
-    static let indexCommitMaxChanges = 65536
-    /// Block index entries one index transaction takes at most: LMDB holds the pages they
-    /// dirty in memory until the commit, at worst one 4 KiB leaf each (random writes over a
-    /// large index), so this bounds them to ~64 MiB whatever the volume's size. A second of
-    /// random 4 KiB writes unbounded (~38k entries) took the server's peak RSS to ~215 MiB.
-    static let indexCommitMaxBlocks = 16384
+    /// When the index thread commits. Once a second: each commit costs the device two cache
+    /// flushes (the log's `fdatasync`, then LMDB's), 30–60 ms each under a steady stream of
+    /// writes on the reference machine, and at one commit per 100 ms random 4 KiB writes at
+    /// QD 16 fell to 22–27k IOPS (against 32–47k). At most 16,384 block entries: LMDB holds
+    /// the pages they dirty in memory until the commit, at worst one 4 KiB leaf each, so ~64 MiB
+    /// whatever the volume's size (a second of random writes unbounded, ~38k entries, took the
+    /// server's peak RSS to ~215 MiB). docs/benchmarks.md has the figures.
+    static let indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 1_000_000_000, maxChanges: 65536, maxBlocks: 16384)
     /// Once no request has come for this long, staged index updates commit at once, so a
     /// `timeline` or `restore` run after a client finishes sees its records.
     static let indexCommitIdleNanoseconds: UInt64 = 1_000_000
 
     private let mirror: Mirror
-    /// Used by the writer thread only (LMDB's writer lock belongs to one thread).
+    /// Used by the writer thread only.
     private let journal: JournalWriter
     private let source: BlockFile
     /// Whether the source's fdatasync flushes the device cache under the log too (one ext4 or
@@ -116,6 +111,13 @@ final class VolumeWriter: @unchecked Sendable {
         self.syncedSeq = syncedSeq
         self.metrics = metrics
         self.logger = logger
+        journal.indexOnThread(policy: Self.indexPolicy, onFailure: { [weak self] error in
+            self?.fenceFromOtherThread("journal index commit failed: \(error)")
+        }, readVolume: { [unowned self] offset, dst in
+            // A partial block merges with the source's content once the batch before is in it.
+            if let why = waitForApplier() { throw RewindError.invalidArgument("volume fenced: \(why)") }
+            try source.read(at: offset, into: dst)
+        })
     }
 
     func start() {
@@ -180,14 +182,13 @@ final class VolumeWriter: @unchecked Sendable {
         cond.lock()
         while true {
             if queue.isEmpty && !stopping {
-                // Idle: commit staged index updates once they are old enough.
-                if journal.isStaging {
-                    let due = min(journal.stagedSince + Self.indexCommitIntervalNanoseconds,
-                                  lastActiveAt + Self.indexCommitIdleNanoseconds)
+                // Idle: have the index committed once no request has come for a moment.
+                if journal.commitOwed {
+                    let due = lastActiveAt + Self.indexCommitIdleNanoseconds
                     let now = monotonicNanoseconds()
                     if now >= due {
                         cond.unlock()
-                        commitIndex()
+                        journal.requestCommit()
                         cond.lock()
                     } else {
                         _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
@@ -214,7 +215,7 @@ final class VolumeWriter: @unchecked Sendable {
             syncWanted = queue.contains { $0.needsSync }
             let batch = inCommit
             cond.unlock()
-            let (failure, seqs, handedOff) = commit(batch)
+            let (failure, _, handedOff) = commit(batch)
             cond.lock()
             inCommit.removeAll()
             lastActiveAt = monotonicNanoseconds()
@@ -223,13 +224,6 @@ final class VolumeWriter: @unchecked Sendable {
             if !handedOff {
                 for op in batch { if let failure { op.promise?.fail(failure) } else { op.promise?.succeed(()) } }
             }
-            if seqs != nil && journal.isStaging && (journal.stagedChanges >= Self.indexCommitMaxChanges
-                || journal.stagedBlocks >= Self.indexCommitMaxBlocks
-                || monotonicNanoseconds() - journal.stagedSince >= Self.indexCommitIntervalNanoseconds) {
-                commitIndex()
-            }
-            // Index updates map journal pages: keep resident memory bounded (see `releaseMappedPages`).
-            mirror.journal.boundResidency()
             cond.lock()
         }
         cond.unlock()
@@ -369,20 +363,6 @@ final class VolumeWriter: @unchecked Sendable {
         return fenced
     }
 
-    /// Commit the staged index (the log is synced first). A failure fences the volume; the
-    /// synced log still holds every record, and the next start indexes them.
-    private func commitIndex() {
-        guard fenceReason == nil else {
-            journal.abort(keepLog: true)
-            return
-        }
-        do {
-            try journal.commit()
-        } catch {
-            fence("journal index commit failed: \(error)")
-        }
-    }
-
     /// The journal's map or the disk is full: answer ENOSPC rather than EIO.
     static func isOutOfSpace(_ error: Error) -> Bool {
         switch error {
@@ -402,6 +382,17 @@ final class VolumeWriter: @unchecked Sendable {
         if fenced == nil { fenced = why }  // the first failure is the reason
         cond.unlock()
         announceFence(why)
+    }
+
+    /// Refuse every later write, from the index thread: the writer thread gives up the
+    /// journal's index when it next looks (`commit`).
+    private func fenceFromOtherThread(_ why: String) {
+        cond.lock()
+        let first = fenced == nil
+        if first { fenced = why }  // the first failure is the reason
+        cond.broadcast()
+        cond.unlock()
+        if first { announceFence(why) }
     }
 
     private func announceFence(_ why: String) {

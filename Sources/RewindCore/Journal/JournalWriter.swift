@@ -11,6 +11,9 @@ import Glibc
 /// Before LMDB commits an index that points into the log, the log is synced, so the index
 /// never names payload a power loss could take away.
 ///
+/// With `indexOnThread` (serve), the index is built and committed on a thread of its own
+/// (`IndexCommitter`) and this writer only writes the log: its appends never wait for LMDB.
+///
 /// Use from one thread only: LMDB's writer lock belongs to the thread that took it.
 public final class JournalWriter {
     let mirror: Mirror
@@ -23,12 +26,16 @@ public final class JournalWriter {
     private var beganAtLogEnd: UInt64?
     /// Log positions below this are durable.
     private var syncedTo: UInt64 = 0
-    /// Changes staged in the open transaction, and when it began (monotonic ns).
-    public private(set) var stagedChanges = 0
-    /// Block index entries staged in the open transaction, at most (a zero or trim range may
-    /// need none): each dirties LMDB pages held in memory until the commit.
-    public private(set) var stagedBlocks = 0
-    public private(set) var stagedSince: UInt64 = 0
+    /// The index thread, once `indexOnThread` started it; then `txn` stays nil.
+    private var committer: IndexCommitter?
+    /// Set when the index thread was given up (`abort`): appends are refused from then on, since
+    /// the log holds records past the index that only the next writer's replay may build on.
+    private var indexGivenUp = false
+    /// With the index on its own thread, the volume's current content at a byte offset: what a
+    /// partial block is merged with, unless an earlier change of the same append touched it.
+    private var readVolume: ((UInt64, UnsafeMutableRawBufferPointer) throws -> Void)?
+    /// Appended since the last `requestCommit` or `commit` (index thread only).
+    public private(set) var commitOwed = false
     /// Streaming mode (serve): keep the log out of the page cache — each group commit's chunk
     /// is written back at once and dropped once written, after the next one — and reserve its
     /// disk blocks 8 MiB ahead (`PayloadLog.reserve`). Tools that read back what they wrote
@@ -56,9 +63,22 @@ public final class JournalWriter {
         self.mirror = mirror
     }
 
-    deinit { abort(keepLog: true) }
+    deinit {
+        abort(keepLog: true)
+        committer?.stop()
+    }
 
-    /// Whether an index transaction is open (appends not yet committed).
+    /// Build and commit the index on a thread of its own (`IndexCommitter`), by `policy`; before
+    /// the first append. `readVolume(offset, into:)` reads the volume's current content (for the
+    /// read-modify-write of partial blocks: the LMDB transaction is the index thread's);
+    /// `onFailure` runs on the index thread when indexing fails — later appends then throw.
+    public func indexOnThread(policy: IndexCommitter.Policy, onFailure: @escaping @Sendable (Error) -> Void,
+                              readVolume: @escaping (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) {
+        self.readVolume = readVolume
+        committer = IndexCommitter(mirror: mirror, policy: policy, onFailure: onFailure)
+    }
+
+    /// Whether an index transaction is open (appends not yet committed; not with `indexOnThread`).
     public var isStaging: Bool { txn != nil }
 
     /// The newest seq appended (committed or staged).
@@ -78,11 +98,24 @@ public final class JournalWriter {
     @discardableResult
     public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
         do {
+            if committer != nil { return try stage(nil, changes, sourceSynced: sourceSynced) }
             let txn = try begin()
             return try stage(txn, changes, sourceSynced: sourceSynced)
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
+    }
+
+    /// The header as the index thread will have it once it has indexed every append so far
+    /// (read once; then kept here).
+    private func pipelinedMeta() throws -> MirrorMeta {
+        guard !indexGivenUp else { throw RewindError.invalidArgument("the journal's index thread was given up") }
+        if let meta { return meta }
+        let m = try journal.env.read { try journal.readMeta($0) }
+        if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
+        syncedTo = m.logEnd
+        meta = m
+        return m
     }
 
     private func begin() throws -> LMDBTransaction {
@@ -99,17 +132,21 @@ public final class JournalWriter {
             throw error
         }
         txn = t
-        stagedSince = monotonicNanoseconds()
-        stagedChanges = 0
-        stagedBlocks = 0
         return t
     }
 
-    private func stage(_ txn: LMDBTransaction, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
-        guard var meta else { throw RewindError.invalidArgument("no open journal transaction") }
+    /// Write `changes` to the log as one chunk and index them: in `txn`, or (nil) by handing
+    /// them to the index thread.
+    private func stage(_ txn: LMDBTransaction?, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
+        let current: MirrorMeta? = txn == nil ? try pipelinedMeta() : self.meta
+        guard var meta = current else {
+            throw RewindError.invalidArgument("no open journal transaction")
+        }
         for c in changes { try mirror.validate(c) }
         if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
-        let cursor = try txn.cursor(journal.blocks)
+        let cursor = try txn?.cursor(journal.blocks)
+        var staged = StagedBlocks()  // what partial blocks merge with, when `txn` is nil
+        var batch = IndexCommitter.Batch(sourceSynced: sourceSynced.map { _ in meta.sourceSyncedSeq })
         let blockSize = mirror.blockSize
         let bs = UInt64(blockSize)
         let appendStart = meta.logEnd
@@ -124,11 +161,11 @@ public final class JournalWriter {
             seq += 1
             // Each index update faults in a journal page, which may map the 2 MiB folio around
             // it: counted as `indexUpdateBytes` of reading (see `Journal.touched`).
-            journal.touched(Mirror.indexUpdateBytes)
+            if txn != nil { journal.touched(Mirror.indexUpdateBytes) }
             let now = max(wallClockNanoseconds(), meta.lastTime)
             meta.lastTime = now
             let (stored, zeroed) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
-            stagedBlocks += stored.count + zeroed.count
+            batch.blocks += stored.count + zeroed.count
             let bytes = stored.count * blockSize
             if chunk.count > 0 && (chunk.payloadBytes + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
                 meta.logEnd = try write(&chunk)
@@ -152,7 +189,7 @@ public final class JournalWriter {
                 } else {
                     let at = chunk.appendZeros(bytes)
                     for (i, block) in stored.enumerated() {
-                        try fillBlock(slot: at + i * blockSize, block: block, change: change, cursor, &chunk, &scratch)
+                        try fillBlock(slot: at + i * blockSize, block: block, change: change, cursor, staged, &chunk, &scratch)
                     }
                     blockHashes = chunk.payload.withUnsafeBytes {
                         RewindCore.blockHashes(UnsafeRawBufferPointer(rebasing: $0[at..<at + bytes]), blockSize: blockSize)
@@ -162,7 +199,12 @@ public final class JournalWriter {
                 cumulative += UInt64(bytes)
                 header.cumulative = cumulative
             }
-            try mirror.index(header, seq: seq, blockHashes: blockHashes, txn, cursor)
+            if let txn, let cursor {
+                try mirror.index(header, seq: seq, blockHashes: blockHashes, txn, cursor)
+            } else {
+                staged.add(header, seq: seq, blockHashes: blockHashes, blockSize: blockSize)
+                batch.records.append((header, seq, blockHashes))
+            }
             chunk.add(header)
         }
         if chunk.count > 0 { meta.logEnd = try write(&chunk) }
@@ -177,9 +219,14 @@ public final class JournalWriter {
         }
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
-        try journal.writeMeta(txn, meta)
+        if let txn {
+            try journal.writeMeta(txn, meta)
+        } else if let committer {
+            (batch.lastSeq, batch.lastTime, batch.lastCumulative, batch.logEnd) = (seq, meta.lastTime, cumulative, meta.logEnd)
+            try committer.send(batch)
+            commitOwed = true
+        }
         self.meta = meta
-        stagedChanges += changes.count
         return firstSeq...max(seq, firstSeq)
     }
 
@@ -211,14 +258,14 @@ public final class JournalWriter {
     /// Build one stored block of an unaligned write, or a partial edge block of a zero/trim:
     /// the block's current content with the change's part applied. `slot` is where the block
     /// sits in `chunk.payload` (the copied bytes).
-    private func fillBlock(slot: Int, block: UInt64, change: Change, _ cursor: LMDBCursor,
+    private func fillBlock(slot: Int, block: UInt64, change: Change, _ cursor: LMDBCursor?, _ staged: StagedBlocks,
                            _ chunk: inout ChunkBuilder, _ scratch: inout [UInt8]) throws {
         let blockSize = mirror.blockSize
         let bs = UInt64(blockSize)
         let blockStart = block * bs
         let covered = max(blockStart, change.offset)..<min(blockStart + bs, change.offset + change.length)
         if covered.count < blockSize {
-            try scratch.withUnsafeMutableBytes { try currentContent(cursor, chunk, block: block, into: $0) }
+            try scratch.withUnsafeMutableBytes { try currentContent(cursor, staged, chunk, block: block, into: $0) }
             chunk.payload.replaceSubrange(slot..<slot + blockSize, with: scratch)
         }
         let at = slot + Int(covered.lowerBound - blockStart)
@@ -230,11 +277,22 @@ public final class JournalWriter {
         }
     }
 
-    /// The latest content of `block` as the open transaction sees it, including records
-    /// staged earlier in the chunk being built (still in memory).
-    private func currentContent(_ cursor: LMDBCursor, _ chunk: ChunkBuilder, block: UInt64,
+    /// The latest content of `block`: as the open transaction sees it (`cursor`), including
+    /// records staged earlier in the chunk being built (still in memory); or, with the index on
+    /// its own thread, as this append's earlier changes left it (`staged`), else the volume.
+    private func currentContent(_ cursor: LMDBCursor?, _ staged: StagedBlocks, _ chunk: ChunkBuilder, block: UInt64,
                                 into dst: UnsafeMutableRawBufferPointer) throws {
-        guard let (seq, content) = try journal.lookup(cursor, block: block, atOrBefore: UInt64.max) else {
+        let found: (seq: UInt64, content: BlockContent)?
+        if let cursor {
+            found = try journal.lookup(cursor, block: block, atOrBefore: UInt64.max)
+        } else if let newest = staged.newest(block) {
+            found = newest
+        } else {
+            guard let readVolume else { throw RewindError.invalidArgument("no volume to merge a partial block with") }
+            try readVolume(block * UInt64(mirror.blockSize), dst)
+            return
+        }
+        guard let (seq, content) = found else {
             try mirror.base.read(at: block * UInt64(mirror.blockSize), into: dst)
             return
         }
@@ -288,13 +346,17 @@ public final class JournalWriter {
     /// Sync the log, then commit the index transaction (readers see the new records). If the
     /// sync fails the transaction stays open and the caller chooses how to abort; if LMDB's
     /// commit fails the transaction is gone, and `abort(keepLog: false)` can still cut the log.
+    /// With the index on its own thread: wait until it has committed every append so far.
     public func commit() throws {
+        if let committer {
+            commitOwed = false
+            try committer.commitAndWait()
+            return
+        }
         guard let txn else { return }
         try syncLog()
         self.txn = nil
         meta = nil
-        stagedChanges = 0
-        stagedBlocks = 0
         do {
             try txn.commit()
         } catch let e as LMDBError {
@@ -303,18 +365,29 @@ public final class JournalWriter {
         beganAtLogEnd = nil
     }
 
+    /// With the index on its own thread: have it commit every append so far, soon (not waiting).
+    public func requestCommit() {
+        commitOwed = false
+        committer?.requestCommit()
+    }
+
     /// Abandon what is staged. With `keepLog` false, the log is cut back to where the
     /// transaction began, so no later replay resurrects the abandoned records; with it true
     /// (a fenced server whose source already holds them), the next writer replays them.
+    /// With the index on its own thread, it gives up its transaction and queue (whatever
+    /// `keepLog` says: the log keeps them), and every later append is refused.
     public func abort(keepLog: Bool) {
+        if let committer {
+            committer.abandon()
+            indexGivenUp = true
+            return
+        }
         // Cut the log while still holding LMDB's writer lock, so no other writer's chunk can
         // have followed ours.
         if !keepLog, let end = beganAtLogEnd { try? log.truncate(at: end) }
         txn?.abort()
         txn = nil
         meta = nil
-        stagedChanges = 0
-        stagedBlocks = 0
         beganAtLogEnd = nil
     }
 }

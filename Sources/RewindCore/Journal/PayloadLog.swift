@@ -28,6 +28,10 @@ public final class PayloadLog: @unchecked Sendable {
     /// Stream positions on blocks already written with zeros and synced (`reserve(prewrite:)`),
     /// file size included: overwriting them leaves no metadata to write (`sync(flushedBy:)`).
     private let prepared = Mutex<Range<UInt64>>(0..<0)
+    /// Held through each sync, so syncs from two threads (the serve writer's FLUSH, the index
+    /// thread's commit) never overlap: a sync that finds nothing dirty because another took the
+    /// dirty set must still wait until those bytes are durable.
+    private let syncing = Mutex(())
 
     public init(directory: String) {
         self.directory = directory
@@ -148,6 +152,10 @@ public final class PayloadLog: @unchecked Sendable {
     /// Make everything written so far durable: `fdatasync` of each file written since the last
     /// call (normally one), and of the directory when a file was created.
     public func sync() throws {
+        try syncing.withLock { _ in try syncDirty() }
+    }
+
+    private func syncDirty() throws {
         let (toSync, written, created) = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?, Bool) in
             defer { d = (Set<UInt64>(), nil, false) }
             return (d.files, d.written, d.created)
@@ -188,6 +196,10 @@ public final class PayloadLog: @unchecked Sendable {
     /// data wait, covers them. Returns false, having done nothing, when a full `sync()` is
     /// needed instead. With nothing owed, `deviceFlush` just runs.
     public func sync(flushedBy deviceFlush: () throws -> Void) throws -> Bool {
+        try syncing.withLock { _ in try syncDirty(flushedBy: deviceFlush) }
+    }
+
+    private func syncDirty(flushedBy deviceFlush: () throws -> Void) throws -> Bool {
         let ready = prepared.withLock { $0 }
         let owed = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?)? in
             guard !d.created else { return nil }
