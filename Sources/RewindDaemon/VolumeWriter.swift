@@ -53,11 +53,14 @@ final class VolumeWriter: @unchecked Sendable {
     /// Longest an answered write waits to be committed: bounds what a crash can lose of
     /// unflushed writes and amortises the journal's fdatasync over many writes.
     static let commitIntervalNanoseconds: UInt64 = 5_000_000
-    /// Answered-but-uncommitted bytes at most; past it, writes are answered at commit (backpressure).
-    static let ackedBytesMax = 32 << 20
-    /// Bytes taken into one commit. Bounds the LMDB transaction's dirty pages.
+    /// Answered-but-uncommitted bytes at most; past it, writes are answered at commit
+    /// (backpressure). 8 MiB, not 32: once the index thread sets the pace the queue stays full,
+    /// and 32 MiB of it cost ~60 MiB of peak RSS for no more throughput (docs/benchmarks.md).
+    static let ackedBytesMax = 8 << 20
+    /// Bytes and requests taken into one commit: a write answered at its commit waits for its
+    /// whole batch to be journalled and applied, so batches stay short.
     static let maxBatchBytes = 32 << 20
-    static let maxBatchOps = 8192
+    static let maxBatchOps = 1024
     /// Source writes are cut at this alignment, so the source's page cache holds folios of at
     /// most this size. ext4's buffered write walks every block of the folio it lands in
     /// (`ext4_block_write_begin`): a 4 KiB write into the 1 MiB folio a 1 MiB write left

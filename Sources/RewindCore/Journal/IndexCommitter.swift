@@ -64,12 +64,13 @@ public final class IndexCommitter: @unchecked Sendable {
         thread.start()
     }
 
-    /// Queue a batch. Waits while a transaction's worth of block entries is already queued (the
-    /// writer then runs at the index's pace); throws once indexing has failed or been given up.
+    /// Queue a batch. Waits while two transactions' worth of block entries are queued (the
+    /// writer then runs at the index's pace: room for one commit's duration of arrivals);
+    /// throws once indexing has failed or been given up.
     func send(_ batch: Batch) throws {
         cond.lock()
         defer { cond.unlock() }
-        while failure == nil && !abandoned && !queue.isEmpty && queuedBlocks + batch.blocks > policy.maxBlocks { cond.wait() }
+        while failure == nil && !abandoned && !queue.isEmpty && queuedBlocks + batch.blocks > 2 * policy.maxBlocks { cond.wait() }
         if let failure { throw failure }
         guard !abandoned else { throw RewindError.invalidArgument("the journal index was given up") }
         queue.append(batch)

@@ -1,3 +1,4 @@
+import Dispatch
 import Glibc
 
 /// Appends records. Each `append` (one group commit) writes its payload and record headers to
@@ -44,6 +45,10 @@ public final class JournalWriter {
     public var keepsLogOutOfCache = false
     /// The previous group commit's log range, written back but not yet dropped.
     private var writingBack: Range<UInt64>?
+    /// Where streaming mode's page-cache advice runs, in order, off the caller's thread:
+    /// `release` waits for a chunk's writeback, and with the device busy with an index commit
+    /// that held the serve writer for up to 146 ms (and every write answered behind it).
+    private let cacheAdvice = DispatchQueue(label: "rewind-log-cache")
     /// The chunk payload buffer, kept between group commits: a fresh 32 MiB array each time
     /// cost page faults on every page, and its `munmap`.
     private var spare: [UInt8] = []
@@ -213,9 +218,13 @@ public final class JournalWriter {
             // Large appends are written back at once (pacing). A small one is left to the FLUSH
             // that usually follows it: starting its writeback here costs the FLUSH ~100 µs
             // before the source is even written.
-            if meta.logEnd - appendStart >= Self.prewriteBelowBytes { log.startWriteback(appendStart..<meta.logEnd) }
-            if let previous = writingBack { log.release(previous) }
-            writingBack = appendStart..<meta.logEnd
+            let written = appendStart..<meta.logEnd, previous = writingBack
+            let startNow = meta.logEnd - appendStart >= Self.prewriteBelowBytes
+            cacheAdvice.async { [log] in
+                if startNow { log.startWriteback(written) }
+                if let previous { log.release(previous) }
+            }
+            writingBack = written
         }
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
@@ -333,7 +342,7 @@ public final class JournalWriter {
     private func logSynced(to end: UInt64) {
         syncedTo = end
         if keepsLogOutOfCache, let pending = writingBack {
-            log.dropFromCache(pending)
+            cacheAdvice.async { [log] in log.dropFromCache(pending) }
             writingBack = nil
         }
     }
