@@ -27,9 +27,17 @@ content() { yes "rewind ext4 file $1" | head -c $(( ($1 * 7919) % 150000 + 100 )
 cat > workload.sh <<WORKLOAD
 set -e
 M=/sysroot
+# The served drive by its size (256 MiB): inside the appliance the kernel names disks in the
+# order it finds them, and once the appliance's own root disk came first (mkfs then refused
+# "/dev/sda is mounted"). The API calls below address drives by libguestfs's names.
+DEV=
+for s in /sys/block/sd* /sys/block/vd*; do
+    [ -e "\$s/size" ] && [ "\$(cat \$s/size)" = 524288 ] && DEV=/dev/\${s##*/}
+done
+[ -n "\$DEV" ] || { echo "no 256 MiB drive in the appliance" >&2; exit 1; }
 mkdir -p \$M/final \$M/tmp
 sync
-marker() { printf '%-512s' "\$1" | dd of=/dev/sda bs=512 seek=$MARKER_SECTOR conv=notrunc oflag=direct,dsync 2>/dev/null; }
+marker() { printf '%-512s' "\$1" | dd of=\$DEV bs=512 seek=$MARKER_SECTOR conv=notrunc oflag=direct,dsync 2>/dev/null; }
 marker 0
 i=1
 while [ \$i -le $FILES ]; do
@@ -47,7 +55,7 @@ WORKLOAD
 timeout 900 guestfish > guest.log 2>&1 <<GUESTFISH || { cat guest.log >&2; fail "guest workload"; }
 add "" protocol:nbd server:unix:$SOCK format:raw cachemode:writeback discard:besteffort
 run
-debug sh "mkfs.ext4 -q -F /dev/sda 200M"
+mke2fs /dev/sda fstype:ext4 blocksize:4096 blockscount:51200
 mount-options discard /dev/sda /
 upload workload.sh /workload.sh
 debug sh "sh /sysroot/workload.sh"

@@ -35,8 +35,7 @@ import RewindWorkload
         defer { dir.remove() }
         var rng = SplitMix(seed: seed)
         let size = UInt64(blockSize * 64)
-        var initial = [UInt8](repeating: 0, count: Int(size))
-        for i in 0..<initial.count / 2 { initial[i] = UInt8(truncatingIfNeeded: i &* 13 &+ 5) }
+        let initial = halfFilledVolume(blockSize: blockSize, mul: 13, add: 5)
         try writeFile(dir.file("seed.img"), initial)
         let mirror = try Mirror.create(at: dir.file("m"), from: dir.file("seed.img"), blockSize: blockSize)
         let volume = Volume(initial)

@@ -11,9 +11,7 @@ import Testing
         defer { dir.remove() }
         var rng = SplitMix(seed: seed)
         let size = UInt64(blockSize * 64)
-        // A base with content, so base reads are exercised as well as journal reads.
-        var initial = [UInt8](repeating: 0, count: Int(size))
-        for i in stride(from: 0, to: initial.count / 2, by: 1) { initial[i] = UInt8(truncatingIfNeeded: i &* 31 &+ 3) }
+        let initial = halfFilledVolume(blockSize: blockSize, mul: 31, add: 3)
         try writeFile(dir.file("seed.img"), initial)
         let mirror = try Mirror.create(at: dir.file("m"), from: dir.file("seed.img"), blockSize: blockSize)
         var model = VolumeModel(bytes: initial)

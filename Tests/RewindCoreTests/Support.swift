@@ -15,6 +15,15 @@ struct TempDir {
     func file(_ name: String) -> String { path + "/" + name }
 }
 
+/// A volume of 64 blocks whose first half holds a pattern (`mul`, `add` vary it) and whose
+/// second half is zeros: the model tests' base, so base reads are exercised as well as
+/// journal reads.
+func halfFilledVolume(blockSize: Int, mul: Int, add: Int) -> [UInt8] {
+    var bytes = [UInt8](repeating: 0, count: blockSize * 64)
+    for i in 0..<bytes.count / 2 { bytes[i] = UInt8(truncatingIfNeeded: i &* mul &+ add) }
+    return bytes
+}
+
 func readAll(_ mirror: Mirror, at point: Point) throws -> [UInt8] {
     let s = try Snapshot(mirror: mirror, point: point)
     defer { s.close() }

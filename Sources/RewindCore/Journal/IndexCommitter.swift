@@ -223,10 +223,12 @@ public final class IndexCommitter: @unchecked Sendable {
         guard let txn else { return }
         try mirror.journal.log.sync()
         self.txn = nil
-        cond.lock()
-        staging = false
-        if queue.isEmpty { commitWanted = false }  // else the batches sent before the request still owe a commit
-        cond.unlock()
+        defer {  // only once LMDB's commit is done: `commitAndWait` returns on these
+            cond.lock()
+            staging = false
+            if queue.isEmpty { commitWanted = false }  // else the batches sent before the request still owe a commit
+            cond.unlock()
+        }
         do {
             try txn.commit()
         } catch let e as LMDBError {
