@@ -218,7 +218,7 @@ final class VolumeWriter: @unchecked Sendable {
             syncWanted = queue.contains { $0.needsSync }
             let batch = inCommit
             cond.unlock()
-            let (failure, _, handedOff) = commit(batch)
+            let (failure, handedOff) = commit(batch)
             cond.lock()
             inCommit.removeAll()
             lastActiveAt = monotonicNanoseconds()
@@ -238,14 +238,14 @@ final class VolumeWriter: @unchecked Sendable {
         cond.unlock()
     }
 
-    /// Journal (log chunk, staged index), then source, then (if asked) sync of both. Returns the
-    /// errno to answer waiting requests with, or the seqs appended; `handedOff` when the
+    /// Journal (log chunk, its index updates queued), then source, then (if asked) sync of both.
+    /// Returns the errno to answer waiting requests with (nil: success); `handedOff` when the
     /// batch's source writes went to the applier, which answers its waiting requests.
-    private func commit(_ batch: [Op]) -> (NBDErrno?, ClosedRange<UInt64>?, handedOff: Bool) {
+    private func commit(_ batch: [Op]) -> (NBDErrno?, handedOff: Bool) {
         if let fenced = fenceReason {
             journal.abort(keepLog: true)  // the applier may have fenced: give up LMDB's writer lock here
             logger.debug("refusing \(batch.count) requests: volume fenced (\(fenced))")
-            return (.io, nil, false)
+            return (.io, false)
         }
         let changes: [Change] = batch.map { op in
             switch op.kind {
@@ -263,13 +263,13 @@ final class VolumeWriter: @unchecked Sendable {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
-            return (Self.isOutOfSpace(error) ? .nospc : .io, nil, false)
+            return (Self.isOutOfSpace(error) ? .nospc : .io, false)
         }
         metrics.journalAppended(records: batch.count, bytes: batch.reduce(0) { $0 + $1.bytes }, lastSeq: seqs.upperBound)
         // The previous batch reaches the source first (seq order, invariant 5).
         if waitForApplier() != nil {
             journal.abort(keepLog: true)  // the applier fenced the volume (and logged why)
-            return (.io, nil, false)
+            return (.io, false)
         }
         let needsSync = batch.contains(where: \.needsSync)
         if !needsSync {
@@ -278,13 +278,13 @@ final class VolumeWriter: @unchecked Sendable {
             inCommit.removeAll()
             cond.unlock()
             applyQueue.async { [self] in apply(batch) }
-            return (nil, seqs, true)
+            return (nil, true)
         }
         do {
             try Self.write(batch, to: source)
         } catch {
             fence("source write failed: \(error)")
-            return (.io, nil, false)
+            return (.io, false)
         }
         let started = DispatchTime.now().uptimeNanoseconds
         do {
@@ -293,10 +293,10 @@ final class VolumeWriter: @unchecked Sendable {
         } catch {
             // After a failed sync the page cache may have dropped the data: never ack again.
             fence("sync failed: \(error)")
-            return (.io, nil, false)
+            return (.io, false)
         }
         metrics.flushed(nanoseconds: DispatchTime.now().uptimeNanoseconds - started)
-        return (nil, seqs, false)
+        return (nil, false)
     }
 
     /// Make the log and the source durable. When the source's fdatasync flushes the device
@@ -381,21 +381,25 @@ final class VolumeWriter: @unchecked Sendable {
     /// need): the log keeps the staged records, and the next start indexes them.
     private func fence(_ why: String) {
         journal.abort(keepLog: true)
-        cond.lock()
-        if fenced == nil { fenced = why }  // the first failure is the reason
-        cond.unlock()
+        _ = recordFence(why)
         announceFence(why)
     }
 
     /// Refuse every later write, from the index thread: the writer thread gives up the
     /// journal's index when it next looks (`commit`).
     private func fenceFromOtherThread(_ why: String) {
+        if recordFence(why) { announceFence(why) }
+    }
+
+    /// Set the fence (the first failure is the reason) and wake the writer; whether this was
+    /// the first.
+    private func recordFence(_ why: String) -> Bool {
         cond.lock()
+        defer { cond.unlock() }
         let first = fenced == nil
-        if first { fenced = why }  // the first failure is the reason
+        if first { fenced = why }
         cond.broadcast()
-        cond.unlock()
-        if first { announceFence(why) }
+        return first
     }
 
     private func announceFence(_ why: String) {

@@ -83,9 +83,6 @@ public final class JournalWriter {
         committer = IndexCommitter(mirror: mirror, policy: policy, onFailure: onFailure)
     }
 
-    /// Whether an index transaction is open (appends not yet committed; not with `indexOnThread`).
-    public var isStaging: Bool { txn != nil }
-
     /// The newest seq appended (committed or staged).
     public var lastSeq: UInt64? { meta?.lastSeq }
 
