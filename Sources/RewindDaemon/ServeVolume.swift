@@ -31,7 +31,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
 
     private func submit(_ kind: VolumeWriter.Kind, offset: UInt64, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: Void.self)
-        writer.submit(.init(kind: kind, offset: offset, fua: fua, promise: promise))
+        writer.submit(.init(kind: kind, offset: offset, fua: fua, promise: promise), on: loop)
         return promise.futureResult
     }
 

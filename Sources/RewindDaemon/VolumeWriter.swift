@@ -75,8 +75,11 @@ final class VolumeWriter: @unchecked Sendable {
     /// server's peak RSS to ~215 MiB). docs/benchmarks.md has the figures.
     static let indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 1_000_000_000, maxChanges: 65536, maxBlocks: 16384)
     /// Once no request has come for this long, staged index updates commit at once, so a
-    /// `timeline` or `restore` run after a client finishes sees its records.
-    static let indexCommitIdleNanoseconds: UInt64 = 1_000_000
+    /// `timeline` or `restore` run after a client finishes sees its records. 20 ms, not 1: at
+    /// queue depth 1 a write + FLUSH cycle left a 1 ms gap in 15–20 % of cycles on a loaded
+    /// 2-vCPU machine, and each such commit's LMDB fdatasync slowed the next FLUSH (125–150
+    /// commits a second; FLUSH 955–1,208 µs against 899–989 µs at 20 ms).
+    static let indexCommitIdleNanoseconds: UInt64 = 20_000_000
 
     private let mirror: Mirror
     /// Used by the writer thread only.
@@ -104,6 +107,12 @@ final class VolumeWriter: @unchecked Sendable {
     /// (a FLUSH on a slow disk) must not count as idleness, or every FLUSH at queue depth 1
     /// would be followed by an index commit that the next request waits behind.
     private var lastActiveAt: UInt64 = 0
+    /// When the oldest queued request arrived (monotonic ns): a group is taken
+    /// `commitIntervalNanoseconds` after it, however the writer was woken.
+    private var firstQueuedAt: UInt64 = 0
+    /// A plain write into an empty queue wakes the writer from its event loop's timer, at the
+    /// group's deadline, not at once (`submit`); set while such a wake is pending.
+    private var wakeScheduled = false
 
     init(mirror: Mirror, source: BlockFile, syncedSeq: UInt64, metrics: ServeMetrics, logger: Logger) {
         self.mirror = mirror
@@ -129,8 +138,9 @@ final class VolumeWriter: @unchecked Sendable {
         t.start()
     }
 
-    func submit(_ op: Op) {
+    func submit(_ op: Op, on loop: EventLoop) {
         var op = op
+        var scheduleWake = false, signal = false
         var answerNow: EventLoopPromise<Void>?
         var refuse: NBDErrno?
         cond.lock()
@@ -143,14 +153,31 @@ final class VolumeWriter: @unchecked Sendable {
             // Wake the writer only when it has something to do: while it gathers a group it
             // wakes by itself at the deadline, and a wake per request (a futex call here, a
             // context switch there, the lock handed back and forth) cost random 4 KiB writes
-            // at queue depth 16 a quarter of their throughput.
-            let wake = queue.isEmpty || op.needsSync || queuedBytes < Self.ackedBytesMax / 2 && queuedBytes + op.bytes >= Self.ackedBytesMax / 2
+            // at queue depth 16 a quarter of their throughput. A plain write into an empty
+            // queue has nothing to do before the group's deadline either: the event loop's
+            // timer wakes the writer then, so a write followed by a FLUSH (queue depth 1)
+            // costs one cross-thread wake-up, not two — each is an IPI to a halted vCPU in a
+            // VM (FLUSH at QD 1: docs/design.md).
+            let now = monotonicNanoseconds()
+            if queue.isEmpty { firstQueuedAt = now }
+            let wake = op.needsSync || queuedBytes < Self.ackedBytesMax / 2 && queuedBytes + op.bytes >= Self.ackedBytesMax / 2
+            if !wake && queue.isEmpty && !wakeScheduled { (wakeScheduled, scheduleWake) = (true, true) }
             queuedBytes += op.bytes
             queue.append(op)
-            lastActiveAt = monotonicNanoseconds()
-            if wake { cond.signal() }
+            lastActiveAt = now
+            signal = wake
         }
         cond.unlock()
+        // After unlocking: signalled under the lock, the writer woke only to block on it.
+        if signal { cond.signal() }
+        if scheduleWake {
+            loop.scheduleTask(in: .nanoseconds(Int64(Self.commitIntervalNanoseconds))) { [self] in
+                cond.lock()
+                wakeScheduled = false
+                if !queue.isEmpty { cond.signal() }
+                cond.unlock()
+            }
+        }
         if let refuse { op.promise?.fail(refuse) }
         answerNow?.succeed(())  // after it is in the queue: every later read sees it
     }
@@ -203,7 +230,8 @@ final class VolumeWriter: @unchecked Sendable {
             }
             if queue.isEmpty && stopping { break }
             // Let a group gather, unless someone waits for a sync or the queue is large.
-            let deadline = Date(timeIntervalSinceNow: Double(Self.commitIntervalNanoseconds) / 1e9)
+            let due = firstQueuedAt + Self.commitIntervalNanoseconds, now = monotonicNanoseconds()
+            let deadline = Date(timeIntervalSinceNow: Double(due > now ? due - now : 0) / 1e9)
             while !syncWanted && !stopping && queuedBytes < Self.ackedBytesMax / 2 {
                 if !cond.wait(until: deadline) { break }
             }

@@ -59,6 +59,35 @@ import Testing
         #expect(back == Self.block)
     }
 
+    /// A large chunk fallocates 8 MiB ahead; small chunks after it land in those blocks, which
+    /// are allocated but unwritten: they are prewritten all the same, so their FLUSHes share.
+    @Test func smallChunksAfterALargeOneArePrepared() throws {
+        let dir = TempDir("sharedflush-afterlarge")
+        defer { dir.remove() }
+        let log = try Self.makeLog(dir)
+        var flushes = 0
+        let large = [UInt8](repeating: 0x5A, count: 256 << 10)
+        try log.reserve(4096..<4096 + UInt64(large.count), ahead: PayloadLog.reserveAheadBytes)
+        try large.withUnsafeBytes { try log.write($0, at: 4096) }
+        #expect(try log.sync(flushedBy: { flushes += 1 }) == false)
+        try log.sync()
+        let small = 4096 + UInt64(large.count)
+        try log.reserve(small..<small + 4096, ahead: 1 << 20, prewrite: true)
+        try Self.block.withUnsafeBytes { try log.write($0, at: small) }
+        #expect(try log.sync(flushedBy: { flushes += 1 }) == true)
+        #expect(flushes == 1)
+        // The next small chunk inside the prepared megabyte writes no zeros over the first.
+        try log.reserve(small + 4096..<small + 8192, ahead: 1 << 20, prewrite: true)
+        try Self.block.withUnsafeBytes { try log.write($0, at: small + 4096) }
+        #expect(try log.sync(flushedBy: { flushes += 1 }) == true)
+        var back = [UInt8](repeating: 0, count: 4096)
+        #expect(try back.withUnsafeMutableBytes { try log.read(at: small, into: $0) })
+        #expect(back == Self.block)
+        var first = [UInt8](repeating: 0, count: large.count)
+        #expect(try first.withUnsafeMutableBytes { try log.read(at: 4096, into: $0) })
+        #expect(first == large)
+    }
+
     @Test func aNewLogFileNeedsAFullSync() throws {
         let dir = TempDir("sharedflush-new")
         defer { dir.remove() }

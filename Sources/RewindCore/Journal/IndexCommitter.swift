@@ -75,8 +75,15 @@ public final class IndexCommitter: @unchecked Sendable {
         guard !abandoned else { throw RewindError.invalidArgument("the journal index was given up") }
         queue.append(batch)
         queuedBlocks += batch.blocks
-        cond.broadcast()
+        // Woken for a pile, not for every batch: a batch's indexing waits anyway (for the
+        // interval, or `requestCommit` when the volume goes idle), and a wake-up per group
+        // commit put a thread switch and LMDB's work beside every FLUSH at queue depth 1.
+        if queue.count >= Self.wakeBatches || queuedBlocks >= policy.maxBlocks / 16 { cond.broadcast() }
     }
+
+    /// Batches queued before the thread is woken to index them (or fewer holding
+    /// `maxBlocks / 16` block entries).
+    static let wakeBatches = 16
 
     /// Commit what has been sent, soon (without waiting).
     func requestCommit() {

@@ -45,6 +45,11 @@ public final class JournalWriter {
     public var keepsLogOutOfCache = false
     /// The previous group commit's log range, written back but not yet dropped.
     private var writingBack: Range<UInt64>?
+    /// Synced log not yet dropped from the cache: small FLUSHed chunks are dropped together once
+    /// this passes `dropBatchBytes`, so a FLUSH hands no work to `cacheAdvice` — each hand-off
+    /// woke a worker thread (a cross-CPU wake-up per FLUSH at queue depth 1).
+    private var undropped: Range<UInt64>?
+    static let dropBatchBytes: UInt64 = 1 << 20
     /// Where streaming mode's page-cache advice runs, in order, off the caller's thread:
     /// `release` waits for a chunk's writeback, and with the device busy with an index commit
     /// that held the serve writer for up to 146 ms (and every write answered behind it).
@@ -217,9 +222,11 @@ public final class JournalWriter {
             // before the source is even written.
             let written = appendStart..<meta.logEnd, previous = writingBack
             let startNow = meta.logEnd - appendStart >= Self.prewriteBelowBytes
-            cacheAdvice.async { [log] in
-                if startNow { log.startWriteback(written) }
-                if let previous { log.release(previous) }
+            if startNow || previous != nil {
+                cacheAdvice.async { [log] in
+                    if startNow { log.startWriteback(written) }
+                    if let previous { log.release(previous) }
+                }
             }
             writingBack = written
         }
@@ -339,8 +346,14 @@ public final class JournalWriter {
     private func logSynced(to end: UInt64) {
         syncedTo = end
         if keepsLogOutOfCache, let pending = writingBack {
-            cacheAdvice.async { [log] in log.dropFromCache(pending) }
+            let clean = undropped.map { min($0.lowerBound, pending.lowerBound)..<max($0.upperBound, pending.upperBound) } ?? pending
             writingBack = nil
+            if clean.count >= Self.dropBatchBytes {
+                cacheAdvice.async { [log] in log.dropFromCache(clean) }
+                undropped = nil
+            } else {
+                undropped = clean
+            }
         }
     }
 

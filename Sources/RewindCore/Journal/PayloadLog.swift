@@ -125,27 +125,42 @@ public final class PayloadLog: @unchecked Sendable {
     /// prepare a WAL: later chunks overwrite allocated, written blocks inside the file's size,
     /// so syncing them flushes data only, no metadata — what a FLUSH of a small write waits for.
     public func reserve(_ range: Range<UInt64>, ahead: UInt64, prewrite: Bool = false) throws {
+        if prewrite { return try prepare(range, ahead: ahead) }
         let from = reservedTo.withLock { r -> UInt64? in
             guard range.upperBound > r || r > range.upperBound + 2 * max(ahead, Self.reserveAheadBytes) else { return nil }
             defer { r = range.upperBound + ahead }
             return r > range.lowerBound && r <= range.upperBound ? r : range.lowerBound
         }
         guard let from else { return }
+        for piece in Self.pieces(at: from, count: Int(range.upperBound + ahead - from)) {
+            _ = try withFile(piece.file, create: true) { file in
+                _ = rewind_preallocate_range(file.fd, off_t(piece.offset), off_t(piece.length))
+            }
+        }
+    }
+
+    /// `reserve(prewrite: true)`: unless `range` already lies on prepared blocks, write zeros
+    /// from its start (or the prepared end inside it) to `ahead` past it, and sync them. Blocks
+    /// only fallocated ahead of a large chunk do not count: writing into them still converts
+    /// unwritten extents, metadata a FLUSH would have to sync (after a burst of large chunks
+    /// the next 8 MiB of small FLUSHed writes cost two device flushes each, not one). Nothing
+    /// at or past `range.lowerBound` is live: the log is written in order.
+    private func prepare(_ range: Range<UInt64>, ahead: UInt64) throws {
+        let ready = prepared.withLock { $0 }
+        if ready.lowerBound <= range.lowerBound && range.upperBound <= ready.upperBound { return }
+        let from = ready.lowerBound <= range.lowerBound && range.lowerBound < ready.upperBound ? ready.upperBound : range.lowerBound
         let to = range.upperBound + ahead
         for piece in Self.pieces(at: from, count: Int(to - from)) {
             _ = try withFile(piece.file, create: true) { file in
-                guard prewrite else {
-                    _ = rewind_preallocate_range(file.fd, off_t(piece.offset), off_t(piece.length))
-                    return
-                }
                 try file.writeZeros(at: piece.offset, length: UInt64(piece.length))
                 try file.dataSync()
             }
         }
-        if prewrite {
-            prepared.withLock { p in
-                p = p.upperBound >= from && p.lowerBound <= from ? p.lowerBound..<max(p.upperBound, to) : from..<to
-            }
+        prepared.withLock { p in
+            p = p.upperBound >= from && p.lowerBound <= from ? p.lowerBound..<max(p.upperBound, to) : from..<to
+        }
+        reservedTo.withLock { r in
+            if r < to || r > to + 2 * Self.reserveAheadBytes { r = to }
         }
     }
 
