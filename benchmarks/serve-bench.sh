@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # fio's nbd engine against `rewind serve` (journal on), `nbdkit file` and `qemu-nbd`, on the
 # same file system, in one run; plus FLUSH latency against a plain fdatasync and rewind's peak
-# RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build. Each job starts after
-# `sync` (the previous job's writeback finished).
+# RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build. Job by job, each server
+# on a fresh filled volume; each job starts after `sync` (the previous writeback finished).
 # usage: benchmarks/serve-bench.sh [DIR] [SECONDS-PER-JOB]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -58,26 +58,41 @@ sample_rss() {  # record the largest anonymous (private) resident size of $1 unt
         sleep 0.2
     done
 }
-for server in rewind nbdkit qemu-nbd; do
-    start $server
-    if [ $server = rewind ]; then sample_rss "$SERVER_PID" & fi
-    # fill the volume first so reads read data, not holes
-    fio --name=fill --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw=write --bs=1M --iodepth=8 --size=$SIZE \
-        --output=/dev/null
-    R[$server,seqwrite]=$(fio_json seqwrite-$server write 1M 8)
-    R[$server,seqread]=$(fio_json seqread-$server read 1M 8)
-    R[$server,randwrite16]=$(fio_json randwrite16-$server randwrite 4k 16)
-    R[$server,randread16]=$(fio_json randread16-$server randread 4k 16)
-    R[$server,randwrite1]=$(fio_json randwrite1-$server randwrite 4k 1)
-    R[$server,randread1]=$(fio_json randread1-$server randread 4k 1)
-    R[$server,flush]=$(fio_json flush-$server randwrite 4k 1 --fsync=1)
-    if [ $server = rewind ]; then
-        R[rewind,rss]=$(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status)
-        R[rewind,anon]=$(cat "$DIR/anon.max")
-        R[rewind,records]=$("$REWIND" status "$DIR/vol.img.rewind" --json | sed 's/.*"newestSeq":\([0-9]*\).*/\1/')
-    fi
-    stop
-done
+# Job by job, each server in turn on a fresh, filled volume: this machine's speed swings from
+# one minute to the next, so the three figures of a row are taken minutes apart at most, and
+# every server starts each job from the same state.
+R[rewind,rss]=0; R[rewind,anon]=0; R[rewind,records]=0
+run_job() {  # run_job KEY RW BS DEPTH [extra...]
+    local key=$1; shift
+    for server in rewind nbdkit qemu-nbd; do
+        start $server
+        local sampler=
+        if [ $server = rewind ]; then rm -f "$DIR/anon.max"; sample_rss "$SERVER_PID" & sampler=$!; fi
+        # fill the volume first so reads read data, not holes
+        fio --name=fill --ioengine=nbd --uri="nbd+unix:///?socket=$SOCK" --rw=write --bs=1M --iodepth=8 --size=$SIZE \
+            --output=/dev/null
+        R[$server,$key]=$(fio_json $key-$server "$@")
+        if [ $server = rewind ]; then
+            local hwm anon records
+            hwm=$(awk '/VmHWM/ {print $2}' /proc/$SERVER_PID/status)
+            records=$("$REWIND" status "$DIR/vol.img.rewind" --json | sed 's/.*"newestSeq":\([0-9]*\).*/\1/')
+            stop; wait "$sampler" 2>/dev/null || true
+            anon=$(cat "$DIR/anon.max" 2>/dev/null || echo 0)
+            if [ "$hwm" -gt "${R[rewind,rss]}" ]; then R[rewind,rss]=$hwm; fi
+            if [ "$anon" -gt "${R[rewind,anon]}" ]; then R[rewind,anon]=$anon; fi
+            if [ "$records" -gt "${R[rewind,records]}" ]; then R[rewind,records]=$records; fi
+        else
+            stop
+        fi
+    done
+}
+run_job seqwrite write 1M 8
+run_job seqread read 1M 8
+run_job randwrite16 randwrite 4k 16
+run_job randread16 randread 4k 16
+run_job randwrite1 randwrite 4k 1
+run_job randread1 randread 4k 1
+run_job flush randwrite 4k 1 --fsync=1
 # the device's own sequential write bandwidth (4 GiB of 4 MiB O_DIRECT writes, past the page cache)
 dd_bw() {  # dd_bw [dd options...] -> MiB/s of writing 4 GiB with them
     local t0; t0=$(date +%s%N)
@@ -125,4 +140,4 @@ echo "Device durable write bandwidth (the same, ended by fdatasync): ${durable_b
 echo "Append-only ceiling (1 MiB buffered appends to a fresh file, no sync, ${RUNTIME} s): ${append_bw} MiB/s = $(awk "BEGIN {printf \"%.2f\", $append_bw / $nk}")× nbdkit's sequential write; rewind's = $(awk "BEGIN {printf \"%.2f\", $rw / $append_bw}")× it"
 rf=$(echo ${R[rewind,flush]} | cut -d' ' -f3)
 echo "FLUSH latency: rewind ${rf} µs vs plain fdatasync ${plain_sync} µs = $(awk "BEGIN {printf \"%.2f\", $rf / $plain_sync}")× (target ≤ 2×)"
-echo "rewind serve peak RSS: $(( ${R[rewind,rss]} / 1024 )) MiB in all, of which at most $(( ${R[rewind,anon]} / 1024 )) MiB anonymous (the rest: journal pages mapped by LMDB, clean page cache), over ${R[rewind,records]} journal records (target ≤ 256 MiB)"
+echo "rewind serve peak RSS: $(( ${R[rewind,rss]} / 1024 )) MiB in all, of which at most $(( ${R[rewind,anon]} / 1024 )) MiB anonymous (the rest: journal pages mapped by LMDB, clean page cache), the largest over its seven runs (up to ${R[rewind,records]} journal records) (target ≤ 256 MiB)"
