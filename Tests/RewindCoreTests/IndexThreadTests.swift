@@ -1,3 +1,4 @@
+import Foundation
 import Testing
 import RewindWorkload
 @testable import RewindCore
@@ -24,9 +25,10 @@ import RewindWorkload
     }
 
     final class Failures: @unchecked Sendable {
+        private let lock = NSLock()
         private var errors: [String] = []
-        func add(_ e: Error) { errors.append("\(e)") }
-        var all: [String] { errors }
+        func add(_ e: Error) { lock.withLock { errors.append("\(e)") } }
+        var all: [String] { lock.withLock { errors } }
     }
 
     @Test(arguments: [(UInt64(11), 512), (UInt64(12), 4096)])
@@ -87,6 +89,38 @@ import RewindWorkload
         }
         #expect(checked > 150)
         #expect(try mirror.verify().records == seq - horizon)
+    }
+
+    /// A batch larger than the index queue's room, sent while the index thread sleeps on a
+    /// short queue (it is woken per pile, not per batch), wakes it rather than waiting for
+    /// ever: the deadlock a guest's mke2fs found (one small write, then one large).
+    @Test func aLargeBatchWakesASleepingIndexThread() throws {
+        let dir = TempDir("indexthread-wake")
+        defer { dir.remove() }
+        let bs = 4096, size = UInt64(256 * 4096)
+        let mirror = try Mirror.create(at: dir.file("m"), size: size, blockSize: bs)  // one block entry per 4 KiB
+        let volume = Volume([UInt8](repeating: 0, count: Int(size)))
+        let failures = Failures()
+        let writer = JournalWriter(mirror: mirror)
+        // Woken at 2 queued block entries (maxBlocks / 16); room for 64 (2 × maxBlocks); a
+        // transaction open for at most a minute, so only a wake-up gets the thread going.
+        writer.indexOnThread(policy: .init(intervalNanoseconds: 60_000_000_000, maxChanges: 1 << 20, maxBlocks: 32),
+                             onFailure: { failures.add($0) }, readVolume: { volume.read($0, into: $1) })
+        _ = try writer.append([.write(0, [UInt8](repeating: 7, count: bs))])
+        let large = [UInt8](repeating: 9, count: 100 * bs)
+        let done = Failures()  // set from the appending thread once the large append returns
+        nonisolated(unsafe) let appender = writer  // used by that thread alone until `done`
+        let t = Thread { do { _ = try appender.append([.write(UInt64(bs), large)]); done.add(RewindError.invalidArgument("done")) } catch { done.add(error) } }
+        t.start()
+        var waited = 0
+        while done.all.isEmpty && waited < 200 { usleep(50_000); waited += 1 }
+        #expect(done.all == ["\(RewindError.invalidArgument("done"))"], "the large append never returned: the index thread slept")
+        guard !done.all.isEmpty else { return }  // leave the stuck writer rather than hang the run
+        try writer.commit()
+        volume.model.apply(.write(0, [UInt8](repeating: 7, count: bs)))
+        volume.model.apply(.write(UInt64(bs), large))
+        #expect(firstDifference(try readAll(mirror, at: .latest), volume.model.bytes) == nil)
+        #expect(failures.all.isEmpty)
     }
 
     @Test func anIndexGivenUpRefusesAppendsAndTheLogBringsItsRecordsBack() throws {

@@ -70,7 +70,12 @@ public final class IndexCommitter: @unchecked Sendable {
     func send(_ batch: Batch) throws {
         cond.lock()
         defer { cond.unlock() }
-        while failure == nil && !abandoned && !queue.isEmpty && queuedBlocks + batch.blocks > 2 * policy.maxBlocks { cond.wait() }
+        while failure == nil && !abandoned && !queue.isEmpty && queuedBlocks + batch.blocks > 2 * policy.maxBlocks {
+            // The thread may be asleep on a short queue (it is woken per pile): a batch
+            // larger than the room left must have it drain, or both wait for ever.
+            cond.broadcast()
+            cond.wait()
+        }
         if let failure { throw failure }
         guard !abandoned else { throw RewindError.invalidArgument("the journal index was given up") }
         queue.append(batch)
