@@ -3,7 +3,9 @@ import NIOCore
 
 /// One NBD connection: the fixed-newstyle handshake, then the transmission phase.
 ///
-/// Bytes accumulate in `input` and are parsed by `process()` according to `phase`. Every
+/// Bytes accumulate in `input` and are parsed by `process()` according to `phase`, except a
+/// validated WRITE's payload that has not all arrived with its header: that is copied from
+/// each socket read straight into the array the volume takes (`receivePayload`). Every
 /// request is validated once here (`validate`), so the target only sees well-formed ones.
 /// Requests are dispatched as they arrive and answered as they complete (out of order, by
 /// cookie); at most `maxInflight` at once, after which reads from the socket pause.
@@ -28,6 +30,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         case transmission
         /// Discarding a refused WRITE's payload, then answering it.
         case discardPayload(cookie: UInt64, remaining: UInt64, error: NBDErrno)
+        /// Receiving a validated WRITE's payload straight into `payload` (see `receivePayload`).
+        case receivePayload(header: NBDRequestHeader, command: NBDValidatedCommand)
         case closing
     }
 
@@ -36,6 +40,10 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private let logger: Logger
     private var phase = Phase.clientFlags
     private var input = ByteBuffer()
+    /// The payload of the WRITE being received (`Phase.receivePayload`), and how much of it
+    /// has arrived. Kept out of `phase` so it is filled in place, never copied.
+    private var payload: [UInt8] = []
+    private var payloadFilled = 0
     private var noZeroes = false
     private var structuredReplies = false
     private var metaContextSelected = false
@@ -95,12 +103,19 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
-        input.writeBuffer(&bytes)
         batchingReplies = true
         defer {
             batchingReplies = false
             if flushOwed { flushOwed = false; context.flush() }
         }
+        if case let .receivePayload(header, command) = phase {
+            guard receivePayload(from: &bytes) else { return }
+            phase = .transmission
+            let data = payload
+            payload = []
+            dispatch(context, header, command, payload: data)
+        }
+        input.writeBuffer(&bytes)
         do {
             try process(context: context)
         } catch {
@@ -198,6 +213,18 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                         phase = .discardPayload(cookie: header.cookie, remaining: UInt64(header.length), error: error)
                         continue
                     }
+                    if peek.readableBytes < Int(header.length), case .success(let command) = validated {
+                        // A large WRITE arrives over many socket reads: its payload goes
+                        // straight into the array the volume takes, one copy, not three
+                        // (into `input`, the compaction of `input`, out of `input`).
+                        input = peek
+                        payload = [UInt8](unsafeUninitializedCapacity: Int(header.length)) { _, n in n = Int(header.length) }
+                        payloadFilled = 0
+                        phase = .receivePayload(header: header, command: command)
+                        _ = receivePayload(from: &input)
+                        input.clear()
+                        break parsing
+                    }
                     guard peek.readableBytes >= Int(header.length) else { break parsing }
                 }
                 input = peek
@@ -208,6 +235,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 case .success(let command):
                     dispatch(context, header, command)
                 }
+            case .receivePayload:
+                break parsing  // channelRead fills the payload
             case let .discardPayload(cookie, remaining, error):
                 let n = min(UInt64(input.readableBytes), remaining)
                 input.moveReaderIndex(forwardBy: Int(n))
@@ -360,7 +389,27 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand) {
+    /// Move what `bytes` holds of the payload being received into `payload`; true once it is
+    /// all there.
+    private func receivePayload(from bytes: inout ByteBuffer) -> Bool {
+        let n = min(bytes.readableBytes, payload.count - payloadFilled)
+        if n > 0 {
+            bytes.readWithUnsafeReadableBytes { src in
+                payload.withUnsafeMutableBytes { dst in
+                    UnsafeMutableRawBufferPointer(rebasing: dst[payloadFilled..<payloadFilled + n])
+                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: src[0..<n]))
+                }
+                return n
+            }
+            payloadFilled += n
+        }
+        return payloadFilled == payload.count
+    }
+
+    /// `payload`: a WRITE's data when it was received by `receivePayload`; otherwise it is
+    /// read from `input`.
+    private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand,
+                          payload received: [UInt8]? = nil) {
         let target = export.target
         let loop = context.eventLoop
         let started = NIODeadline.now()
@@ -384,7 +433,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             }
         case let .write(offset, fua):
             // process() waited for the whole payload; a short buffer here is a bug, answered EIO.
-            guard let data = input.readBytes(length: Int(h.length)) else { sendError(context, h, .io, message: "payload missing"); return }
+            guard let data = received ?? input.readBytes(length: Int(h.length)) else { sendError(context, h, .io, message: "payload missing"); return }
             track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
