@@ -4,8 +4,8 @@
 # RSS. Prints a markdown table of ratios (rewind ÷ peer). Release build. Job by job, each server
 # on a fresh filled volume; each job starts after `sync` (the previous writeback finished).
 # usage: benchmarks/serve-bench.sh [DIR] [SECONDS-PER-JOB]
-# For A/B runs: JOBS="seqwrite randread1" runs only those jobs (keys: seqwrite seqread
-# randwrite16 randread16 randwrite1 randread1 flush), REPEAT=N runs each N times, and
+# For A/B runs: JOBS="seqwrite randread1" runs only those jobs (keys: ALL_JOBS below),
+# REPEAT=N runs each N times, and
 # REWIND_BIN=PATH serves with that binary instead of building one; only the rows are printed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -91,6 +91,7 @@ run_job() {  # run_job KEY RW BS DEPTH [extra...]
         fi
     done
 }
+ALL_JOBS="seqwrite seqread randwrite16 randread16 randwrite1 randread1 flush"
 declare -A SPEC=([seqwrite]="write 1M 8" [seqread]="read 1M 8" [randwrite16]="randwrite 4k 16"
     [randread16]="randread 4k 16" [randwrite1]="randwrite 4k 1" [randread1]="randread 4k 1"
     [flush]="randwrite 4k 1 --fsync=1")
@@ -120,7 +121,7 @@ if [ -n "${JOBS:-}" ]; then
     done
     exit 0
 fi
-for key in seqwrite seqread randwrite16 randread16 randwrite1 randread1 flush; do
+for key in $ALL_JOBS; do
     # shellcheck disable=SC2086
     run_job "$key" ${SPEC[$key]}
 done
@@ -151,7 +152,7 @@ fio --name=plain --ioengine=psync --filename="$DIR/plain.img" --rw=randwrite --b
 plain_sync=$(/usr/bin/python3 -c "import json; t=open('$DIR/plain.json').read(); j=json.loads(t[t.index('{'):])['jobs'][0]; print('%.1f' % (j['sync']['lat_ns']['mean']/1000))")
 
 header
-for key in seqwrite seqread randwrite16 randread16 randwrite1 randread1 flush; do row "$key"; done
+for key in $ALL_JOBS; do row "$key"; done
 echo
 nk=$(echo ${R[nbdkit,seqwrite]} | cut -d' ' -f1)
 echo "Device sequential write bandwidth (dd bs=4M oflag=direct, 4 GiB): ${disk_bw} MiB/s = $(awk "BEGIN {printf \"%.2f\", $disk_bw / $nk}")× nbdkit's sequential write"

@@ -49,6 +49,14 @@ func drain(_ channel: EmbeddedChannel) throws -> [UInt8] {
     return out
 }
 
+extension ByteBuffer {
+    /// An NBD request as a client sends it: header, then `payload`.
+    mutating func writeRequest(_ type: UInt16, _ offset: UInt64, _ length: UInt32, cookie: UInt64, payload: [UInt8] = []) {
+        writeInteger(NBD.requestMagic); writeInteger(UInt16(0)); writeInteger(type)
+        writeInteger(cookie); writeInteger(offset); writeInteger(length); writeBytes(payload)
+    }
+}
+
 /// A client's bytes: flags, STRUCTURED_REPLY, GO "vol", then a few requests.
 func clientScript() -> [UInt8] {
     var b = ByteBuffer()
@@ -56,14 +64,10 @@ func clientScript() -> [UInt8] {
     b.writeInteger(NBD.ihaveopt); b.writeInteger(UInt32(8)); b.writeInteger(UInt32(0))
     b.writeInteger(NBD.ihaveopt); b.writeInteger(UInt32(7)); b.writeInteger(UInt32(4 + 3 + 2))
     b.writeInteger(UInt32(3)); b.writeString("vol"); b.writeInteger(UInt16(0))
-    func request(_ type: UInt16, _ offset: UInt64, _ length: UInt32, cookie: UInt64, payload: [UInt8] = []) {
-        b.writeInteger(NBD.requestMagic); b.writeInteger(UInt16(0)); b.writeInteger(type)
-        b.writeInteger(cookie); b.writeInteger(offset); b.writeInteger(length); b.writeBytes(payload)
-    }
-    request(1, 4096, 8, cookie: 1, payload: Array("rewind!!".utf8))
-    request(0, 4096, 8, cookie: 2)
-    request(0, 1 << 20, 1, cookie: 3)       // out of range: EINVAL in an ERROR chunk
-    request(3, 0, 0, cookie: 4)
+    b.writeRequest(1, 4096, 8, cookie: 1, payload: Array("rewind!!".utf8))
+    b.writeRequest(0, 4096, 8, cookie: 2)
+    b.writeRequest(0, 1 << 20, 1, cookie: 3)       // out of range: EINVAL in an ERROR chunk
+    b.writeRequest(3, 0, 0, cookie: 4)
     return b.readBytes(length: b.readableBytes)!
 }
 
@@ -99,15 +103,11 @@ func clientScript() -> [UInt8] {
         let small = (0..<3000).map { _ in UInt8(truncatingIfNeeded: next()) }
         var b = ByteBuffer()
         b.writeBytes(clientScript().dropLast(28))  // the handshake and requests, without DISC
-        func request(_ type: UInt16, _ offset: UInt64, _ length: UInt32, cookie: UInt64, payload: [UInt8] = []) {
-            b.writeInteger(NBD.requestMagic); b.writeInteger(UInt16(0)); b.writeInteger(type)
-            b.writeInteger(cookie); b.writeInteger(offset); b.writeInteger(length); b.writeBytes(payload)
-        }
-        request(1, 0, UInt32(big.count), cookie: 10, payload: big)
-        request(1, 200_000, UInt32(small.count), cookie: 11, payload: small)
-        request(0, 0, 16, cookie: 12)
-        request(1, 100, 4, cookie: 13, payload: [1, 2, 3, 4])  // overwrites part of the big one
-        request(3, 0, 0, cookie: 14)
+        b.writeRequest(1, 0, UInt32(big.count), cookie: 10, payload: big)
+        b.writeRequest(1, 200_000, UInt32(small.count), cookie: 11, payload: small)
+        b.writeRequest(0, 0, 16, cookie: 12)
+        b.writeRequest(1, 100, 4, cookie: 13, payload: [1, 2, 3, 4])  // overwrites part of the big one
+        b.writeRequest(3, 0, 0, cookie: 14)
         let script = b.readBytes(length: b.readableBytes)!
 
         let (whole, t1) = try makeChannel()

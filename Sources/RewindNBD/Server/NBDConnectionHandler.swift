@@ -225,7 +225,6 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                         input.clear()
                         break parsing
                     }
-                    guard peek.readableBytes >= Int(header.length) else { break parsing }
                 }
                 input = peek
                 switch validated {
