@@ -16,6 +16,18 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
     case corruptBlock(seq: UInt64, block: UInt64, why: String)
     case io(path: String, operation: String, errno: Int32)
     case fileExists(path: String)
+    /// A restore target inside a mirror directory (or below one).
+    case targetInsideMirror(path: String, mirror: String)
+    /// A restore target that is itself a mirror directory.
+    case targetIsMirror(path: String, mirror: String)
+    /// A restore target a running `rewind serve` holds its exclusive flock on.
+    case targetServed(path: String)
+    /// A restore target that is neither a regular file nor a block device; `kind` reads "a directory".
+    case targetNotAFile(path: String, kind: String)
+    case deviceNeedsForce(path: String)
+    case deviceInUse(path: String)
+    case deviceTooSmall(path: String, bytes: UInt64, volumeBytes: UInt64)
+    case danglingSymlink(path: String)
     case busy(path: String, why: String)
     case interruptedRollback(target: UInt64)
     case journal(LMDBError)
@@ -43,6 +55,15 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
         case let .corruptBlock(seq, block, why): return "record seq:\(seq) is corrupt: block \(block): \(why)"
         case let .io(path, operation, errno): return "\(operation) \(path): \(String(cString: strerror(errno)))"
         case let .fileExists(path): return "\(path) already exists (use --force to overwrite)"
+        case let .targetInsideMirror(path, mirror): return "\(path) is inside the mirror \(mirror); restore to a path outside it"
+        case let .targetIsMirror(path, mirror): return "\(path) is the mirror \(mirror); restore to a path outside it"
+        case let .targetServed(path):
+            return "\(path) is the source of a running rewind serve; stop it first (or restore elsewhere)"
+        case let .targetNotAFile(path, kind): return "\(path) is \(kind); restore to a file or a block device"
+        case let .deviceNeedsForce(path): return "\(path) is a block device; add --force to overwrite its contents"
+        case let .deviceInUse(path): return "\(path) is in use (mounted or opened exclusively)"
+        case let .deviceTooSmall(path, bytes, volumeBytes): return "\(path) is \(bytes) bytes, the volume is \(volumeBytes)"
+        case let .danglingSymlink(path): return "\(path) is a symlink to a missing file"
         case let .busy(path, why): return "\(path) is busy: \(why)"
         case let .interruptedRollback(target):
             return "an interrupted rollback to seq:\(target) must be finished first: run `rewind rollback MIRROR --at seq:\(target) --yes` (with the same --source)"

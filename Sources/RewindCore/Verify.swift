@@ -31,6 +31,7 @@ extension Mirror {
                 (lastTime, cumulative) = (h.timestamp, h.cumulative)
             }
             progress?.begin(phase: "verifying records", total: m.lastSeq - m.oldestPoint)
+            var tallies = TallyBuckets()
             var entry = try cursor.seek(atLeast: seqKey(expected))
             while let e = entry {
                 guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
@@ -38,7 +39,8 @@ extension Mirror {
                 guard seq == expected else {
                     throw RewindError.corruptRecord(seq: expected, why: seq > expected ? "missing (next record is seq:\(seq))" : "duplicated")
                 }
-                let h = try RecordHeader.decode(e.value, seq: seq)
+                let (h, tally) = try IndexTally.decodeStored(e.value, seq: seq)
+                tallies.add(tally, seq: seq)
                 guard h.timestamp >= lastTime else {
                     throw RewindError.corruptRecord(seq: seq, why: "timestamp \(formatRFC3339(h.timestamp)) is before the previous record's")
                 }
@@ -72,7 +74,7 @@ extension Mirror {
                 throw RewindError.corruptRecord(seq: expected, why: "missing: the journal ends at seq:\(expected - 1) but its header says seq:\(m.lastSeq)")
             }
             progress?.end()
-            try verifyIndex(txn, meta: m, report: &report, progress: progress)
+            try verifyIndex(txn, meta: m, expected: tallies, report: &report, progress: progress)
         }
         if let image {
             try compare(at: point ?? .latest, with: image, report: &report, progress: progress)
@@ -80,18 +82,40 @@ extension Mirror {
         return report
     }
 
-    private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, report: inout VerifyReport, progress: ProgressObserver?) throws {
+    /// Check every index entry: its own check, that it lies inside the journal, that the
+    /// record it names wrote it (`entryMatches`), its payload's XXH3; then that the entries of
+    /// each seq add up to what its record's tally says, naming the first record that differs.
+    private func verifyIndex(_ txn: LMDBTransaction, meta m: MirrorMeta, expected: TallyBuckets, report: inout VerifyReport,
+                             progress: ProgressObserver?) throws {
         let cursor = try txn.cursor(journal.blocks)
         progress?.begin(phase: "verifying index", total: UInt64(try txn.count(journal.blocks)))
         var entry = try cursor.first()
         var scratch = [UInt8](repeating: 0, count: blockSize)
         let oldestEntry = m.target > m.horizon ? 0 : m.horizon + 1  // an unfinished compaction leaves older entries
+        var found = TallyBuckets()
+        var cached: (seq: UInt64, header: RecordHeader)?
+        var previous: (block: UInt64, seq: UInt64)?
         while let e = entry {
-            guard let key = decodeBlockKey(e.key) else { throw RewindError.damagedMirror(path: path, why: "malformed index key") }
+            guard let key = decodeBlockKey(e.key) else {
+                throw RewindError.damagedMirror(path: path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+            }
+            if let p = previous, (p.block, p.seq) >= (key.block, key.seq) {
+                throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry is out of order (journal/data.mdb is damaged)")
+            }
+            previous = key
             guard key.seq >= oldestEntry, key.seq <= m.lastSeq, key.block < m.blockCount else {
                 throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "index entry outside the journal")
             }
-            if case let .data(segment, off, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block) {
+            let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
+            if key.seq > m.oldestPoint {
+                found.add(hash, seq: key.seq)
+                if cached?.seq != key.seq { cached = (key.seq, try journal.header(txn, seq: key.seq)) }
+                if let h = cached?.header, !entryMatches(h, block: key.block, content: content) {
+                    throw RewindError.corruptBlock(seq: key.seq, block: key.block,
+                                                   why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
+                }
+            }
+            if case let .data(segment, off, hash) = content {
                 try scratch.withUnsafeMutableBytes {
                     try journal.readBlock(seq: key.seq, block: key.block, segment: segment, offset: off, hash: hash, into: $0)
                 }
@@ -102,6 +126,30 @@ extension Mirror {
             entry = try cursor.next()
         }
         progress?.end()
+        let differing = expected.differingBuckets(found)
+        guard !differing.isEmpty else { return }
+        // Name the first record whose entries differ: per seq, only for the differing buckets.
+        var perSeq: [UInt64: IndexTally] = [:]
+        var e2 = try cursor.first()
+        while let e = e2 {
+            if let key = decodeBlockKey(e.key), key.seq > m.oldestPoint, differing.contains(TallyBuckets.bucket(key.seq)),
+               perSeq.count < TallyBuckets.namedSeqsMax || perSeq[key.seq] != nil {
+                perSeq[key.seq, default: IndexTally()].add(try BlockContent.decode(e.value, seq: key.seq, block: key.block).hash)
+            }
+            e2 = try cursor.next()
+        }
+        var seq = m.oldestPoint + 1
+        while seq <= m.lastSeq {
+            if differing.contains(TallyBuckets.bucket(seq)) {
+                let want = try journal.stored(txn, seq: seq).tally
+                let have = perSeq[seq] ?? IndexTally()
+                if want != have {
+                    throw RewindError.corruptRecord(seq: seq, why: "it wrote \(want.count) index entr\(want.count == 1 ? "y" : "ies"), the block index holds \(have.count)\(want.count == have.count ? " that differ" : "") (journal/data.mdb is damaged)")
+                }
+            }
+            seq += 1
+        }
+        throw RewindError.damagedMirror(path: path, why: "the block index does not hold what its records wrote (journal/data.mdb is damaged)")
     }
 
     /// Compare the volume as of `point` with `image`, 1 MiB at a time.
@@ -136,3 +184,21 @@ extension Mirror {
 }
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16).leftPadded(16) }
+
+/// Index tallies summed per bucket of seqs (seq mod `count`): bounded memory whatever the
+/// journal's length, and enough to find which records' entries differ on a second pass.
+struct TallyBuckets {
+    static let count = 1 << 16
+    /// Seqs tallied one by one when naming a differing record.
+    static let namedSeqsMax = 1 << 20
+    private var buckets = [IndexTally](repeating: IndexTally(), count: count)
+
+    static func bucket(_ seq: UInt64) -> Int { Int(seq % UInt64(count)) }
+
+    mutating func add(_ tally: IndexTally, seq: UInt64) { buckets[Self.bucket(seq)].add(tally) }
+    mutating func add(_ entryHash: UInt64, seq: UInt64) { buckets[Self.bucket(seq)].add(entryHash) }
+
+    func differingBuckets(_ other: TallyBuckets) -> Set<Int> {
+        Set((0..<Self.count).filter { buckets[$0] != other.buckets[$0] })
+    }
+}

@@ -30,6 +30,15 @@ public enum ServeDaemon {
         }
         let metrics = ServeMetrics()
 
+        // A Unix socket path a live server answers on is refused before anything is created
+        // or opened (`start` checks again when it binds).
+        let addresses = options.listen.isEmpty ? [ListenAddress.tcp(host: "127.0.0.1", port: NBD.defaultPort)] : options.listen
+        do {
+            try NBDServer.checkUnixSocketPaths(addresses)
+        } catch let e as ListenError {
+            throw RewindError.invalidArgument(e.description)
+        }
+
         // The volume: source, mirror, ownership, recovery.
         let prepared = try prepare(options, logger: logger, progress: progress)
         let writer = VolumeWriter(mirror: prepared.mirror, source: prepared.source, syncedSeq: prepared.syncedSeq,
@@ -44,13 +53,13 @@ public enum ServeDaemon {
         let export = NBDExport(name: exportName, description: options.description ?? "rewind: \(options.source)", target: volume)
         let server = NBDServer(export: export, group: group, maxConnections: options.maxConnections, observer: metrics,
                                logger: logger)
-        let addresses = options.listen.isEmpty ? [ListenAddress.tcp(host: "127.0.0.1", port: NBD.defaultPort)] : options.listen
         let bound: [String]
         do {
             bound = try await server.start(addresses)
         } catch {
             writer.stop()
             try? await group.shutdownGracefully()
+            if let e = error as? ListenError { throw RewindError.invalidArgument(e.description) }  // names its address
             throw RewindError.invalidArgument("cannot listen on \(addresses.map(\.description).joined(separator: ", ")): \(error)")
         }
         var metricsChannel: Channel?
@@ -71,6 +80,7 @@ public enum ServeDaemon {
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
         prepared.lock.release()
+        prepared.sourceLock.release()
         let lastSeq = (try? prepared.mirror.meta().lastSeq) ?? 0
         if let why = writer.fenceReason {
             logger.error("stopped; writes were refused since: \(why); the journal holds seq:\(lastSeq), and the next start brings the source to it")
@@ -83,7 +93,9 @@ public enum ServeDaemon {
     struct Prepared {
         var mirror: Mirror
         var source: BlockFile
+        /// `owner.lock` of the mirror, and the flock on SOURCE: held until the server stops.
         var lock: FileLock
+        var sourceLock: SourceLock
         var syncedSeq: UInt64
     }
 
@@ -100,21 +112,49 @@ public enum ServeDaemon {
             try f.truncate(to: size)
             logger.info("created sparse source \(o.source) of \(size) bytes")
         }
+        // One owner per mirror (`owner.lock`) and one server per source (`SourceLock`: an
+        // exclusive flock on SOURCE itself, and O_EXCL for a block device). An existing
+        // mirror's owner lock comes first, so a second serve of a served mirror says that; the
+        // source's lock is taken before any mirror is created or opened for writing, so a
+        // second serve of the source through another mirror stops there, having changed nothing.
+        // A moment's wait for owner.lock: a reader indexing a crashed server's log tail holds it briefly.
+        func takeOwnerLock() throws -> FileLock {
+            try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 3,
+                         holder: "another rewind process (serve or rollback) owns this mirror")
+        }
+        var existingOwnerLock: FileLock?
+        if access(mirrorPath, F_OK) == 0 { existingOwnerLock = try takeOwnerLock() }
+        let sourceLock = try SourceLock(path: o.source)
+        let current = try sourceLock.identity()
         let source = try BlockFile(path: o.source, mode: .readWrite)
+        guard try SourceIdentity(describing: source.fd, path: o.source).isSameFile(as: current) else {
+            throw RewindError.invalidArgument("\(o.source) was replaced while rewind opened it; start again")
+        }
         let sourceSize = try source.size()
         if access(mirrorPath, F_OK) != 0 {
             logger.info("creating mirror \(mirrorPath) from \(o.source)")
             try Mirror.create(at: mirrorPath, from: o.source, blockSize: o.blockSize, progress: progress)
         }
-        // A moment's wait: a reader indexing a crashed server's log tail holds it briefly.
-        let lock = try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 3,
-                                holder: "another rewind process (serve or rollback) owns this mirror")
+        let lock = try existingOwnerLock ?? takeOwnerLock()
         let mirror = try Mirror.open(at: mirrorPath, recover: true, ownerLockHeld: true)
         if let damage = mirror.logDamage {
             logger.error("\(damage); the source may still hold what those records wrote: check with rewind verify \(mirrorPath) --against \(o.source)")
         }
+        // The mirror journals one file: refuse another (its journal would be replayed into it
+        // and describe the wrong volume), before anything is written to the source.
+        let recorded = try mirror.sourceIdentity()
+        try recorded?.check(current, mirror: mirrorPath, given: o.source)
         guard mirror.volumeSize == sourceSize else {
             throw RewindError.invalidArgument("\(o.source) is \(sourceSize) bytes but mirror \(mirrorPath) holds a volume of \(mirror.volumeSize): not its mirror")
+        }
+        if recorded != current {
+            try mirror.recordSource(current)
+            if let recorded {
+                // The same file, found under another path or device number (moved, a reboot).
+                logger.notice("source of mirror \(mirrorPath) was \(recorded), is now \(current): recorded")
+            } else {
+                logger.info("recorded \(current) as the source of mirror \(mirrorPath)")
+            }
         }
         var meta = try mirror.meta()
         if meta.pendingRollback != UInt64.max { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
@@ -127,7 +167,7 @@ public enum ServeDaemon {
             logger.notice("replayed \(n) blocks")
             meta = try mirror.meta()
         }
-        return Prepared(mirror: mirror, source: source, lock: lock, syncedSeq: meta.sourceSyncedSeq)
+        return Prepared(mirror: mirror, source: source, lock: lock, sourceLock: sourceLock, syncedSeq: meta.sourceSyncedSeq)
     }
 
     /// Can the file system beside the source zero a range without writing (FALLOC_FL_ZERO_RANGE)?

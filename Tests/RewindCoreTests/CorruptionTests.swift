@@ -48,7 +48,7 @@ import Testing
             #expect(e.description == "record seq:2 is corrupt: block 2: payload checksum mismatch (data damaged on disk)")
         }
         #expect(!FileManager.default.fileExists(atPath: dir.file("out.img")))
-        #expect(!FileManager.default.fileExists(atPath: dir.file("out.img.partial")))
+        #expect(try FileManager.default.contentsOfDirectory(atPath: dir.path) == ["m"])  // no temporary image left
         // Reads of the damaged block fail; reads of healthy blocks and of earlier points still work.
         let s = try Snapshot(mirror: m, point: .latest)
         #expect(throws: RewindError.self) { _ = try s.read(at: 8192, count: 10) }
@@ -87,7 +87,7 @@ import Testing
         let size = fileBytes(mdb).count
         try Data(count: size).write(to: URL(fileURLWithPath: mdb))
         do { _ = try Mirror.open(at: path); Issue.record("opened a zeroed journal") } catch let e as RewindError {
-            #expect(e.description.hasPrefix("mirror \(path) is damaged: journal/data.mdb is not a readable LMDB file"))
+            #expect(e.description == "mirror \(path) is damaged: journal/data.mdb has no valid LMDB meta page (\(size) bytes)")
         }
         // A directory that is not a mirror.
         try FileManager.default.createDirectory(atPath: dir.file("plain"), withIntermediateDirectories: false)
@@ -114,13 +114,17 @@ import Testing
         do { _ = try Mirror.create(at: path, size: 4096) }
         try Self.editHeader(path) { $0[8] = 9 }  // format 9
         do { _ = try Mirror.open(at: path); Issue.record("opened a newer format") } catch let e as RewindError {
-            #expect(e.description == "\(path) has mirror format 9, newer than this rewind understands (2); upgrade rewind")
+            #expect(e.description == "\(path) has mirror format 9, newer than this rewind understands (3); upgrade rewind")
         }
         try Self.editHeader(path) { $0[8] = 1 }  // format 1: payload inside LMDB, not read by this rewind
         do { _ = try Mirror.open(at: path); Issue.record("opened format 1") } catch let e as RewindError {
-            #expect(e.description == "mirror \(path) is damaged: mirror format 1 keeps payload inside LMDB; this rewind reads format 2 only (restore it with the rewind that wrote it, then re-create)")
+            #expect(e.description == "mirror \(path) is damaged: mirror format 1 keeps payload inside LMDB; this rewind reads format 3 only (restore it with the rewind that wrote it, then re-create)")
         }
-        try Self.editHeader(path) { $0[8] = 2; $0[40] ^= 1 }  // right format, damaged field
+        try Self.editHeader(path) { $0[8] = 2 }  // format 2: index entries without checks
+        do { _ = try Mirror.open(at: path); Issue.record("opened format 2") } catch let e as RewindError {
+            #expect(e.description == "mirror \(path) is damaged: mirror format 2 has no checks on its block index entries; this rewind reads format 3 only (restore it with the rewind that wrote it, then re-create)")
+        }
+        try Self.editHeader(path) { $0[8] = 3; $0[40] ^= 1 }  // right format, damaged field
         do { _ = try Mirror.open(at: path); Issue.record("opened a damaged header") } catch let e as RewindError {
             #expect(e.description == "mirror \(path) is damaged: header checksum mismatch")
         }

@@ -10,6 +10,17 @@ public func xxh3(_ bytes: [UInt8]) -> UInt64 {
     bytes.withUnsafeBytes { xxh3($0) }
 }
 
+/// XXH3-64 with a seed: what binds a stored value to the key it is stored under (a record's
+/// header to its seq, a bookmark to its name), so a value found under another key fails.
+@inline(__always)
+public func xxh3(_ bytes: UnsafeRawBufferPointer, seed: UInt64) -> UInt64 {
+    XXH3_64bits_withSeed(bytes.baseAddress, bytes.count, seed)
+}
+
+public func xxh3(_ bytes: [UInt8], seed: UInt64) -> UInt64 {
+    bytes.withUnsafeBytes { xxh3($0, seed: seed) }
+}
+
 /// A record's checksum: XXH3-64 over the XXH3-64 of each stored block (little-endian, in
 /// block order). Equivalent in strength to hashing the payload, but lets the append path hash
 /// each byte once, since the per-block hashes are needed for the index anyway.

@@ -33,12 +33,17 @@ struct Compactor {
 
     /// Compact up to `target`, which must lie in (horizon, lastSeq].
     func compact(to target: UInt64, progress: ProgressObserver?) throws -> CompactionReport {
+        if let floor = try mirror.unreplayedSourceFloor(), target > floor {
+            throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the source is known to hold: its server stopped without syncing it, and the records after it are what the next `rewind serve` replays into the source; start `rewind serve` once, then compact")
+        }
         let lock = try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
                                 holder: "a restore or export is reading an old point; try again when it ends")
         defer { lock.release() }
         let journal = mirror.journal
+        var resumed = false
         let before = try journal.env.write { txn -> MirrorMeta in
             var m = try journal.readMeta(txn)
+            resumed = m.target > m.horizon
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             guard target <= m.lastSeq else { throw RewindError.pointAfterLatest(point: "seq:\(target)", latest: m.lastSeq) }
             guard target >= m.oldestPoint else {
@@ -50,11 +55,15 @@ struct Compactor {
         }
         try mirror.sync()
         CrashPoint.hit("compact.target-recorded")
-        return try finish(target: before.target, progress: progress, lockHeld: true)
+        // A compaction resumed here (an earlier one was interrupted) may have deleted part of
+        // the index and the records already: only a fresh one can check them against each other.
+        return try finish(target: before.target, progress: progress, lockHeld: true, checkIndex: !resumed)
     }
 
-    /// Steps 2 and 3 for a recorded target (also the crash-recovery path).
-    func finish(target: UInt64, progress: ProgressObserver?, lockHeld: Bool = false) throws -> CompactionReport {
+    /// Steps 2 and 3 for a recorded target (also the crash-recovery path). `checkIndex`: the
+    /// index entries and records of (horizon, target] are all still there, so the fold checks
+    /// that they agree (`IndexTally`) before anything is deleted.
+    func finish(target: UInt64, progress: ProgressObserver?, lockHeld: Bool = false, checkIndex: Bool = false) throws -> CompactionReport {
         let lock = lockHeld ? nil : try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
                                                  holder: "a reader holds an old point")
         defer { lock?.release() }
@@ -65,7 +74,7 @@ struct Compactor {
                                     recordsRemoved: 0, bytesFolded: 0, bookmarksRemoved: [])
         }
         let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
-        let written = try fold(upTo: target, progress: progress)
+        let written = try fold(from: start.horizon, upTo: target, check: checkIndex, progress: progress)
         CrashPoint.hit("compact.folded")
         try mirror.base.sync()
         CrashPoint.hit("compact.base-synced")
@@ -96,7 +105,10 @@ struct Compactor {
     }
 
     /// Step 2: write each block's newest content <= target into base.img, once per block.
-    private func fold(upTo target: UInt64, progress: ProgressObserver?) throws -> UInt64 {
+    /// With `check`, every entry of (horizon, target] is checked against the record that wrote
+    /// it and their tallies (`IndexTally`) before step 3 deletes anything: damage stops the
+    /// compaction with the mirror still readable at every point from the target on.
+    private func fold(from horizon: UInt64, upTo target: UInt64, check: Bool, progress: ProgressObserver?) throws -> UInt64 {
         let journal = mirror.journal
         let base = mirror.base
         let bs = UInt64(mirror.blockSize)
@@ -107,6 +119,8 @@ struct Compactor {
         progress?.begin(phase: "folding into base", total: UInt64(total))
         var scanned: UInt64 = 0
         var finished = false
+        var found = IndexTally()
+        var cached: (seq: UInt64, header: RecordHeader)?
         while !finished {
             // One bounded read transaction per chunk of blocks.
             try journal.env.read { txn in
@@ -116,6 +130,13 @@ struct Compactor {
                 var current: (block: UInt64, seq: UInt64, value: BlockContent)?
                 func emit() throws {
                     guard let c = current else { return }
+                    if check && c.seq > horizon {
+                        if cached?.seq != c.seq { cached = (c.seq, try journal.header(txn, seq: c.seq)) }
+                        if let h = cached?.header, !mirror.entryMatches(h, block: c.block, content: c.value) {
+                            throw RewindError.corruptBlock(seq: c.seq, block: c.block,
+                                                           why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
+                        }
+                    }
                     switch c.value {
                     case .zero: try base.punchHole(at: c.block * bs, length: bs)
                     case let .data(segment, off, hash):
@@ -133,7 +154,11 @@ struct Compactor {
                         if blocksInChunk >= Self.chunkBlocks { resume = blockKey(key.block, 0); return }
                         blocksInChunk += 1
                     }
-                    if key.seq <= target { current = (key.block, key.seq, try BlockContent.decode(e.value, seq: key.seq, block: key.block)) }
+                    if key.seq <= target {
+                        let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
+                        if key.seq > horizon { found.add(hash) }
+                        current = (key.block, key.seq, content)
+                    }
                     scanned += 1
                     entry = try cursor.next()
                 }
@@ -144,6 +169,12 @@ struct Compactor {
             journal.env.releaseMappedPages()
         }
         progress?.end()
+        if check {
+            let expected = try journal.env.read { try journal.expectedTally($0, seqs: horizon + 1...target) }
+            guard expected == found else {
+                throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(horizon + 1)...seq:\(target) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; compaction stopped before deleting anything (`rewind verify` names the records)")
+            }
+        }
         return written
     }
 
@@ -209,10 +240,30 @@ extension Mirror {
     /// payload. Returns nil when nothing is outside it.
     public func compact(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds(),
                         progress: ProgressObserver? = nil) throws -> CompactionReport? {
-        guard let target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
+        guard var target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
             return nil
         }
+        if let floor = try unreplayedSourceFloor() {
+            guard floor > (try meta().oldestPoint) else { return nil }
+            target = min(target, floor)
+        }
         return try Compactor(mirror: self).compact(to: target, progress: progress)
+    }
+
+    /// After a server stopped uncleanly, the seq up to which its source is known synced — the
+    /// records after it are what the next `serve` replays into the source, so no compaction may
+    /// fold them — or nil when no such replay is owed (a clean stop, a live server, a mirror
+    /// never served).
+    func unreplayedSourceFloor() throws -> UInt64? {
+        let m = try meta()
+        guard m.sourceSyncedSeq < m.lastSeq, try journal.env.read({ try $0.get(journal.meta, Array("source".utf8)) }) != nil else {
+            return nil
+        }
+        // A live owner (a running server, this process's own included) replays nothing: its
+        // source holds what it wrote.
+        guard let owner = try? FileLock(path: ownerLockPath, kind: .exclusive, holder: "") else { return nil }
+        owner.release()
+        return m.sourceSyncedSeq
     }
 
     /// The newest seq that falls outside the window, or nil.

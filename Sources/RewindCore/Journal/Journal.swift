@@ -4,9 +4,9 @@ import CLMDB
 /// databases, and the payload in the log (`MIRROR/log/`, `PayloadLog`).
 ///
 /// - `meta`      "mirror" → `MirrorMeta`
-/// - `records`   seq (u64 BE) → `RecordHeader` (64 bytes); appended in order (MDB_APPEND)
-/// - `blocks`    (block, seq) → `BlockContent`: the point-in-time index
-/// - `bookmarks` UTF-8 name → seq (u64 BE)
+/// - `records`   seq (u64 BE) → `RecordHeader` (64 bytes) + `IndexTally` (16); appended in order
+/// - `blocks`    (block, seq) → `BlockContent`, self-checking: the point-in-time index
+/// - `bookmarks` UTF-8 name (NFC) → seq (u64 BE) + check (u32)
 public final class Journal: @unchecked Sendable {
     public let env: LMDBEnvironment
     public let log: PayloadLog
@@ -23,7 +23,7 @@ public final class Journal: @unchecked Sendable {
         path = mirrorPath
         log = PayloadLog(directory: logDirectory)
         do {
-            env = try LMDBEnvironment(directory: directory)
+            env = try LMDBEnvironment(directory: directory, mustExist: !create)
             let dbs = try env.openDatabases(Self.names, create: create)
             (meta, records, blocks, bookmarks) = (dbs[0], dbs[1], dbs[2], dbs[3])
         } catch let e as LMDBError where e.code == MDB_NOTFOUND {
@@ -82,10 +82,37 @@ public final class Journal: @unchecked Sendable {
     // MARK: records
 
     func header(_ txn: LMDBTransaction, seq: UInt64) throws -> RecordHeader {
+        try stored(txn, seq: seq).header
+    }
+
+    /// A record's header and the tally of the index entries it wrote, both checked.
+    func stored(_ txn: LMDBTransaction, seq: UInt64) throws -> (header: RecordHeader, tally: IndexTally) {
         guard let raw = try txn.get(records, seqKey(seq)) else {
             throw RewindError.corruptRecord(seq: seq, why: "missing from the journal")
         }
-        return try RecordHeader.decode(raw, seq: seq)
+        return try IndexTally.decodeStored(raw, seq: seq)
+    }
+
+    /// The sum of the tallies of the records in `range`: what the block index must hold for
+    /// those seqs. One pass over the packed `records` pages.
+    func expectedTally(_ txn: LMDBTransaction, seqs range: ClosedRange<UInt64>) throws -> IndexTally {
+        var total = IndexTally()
+        let cursor = try txn.cursor(records)
+        var expected = range.lowerBound
+        var entry = try cursor.seek(atLeast: seqKey(expected))
+        while let e = entry, expected <= range.upperBound {
+            guard e.key.count == 8, e.key.loadBE(at: 0) == expected else {
+                throw RewindError.corruptRecord(seq: expected, why: "missing from the journal (journal/data.mdb is damaged)")
+            }
+            total.add(try IndexTally.decodeStored(e.value, seq: expected).1)
+            touched(IndexTally.storedSize + 8)
+            expected += 1
+            entry = try cursor.next()
+        }
+        guard expected > range.upperBound else {
+            throw RewindError.corruptRecord(seq: expected, why: "missing from the journal (journal/data.mdb is damaged)")
+        }
+        return total
     }
 
     /// The payload bytes of a record, read from the log.
@@ -133,14 +160,33 @@ public final class Journal: @unchecked Sendable {
         let probe = seq == UInt64.max ? blockKey(block &+ 1, 0) : blockKey(block, seq + 1)
         let entry = try cursor.seek(atLeast: probe) != nil ? try cursor.previous() : try cursor.last()
         guard let entry, let key = decodeBlockKey(entry.key), key.block == block else { return nil }
-        return (key.seq, try BlockContent.decode(entry.value, seq: key.seq, block: block))
+        return (key.seq, try BlockContent.decode(entry.value, seq: key.seq, block: block).content)
     }
 
     // MARK: bookmarks
 
+    /// A bookmark's value: its seq (u64 BE) and the low 32 bits of XXH3-64 of the name's
+    /// bytes seeded with the seq, so a flipped bit in the name or the seq is found.
+    static func bookmarkValue(name: String, seq: UInt64) -> [UInt8] {
+        var v = [UInt8](); v.appendBE(seq)
+        v.appendLE(UInt32(truncatingIfNeeded: xxh3(Array(name.utf8), seed: seq)))
+        return v
+    }
+
+    static func decodeBookmark(_ raw: UnsafeRawBufferPointer, name: String, path: String) throws -> UInt64 {
+        guard raw.count == 12 else {
+            throw RewindError.damagedMirror(path: path, why: "bookmark \"\(name)\" is stored in \(raw.count) bytes (journal/data.mdb is damaged)")
+        }
+        let seq = raw.loadBE(at: 0)
+        guard UInt32(truncatingIfNeeded: xxh3(Array(name.utf8), seed: seq)) == raw.loadLE(at: 8, as: UInt32.self) else {
+            throw RewindError.damagedMirror(path: path, why: "bookmark \"\(name)\" fails its check (journal/data.mdb is damaged)")
+        }
+        return seq
+    }
+
     func bookmark(_ txn: LMDBTransaction, _ name: String) throws -> UInt64? {
-        guard let raw = try txn.get(bookmarks, Array(name.utf8)), raw.count == 8 else { return nil }
-        return raw.loadBE(at: 0)
+        guard let raw = try txn.get(bookmarks, Array(name.utf8)) else { return nil }
+        return try Self.decodeBookmark(raw, name: name, path: path)
     }
 
     func allBookmarks(_ txn: LMDBTransaction) throws -> [(name: String, seq: UInt64)] {
@@ -148,9 +194,8 @@ public final class Journal: @unchecked Sendable {
         var out: [(String, UInt64)] = []
         var e = try c.first()
         while let entry = e {
-            if entry.value.count == 8 {
-                out.append((String(decoding: entry.key, as: UTF8.self), entry.value.loadBE(at: 0)))
-            }
+            let name = String(decoding: entry.key, as: UTF8.self)
+            out.append((name, try Self.decodeBookmark(entry.value, name: name, path: path)))
             e = try c.next()
         }
         return out

@@ -483,7 +483,7 @@ struct ChunkBuilder {
     }
 
     mutating func add(_ header: RecordHeader) {
-        records.append(contentsOf: header.encoded())
+        records.append(contentsOf: header.encoded(seq: firstSeq + UInt64(count)))
         count += 1
     }
 

@@ -22,13 +22,15 @@ extension Mirror {
     func index(_ h: RecordHeader, seq: UInt64, blockHashes: [UInt64], _ txn: LMDBTransaction, _ cursor: LMDBCursor) throws {
         let bs = UInt64(blockSize)
         let (stored, zeroRange) = Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs)
+        var tally = IndexTally()
         for (i, block) in stored.enumerated() {
-            try txn.put(journal.blocks, blockKey(block, seq),
-                        BlockContent.data(segment: h.segment, offset: h.segmentOffset + UInt32(i * blockSize),
-                                          hash: blockHashes[i]).encoded())
+            let (value, hash) = BlockContent.data(segment: h.segment, offset: h.segmentOffset + UInt32(i * blockSize),
+                                                  hash: blockHashes[i]).encoded(block: block, seq: seq)
+            try txn.put(journal.blocks, blockKey(block, seq), value)
+            tally.add(hash)
         }
-        if !zeroRange.isEmpty { try markZero(txn, cursor, blocks: zeroRange, seq: seq) }
-        try txn.put(journal.records, seqKey(seq), h.encoded(), append: true)
+        if !zeroRange.isEmpty { try markZero(txn, cursor, blocks: zeroRange, seq: seq, tally: &tally) }
+        try txn.put(journal.records, seqKey(seq), tally.stored(header: h, seq: seq), append: true)
     }
 
     /// What one change's index update counts as read through the map (see `Journal.touched`).
@@ -71,7 +73,8 @@ extension Mirror {
 
     /// Add zero entries at `seq` for the blocks of `range` that do not already read as zeros:
     /// those whose newest entry holds data, and those with no entry where base.img has data.
-    private func markZero(_ txn: LMDBTransaction, _ cursor: LMDBCursor, blocks range: Range<UInt64>, seq: UInt64) throws {
+    private func markZero(_ txn: LMDBTransaction, _ cursor: LMDBCursor, blocks range: Range<UInt64>, seq: UInt64,
+                          tally: inout IndexTally) throws {
         let bs = UInt64(blockSize)
         let window: UInt64 = 1 << 16  // blocks examined at once, bounding memory
         var windowStart = range.lowerBound
@@ -83,7 +86,7 @@ extension Mirror {
             var newest: [UInt64: Bool] = [:]
             var entry = try cursor.seek(atLeast: blockKey(windowStart, 0))
             while let e = entry, let key = decodeBlockKey(e.key), key.block < windowEnd {
-                newest[key.block] = !e.value.isEmpty
+                newest[key.block] = try BlockContent.decode(e.value, seq: key.seq, block: key.block).content != .zero
                 entry = try cursor.next()
             }
             var marks: [UInt64] = newest.filter { $0.value }.map { $0.key }
@@ -98,7 +101,11 @@ extension Mirror {
                 extentIndex += 1
             }
             marks.sort()
-            for block in marks { try txn.put(journal.blocks, blockKey(block, seq), []) }
+            for block in marks {
+                let (value, hash) = BlockContent.zero.encoded(block: block, seq: seq)
+                try txn.put(journal.blocks, blockKey(block, seq), value)
+                tally.add(hash)
+            }
             windowStart = windowEnd
         }
     }

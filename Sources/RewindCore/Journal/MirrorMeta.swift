@@ -4,7 +4,8 @@
 /// ```
 /// offset size field
 ///   0     8   magic             "REWINDMR"
-///   8     4   format            mirror format version (2: payload in log/ files)
+///   8     4   format            mirror format version (3: payload in log/ files, every
+///                               index entry, record and bookmark self-checking)
 ///  12     4   blockSize         bytes per block, a power of two 512...1 MiB
 ///  16    16   uuid              volume UUID, shared by every copy of the volume
 ///  32     8   volumeSize        bytes, a multiple of blockSize
@@ -26,7 +27,7 @@
 /// Integers little-endian.
 public struct MirrorMeta: Equatable, Sendable {
     static let magic: [UInt8] = Array("REWINDMR".utf8)
-    public static let currentFormat: UInt32 = 2
+    public static let currentFormat: UInt32 = 3
     static let size = 144
     static let none = UInt64.max
 
@@ -85,7 +86,10 @@ public struct MirrorMeta: Equatable, Sendable {
             throw RewindError.newerFormat(path: path, found: format, supported: currentFormat)
         }
         guard format == currentFormat else {
-            throw RewindError.damagedMirror(path: path, why: "mirror format \(format) keeps payload inside LMDB; this rewind reads format \(currentFormat) only (restore it with the rewind that wrote it, then re-create)")
+            let why = format == 2
+                ? "mirror format 2 has no checks on its block index entries"
+                : "mirror format \(format) keeps payload inside LMDB"
+            throw RewindError.damagedMirror(path: path, why: "\(why); this rewind reads format \(currentFormat) only (restore it with the rewind that wrote it, then re-create)")
         }
         guard raw.count == size else {
             throw RewindError.damagedMirror(path: path, why: "header is \(raw.count) bytes, expected \(size)")

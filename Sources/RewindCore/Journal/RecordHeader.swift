@@ -4,8 +4,9 @@
 /// offset size field
 ///  0     1    kind            ChangeKind raw value
 ///  1     1    flags           bit0 FUA
-///  2     2    format          record format, 1
-///  4     4    headerCheck     low 32 bits of XXH3-64 over bytes 0..<64 with this field zero
+///  2     2    format          record format, 2
+///  4     4    headerCheck     low 32 bits of XXH3-64 over bytes 0..<64 with this field zero,
+///                             seeded with the record's seq (a header under another seq fails)
 ///  8     8    timestamp       wall-clock ns since 1970, never decreasing
 /// 16     8    offset          byte offset the host wrote at
 /// 24     8    length          byte length the host wrote
@@ -16,10 +17,10 @@
 ///                             its partial head and tail blocks after zeroing (zero, trim)
 /// 56     8    cumulative      payload bytes stored from the mirror's creation up to this record
 /// ```
-/// All integers little-endian.
+/// All integers little-endian. Format 1 (mirror format 2) checked the header without its seq.
 public struct RecordHeader: Equatable, Sendable {
     public static let size = 64
-    static let format: UInt16 = 1
+    static let format: UInt16 = 2
 
     public var kind: ChangeKind
     public var fua: Bool
@@ -32,7 +33,7 @@ public struct RecordHeader: Equatable, Sendable {
     public var storedLength: UInt32
     public var cumulative: UInt64
 
-    func encoded() -> [UInt8] {
+    func encoded(seq: UInt64) -> [UInt8] {
         var b = [UInt8](); b.reserveCapacity(Self.size)
         b.append(kind.rawValue)
         b.append(fua ? 1 : 0)
@@ -46,12 +47,13 @@ public struct RecordHeader: Equatable, Sendable {
         b.appendLE(segmentOffset)
         b.appendLE(storedLength)
         b.appendLE(cumulative)
-        let check = UInt32(truncatingIfNeeded: xxh3(b))
+        let check = UInt32(truncatingIfNeeded: xxh3(b, seed: seq))
         withUnsafeBytes(of: check.littleEndian) { c in for i in 0..<4 { b[4 + i] = c[i] } }
         return b
     }
 
-    /// Decode and check a stored header; `seq` only names the record in errors.
+    /// Decode and check a header stored under `seq` (in a log chunk, or the first 64 bytes of
+    /// a `records` value).
     static func decode(_ raw: UnsafeRawBufferPointer, seq: UInt64) throws -> RecordHeader {
         guard raw.count == size else {
             throw RewindError.corruptRecord(seq: seq, why: "header is \(raw.count) bytes, expected \(size)")
@@ -59,7 +61,7 @@ public struct RecordHeader: Equatable, Sendable {
         var copy = [UInt8](raw)
         let stored = raw.loadLE(at: 4, as: UInt32.self)
         for i in 4..<8 { copy[i] = 0 }
-        guard UInt32(truncatingIfNeeded: xxh3(copy)) == stored else {
+        guard UInt32(truncatingIfNeeded: xxh3(copy, seed: seq)) == stored else {
             throw RewindError.corruptRecord(seq: seq, why: "header checksum mismatch")
         }
         let format = raw.loadLE(at: 2, as: UInt16.self)

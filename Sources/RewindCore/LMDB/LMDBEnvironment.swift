@@ -18,7 +18,10 @@ public final class LMDBEnvironment: @unchecked Sendable {
     public static let defaultMapSizeBytes = 1 << 40
     static let maxNamedDatabases: UInt32 = 16
 
-    public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true) throws {
+    /// `mustExist`: the environment is an existing one (a mirror's journal): a missing, empty
+    /// or truncated data.mdb is reported as damage instead of being created or mapped.
+    public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true,
+                mustExist: Bool = false) throws {
         self.directory = directory
         var handle: OpaquePointer?
         try check(mdb_env_create(&handle), "mdb_env_create")
@@ -30,7 +33,10 @@ public final class LMDBEnvironment: @unchecked Sendable {
         try check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders")
         var flags = UInt32(MDB_NOTLS | MDB_NORDAHEAD)
         flags |= syncEachCommit ? UInt32(MDB_NOMETASYNC) : UInt32(MDB_NOSYNC)
+        _ = Self.faultGuardInstalled
+        try LMDBFileCheck.check(directory + "/data.mdb", mustExist: mustExist)
         try check(mdb_env_open(env, directory, flags, 0o644), "mdb_env_open(\(directory))")
+        _ = findMap()
         var dead: Int32 = 0
         _ = mdb_reader_check(env, &dead)  // clear reader slots left by killed processes
     }
@@ -164,8 +170,22 @@ public final class LMDBEnvironment: @unchecked Sendable {
 
     private func begin(readOnly: Bool) throws -> LMDBTransaction {
         var txn: OpaquePointer?
-        try check(mdb_txn_begin(env, nil, readOnly ? UInt32(MDB_RDONLY) : 0, &txn), "mdb_txn_begin")
+        try check(rewind_mdb_txn_begin(env, readOnly ? UInt32(MDB_RDONLY) : 0, &txn), "mdb_txn_begin")
         guard let txn else { throw LMDBError(code: EINVAL, operation: "mdb_txn_begin") }
-        return LMDBTransaction(txn: txn)
+        return LMDBTransaction(txn: txn, mapBounds: readOnly ? dataFileBounds() : (nil, nil))
+    }
+
+    /// SIGBUS/SIGSEGV inside a guarded LMDB read become `REWIND_MDB_FAULT` (see CLMDB's shim).
+    /// Installed once per process, before the first environment is opened.
+    static let faultGuardInstalled: Bool = rewind_mdb_install_fault_guard() == 0
+
+    /// Where the data file lies in the map now: [map start, map start + file size). A read
+    /// transaction sees only pages that existed when it began, all inside this range.
+    private func dataFileBounds() -> (UnsafePointer<CChar>?, UnsafePointer<CChar>?) {
+        var fd: Int32 = -1
+        var st = stat()
+        guard findMap(), mdb_env_get_fd(env, &fd) == 0, fstat(fd, &st) == 0,
+              let start = UnsafePointer<CChar>(bitPattern: mapStart) else { return (nil, nil) }
+        return (start, start + min(Int(st.st_size), mapLength))
     }
 }

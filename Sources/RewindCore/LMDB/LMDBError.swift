@@ -1,4 +1,5 @@
 import CLMDB
+import Glibc
 
 /// An LMDB return code turned into a typed error; `operation` names the C call that failed.
 public struct LMDBError: Error, CustomStringConvertible, Sendable {
@@ -6,7 +7,12 @@ public struct LMDBError: Error, CustomStringConvertible, Sendable {
     public let operation: String
 
     public var description: String {
+        if code == REWIND_MDB_FAULT {
+            let signal = rewind_mdb_last_fault_signal() == SIGBUS ? "SIGBUS: a page past the end of the file" : "SIGSEGV: a page pointer into nowhere"
+            return "the journal's index journal/data.mdb is damaged: LMDB \(operation) faulted (\(signal))"
+        }
         let text = String(cString: mdb_strerror(code))
+        if isCorrupted { return "the journal's index journal/data.mdb is damaged: LMDB \(operation) failed: \(text) (\(code))" }
         return "LMDB \(operation) failed: \(text) (\(code))"
     }
 
@@ -14,7 +20,9 @@ public struct LMDBError: Error, CustomStringConvertible, Sendable {
     public var isMapFull: Bool { code == MDB_MAP_FULL }
     /// The environment is not an LMDB file or is of another version: MDB_INVALID / MDB_VERSION_MISMATCH.
     public var isInvalid: Bool { code == MDB_INVALID || code == MDB_VERSION_MISMATCH }
-    public var isCorrupted: Bool { code == MDB_CORRUPTED || code == MDB_PAGE_NOTFOUND }
+    public var isCorrupted: Bool {
+        code == MDB_CORRUPTED || code == MDB_PAGE_NOTFOUND || code == REWIND_MDB_FAULT || code == MDB_INVALID || code == MDB_BAD_TXN
+    }
 }
 
 @inline(__always)

@@ -8,8 +8,19 @@ public struct LMDBDatabase: Sendable {
 
 /// One LMDB transaction. Values returned by `get` point into the map and stay valid
 /// until the transaction ends or (in a write transaction) the next update.
+///
+/// Every read goes through CLMDB's guarded calls: a fault inside LMDB (a damaged page) comes
+/// back as an error, and in a read transaction a key or value that does not lie inside the
+/// data file (`mapBounds`) is refused as MDB_CORRUPTED before anyone reads it.
 public struct LMDBTransaction {
     let txn: OpaquePointer
+    /// [start, end) of the data file in the map for a read transaction; (nil, nil) otherwise.
+    let mapBounds: (UnsafePointer<CChar>?, UnsafePointer<CChar>?)
+
+    init(txn: OpaquePointer, mapBounds: (UnsafePointer<CChar>?, UnsafePointer<CChar>?) = (nil, nil)) {
+        self.txn = txn
+        self.mapBounds = mapBounds
+    }
 
     public func abort() { mdb_txn_abort(txn) }
 
@@ -18,7 +29,7 @@ public struct LMDBTransaction {
 
     public func openDatabase(_ name: String, create: Bool) throws -> LMDBDatabase {
         var dbi: MDB_dbi = 0
-        try check(mdb_dbi_open(txn, name, create ? UInt32(MDB_CREATE) : 0, &dbi), "mdb_dbi_open(\(name))")
+        try check(rewind_mdb_dbi_open(txn, name, create ? UInt32(MDB_CREATE) : 0, &dbi), "mdb_dbi_open(\(name))")
         return LMDBDatabase(dbi: dbi)
     }
 
@@ -26,7 +37,7 @@ public struct LMDBTransaction {
     public func get(_ db: LMDBDatabase, _ key: UnsafeRawBufferPointer) throws -> UnsafeRawBufferPointer? {
         var k = MDB_val(mv_size: key.count, mv_data: UnsafeMutableRawPointer(mutating: key.baseAddress))
         var v = MDB_val()
-        let rc = mdb_get(txn, db.dbi, &k, &v)
+        let rc = rewind_mdb_get(txn, db.dbi, &k, &v, mapBounds.0, mapBounds.1)
         if rc == MDB_NOTFOUND { return nil }
         try check(rc, "mdb_get")
         return UnsafeRawBufferPointer(start: v.mv_data, count: v.mv_size)
@@ -62,9 +73,9 @@ public struct LMDBTransaction {
 
     public func cursor(_ db: LMDBDatabase) throws -> LMDBCursor {
         var c: OpaquePointer?
-        try check(mdb_cursor_open(txn, db.dbi, &c), "mdb_cursor_open")
+        try check(rewind_mdb_cursor_open(txn, db.dbi, &c), "mdb_cursor_open")
         guard let c else { throw LMDBError(code: EINVAL, operation: "mdb_cursor_open") }
-        return LMDBCursor(cursor: c)
+        return LMDBCursor(cursor: c, mapBounds: mapBounds)
     }
 
     /// Number of entries in `db`.
@@ -78,15 +89,19 @@ public struct LMDBTransaction {
 /// A cursor over one database. Close it before its transaction ends.
 public final class LMDBCursor {
     let cursor: OpaquePointer
+    let mapBounds: (UnsafePointer<CChar>?, UnsafePointer<CChar>?)
     public typealias Entry = (key: UnsafeRawBufferPointer, value: UnsafeRawBufferPointer)
 
-    init(cursor: OpaquePointer) { self.cursor = cursor }
+    init(cursor: OpaquePointer, mapBounds: (UnsafePointer<CChar>?, UnsafePointer<CChar>?)) {
+        self.cursor = cursor
+        self.mapBounds = mapBounds
+    }
     deinit { mdb_cursor_close(cursor) }
 
     private func op(_ operation: MDB_cursor_op, key: UnsafeRawBufferPointer? = nil) throws -> Entry? {
         var k = MDB_val(mv_size: key?.count ?? 0, mv_data: UnsafeMutableRawPointer(mutating: key?.baseAddress))
         var v = MDB_val()
-        let rc = mdb_cursor_get(cursor, &k, &v, operation)
+        let rc = rewind_mdb_cursor_get(cursor, &k, &v, operation, mapBounds.0, mapBounds.1)
         if rc == MDB_NOTFOUND { return nil }
         try check(rc, "mdb_cursor_get")
         return (UnsafeRawBufferPointer(start: k.mv_data, count: k.mv_size),

@@ -8,43 +8,86 @@ public struct RestoreReport: Sendable {
 }
 
 extension Mirror {
-    /// Materialise the volume as of `point` into a new sparse image at `path`.
-    /// Copies base.img's data extents in the kernel (`copy_file_range`), then writes each block
-    /// changed in (horizon, seq] once, with its content at seq, in block order. The image is
-    /// built as `path.partial`, fsynced and renamed into place: never a half image under `path`.
+    /// Materialise the volume as of `point` at `path`; `RestoreTarget` decides what that may
+    /// be and refuses the rest (a path in a mirror, a served source, an existing file or a
+    /// block device without `force`). A symlink is followed: the file it points at is replaced.
+    ///
+    /// A file: built as a new sparse image under a unique name beside `path` (base.img's data
+    /// extents copied in the kernel by `copy_file_range`, then each block changed in
+    /// (horizon, seq] written once with its content at seq, in block order), fsynced, then put
+    /// at `path` in one step and the directory fsynced: `path` never holds a half image or a
+    /// mix of two restores'. On any error the temporary file is removed.
+    ///
+    /// A block device (`force` only): written in place, whole — every byte of the volume,
+    /// zeros included, since the device holds old content — then fsynced; bytes past the
+    /// volume's size are left as they were. `blocksFromJournal` is then 0 (not counted).
     @discardableResult
     public func restore(at point: Point, to path: String, force: Bool = false, progress: ProgressObserver? = nil) throws -> RestoreReport {
-        var st = stat()
-        let exists = stat(path, &st) == 0
-        if exists && !force { throw RewindError.fileExists(path: path) }
-        if exists && (st.st_mode & S_IFMT) == S_IFBLK {
-            throw RewindError.invalidArgument("\(path) is a block device: use `rewind rollback --source` to revert a device in place")
-        }
+        let target = try RestoreTarget.plan(path, force: force, volumeBytes: volumeSize)
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
-        let partial = path + ".partial"
-        unlink(partial)
-        let out = try BlockFile(path: partial, mode: .createNew)
-        do {
-            try out.truncate(to: volumeSize)
-            let extents = try base.dataExtents(size: volumeSize)
-            progress?.begin(phase: "copying base", total: extents.reduce(0) { $0 + UInt64($1.count) })
-            var copied: UInt64 = 0
-            for e in extents {
-                try out.copyRange(from: base, offset: e.lowerBound, length: UInt64(e.count))
-                copied += UInt64(e.count)
-                progress?.update(done: copied)
+        switch target {
+        case let .device(device):
+            try writeVolume(snapshot, into: device, progress: progress)
+            return RestoreReport(seq: snapshot.seq, bytes: volumeSize, blocksFromJournal: 0)
+        case let .file(resolved, replace, lock):
+            let temporary = try RestoreTarget.createTemporary(beside: resolved)
+            do {
+                // An existing target's lock is held until it is replaced: no `serve` can start
+                // on the file meanwhile.
+                let blocks = try withExtendedLifetime(lock) { () throws -> UInt64 in
+                    let blocks = try buildImage(snapshot, into: temporary.file, progress: progress)
+                    try RestoreTarget.install(temporary.path, at: resolved, given: path, replace: replace)
+                    return blocks
+                }
+                return RestoreReport(seq: snapshot.seq, bytes: volumeSize, blocksFromJournal: blocks)
+            } catch {
+                unlink(temporary.path)
+                throw error
             }
-            progress?.end()
-            let blocks = try applyChangedBlocks(snapshot, to: out, progress: progress)
-            try out.sync()
-            guard rename(partial, path) == 0 else { throw RewindError.io(path: path, operation: "rename", errno: errno) }
-            syncDirectory(containing: path)
-            return RestoreReport(seq: snapshot.seq, bytes: volumeSize, blocksFromJournal: blocks)
-        } catch {
-            unlink(partial)
-            throw error
         }
+    }
+
+    /// Fill `out`, a new empty file, with the volume as of the snapshot and fsync it; returns
+    /// the blocks written from the journal.
+    private func buildImage(_ snapshot: Snapshot, into out: BlockFile, progress: ProgressObserver?) throws -> UInt64 {
+        try out.truncate(to: volumeSize)
+        let extents = try base.dataExtents(size: volumeSize)
+        progress?.begin(phase: "copying base", total: extents.reduce(0) { $0 + UInt64($1.count) })
+        var copied: UInt64 = 0
+        for e in extents {
+            try out.copyRange(from: base, offset: e.lowerBound, length: UInt64(e.count))
+            copied += UInt64(e.count)
+            progress?.update(done: copied)
+        }
+        progress?.end()
+        let blocks = try applyChangedBlocks(snapshot, to: out, progress: progress)
+        try out.sync()
+        return blocks
+    }
+
+    /// Bytes read from the snapshot and written to a device at a time: big enough that the
+    /// per-call cost vanishes, small enough to stay a fixed buffer.
+    static let deviceWritePieceBytes = 1 << 20
+
+    /// Write every byte of the volume as of the snapshot into `device` at the same offsets,
+    /// `deviceWritePieceBytes` at a time (zeros too: a device has no holes to leave), then fsync.
+    private func writeVolume(_ snapshot: Snapshot, into device: DeviceTarget, progress: ProgressObserver?) throws {
+        precondition(device.capacityBytes >= volumeSize, "RestoreTarget.plan checks the device's size")
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: Self.deviceWritePieceBytes, alignment: 4096)
+        defer { buffer.deallocate() }
+        progress?.begin(phase: "writing the device", total: volumeSize)
+        var at: UInt64 = 0
+        while at < volumeSize {
+            let n = Int(min(UInt64(Self.deviceWritePieceBytes), volumeSize - at))
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try snapshot.read(at: at, into: piece)
+            try device.write(at: at, from: UnsafeRawBufferPointer(piece))
+            at += UInt64(n)
+            progress?.update(done: at)
+        }
+        progress?.end()
+        try device.sync()
     }
 
     /// Write every block whose content at the snapshot's seq comes from the journal into

@@ -97,27 +97,60 @@ public final class Snapshot: @unchecked Sendable {
     /// Visit, in block order, every block whose content at `seq` comes from the journal,
     /// with that content (nil = zeros). Blocks not visited read from base.img.
     /// One pass over the index: memory stays bounded whatever the journal's size.
+    ///
+    /// Checks the index as it goes (invariant 6): every entry it passes against its own check,
+    /// each entry it uses against the record that wrote it, and — at the end — that the index
+    /// holds exactly the entries the records (oldest, seq] say they wrote (`IndexTally`), so a
+    /// damaged page that hides, adds or moves entries stops the scan instead of giving a wrong
+    /// image. Throws before `body` sees a block only for damage found on the way; a tally
+    /// mismatch is found after the last block.
     func forEachChangedBlock(_ body: (UInt64, UnsafeRawBufferPointer?) throws -> Void) throws {
-        let scan = try txn.cursor(mirror.journal.blocks)
+        let journal = mirror.journal
+        let meta = try journal.readMeta(txn)
+        // Entries at or below `oldest` may be half deleted by an unfinished compaction.
+        let oldest = meta.oldestPoint
+        let scan = try txn.cursor(journal.blocks)
         var current: (block: UInt64, seq: UInt64, content: BlockContent)?
+        var cached: (seq: UInt64, header: RecordHeader)?
         func emit() throws {
             guard let c = current else { return }
+            if c.seq > oldest {
+                if cached?.seq != c.seq { cached = (c.seq, try journal.header(txn, seq: c.seq)) }
+                if let h = cached?.header, !mirror.entryMatches(h, block: c.block, content: c.content) {
+                    throw RewindError.corruptBlock(seq: c.seq, block: c.block,
+                                                   why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
+                }
+            }
             switch c.content {
             case .zero: try body(c.block, nil)
             case let .data(segment, off, hash):
                 try body(c.block, try journalBlock(seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash))
             }
         }
+        var found = IndexTally()
         var entry = try scan.first()
-        var count = 0
+        var previous: (block: UInt64, seq: UInt64)?
         while let e = entry {
-            guard let key = decodeBlockKey(e.key) else { throw RewindError.damagedMirror(path: mirror.path, why: "malformed index key") }
-            count += 1
+            guard let key = decodeBlockKey(e.key) else {
+                throw RewindError.damagedMirror(path: mirror.path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+            }
+            if let p = previous, (p.block, p.seq) >= (key.block, key.seq) {
+                throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry is out of order (journal/data.mdb is damaged)")
+            }
+            previous = key
             mirror.journal.touched(40 + mirror.blockSize)
             if key.block != current?.block { try emit(); current = nil }
-            if key.seq <= seq { current = (key.block, key.seq, try BlockContent.decode(e.value, seq: key.seq, block: key.block)) }
+            let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
+            if key.seq > oldest && key.seq <= seq { found.add(hash) }
+            if key.seq <= seq { current = (key.block, key.seq, content) }
             entry = try scan.next()
         }
         try emit()
+        if seq > oldest {
+            let expected = try journal.expectedTally(txn, seqs: oldest + 1...seq)
+            guard expected == found else {
+                throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(oldest + 1)...seq:\(seq) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; `rewind verify` names the records")
+            }
+        }
     }
 }

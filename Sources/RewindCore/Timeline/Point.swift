@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 
 /// A point in time as users name it (CLI.md): `seq:N`, `time:RFC3339`, `bookmark:NAME`,
@@ -21,9 +22,7 @@ public enum Point: Equatable, Sendable, CustomStringConvertible {
             self = .time(ns, text: t); return
         }
         if text.hasPrefix("bookmark:") {
-            let name = String(text.dropFirst(9))
-            try validateBookmarkName(name)
-            self = .bookmark(name); return
+            self = .bookmark(try validateBookmarkName(String(text.dropFirst(9)))); return
         }
         throw RewindError.invalidArgument("invalid point \"\(text)\": use seq:N, time:RFC3339, bookmark:NAME, latest or oldest")
     }
@@ -39,11 +38,20 @@ public enum Point: Equatable, Sendable, CustomStringConvertible {
     }
 }
 
-public func validateBookmarkName(_ name: String) throws {
-    guard !name.isEmpty, name.utf8.count <= 255,
-          name.allSatisfy({ $0.isLetter || $0.isNumber || "-_.:@".contains($0) }) else {
+/// Check a bookmark name and return it in Unicode NFC, the form it is stored and compared in:
+/// "é" typed as one code point or as e + a combining accent names the same bookmark.
+/// The limit is in characters as users see them; the stored key must also fit LMDB's 511 bytes.
+@discardableResult
+public func validateBookmarkName(_ name: String) throws -> String {
+    let nfc = name.precomposedStringWithCanonicalMapping
+    guard !nfc.isEmpty, nfc.count <= 255,
+          nfc.allSatisfy({ $0.isLetter || $0.isNumber || "-_.:@".contains($0) }) else {
         throw RewindError.invalidArgument("invalid bookmark name \"\(name)\": use 1 to 255 letters, digits and - _ . : @")
     }
+    guard nfc.utf8.count <= 511 else {
+        throw RewindError.invalidArgument("invalid bookmark name \"\(name)\": \(nfc.utf8.count) bytes in UTF-8, at most 511")
+    }
+    return nfc
 }
 
 extension Mirror {

@@ -23,8 +23,8 @@ extension Mirror {
                 let seq = e.key.loadBE(at: 0)
                 guard seq <= range.upperBound else { break }
                 count += 1
-                journal.touched(RecordHeader.size + 16)
-                try body(Record(seq: seq, header: try RecordHeader.decode(e.value, seq: seq)))
+                journal.touched(IndexTally.storedSize + 8)
+                try body(Record(seq: seq, header: try IndexTally.decodeStored(e.value, seq: seq).0))
                 entry = try cursor.next()
             }
         }
@@ -56,20 +56,22 @@ extension Mirror {
 
     /// Name the point `point` (default latest). Works beside a live writer: one short transaction.
     @discardableResult
-    public func setBookmark(_ name: String, at point: Point = .latest, replace: Bool = false) throws -> UInt64 {
-        try validateBookmarkName(name)
+    public func setBookmark(_ given: String, at point: Point = .latest, replace: Bool = false) throws -> UInt64 {
+        let name = try validateBookmarkName(given)
         return try journal.env.write { txn in
+            let m = try journal.readMeta(txn)
+            if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             let seq = try resolve(point, txn)
             if !replace, try journal.bookmark(txn, name) != nil {
                 throw RewindError.invalidArgument("bookmark \"\(name)\" already exists")
             }
-            var v = [UInt8](); v.appendBE(seq)
-            try txn.put(journal.bookmarks, Array(name.utf8), v)
+            try txn.put(journal.bookmarks, Array(name.utf8), Journal.bookmarkValue(name: name, seq: seq))
             return seq
         }
     }
 
-    public func deleteBookmark(_ name: String) throws {
+    public func deleteBookmark(_ given: String) throws {
+        let name = try validateBookmarkName(given)
         try journal.env.write { txn in
             guard try txn.delete(journal.bookmarks, Array(name.utf8)) else { throw RewindError.noSuchBookmark(name) }
         }
