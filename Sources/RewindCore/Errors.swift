@@ -30,6 +30,13 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
     case danglingSymlink(path: String)
     case busy(path: String, why: String)
     case interruptedRollback(target: UInt64)
+    /// A rollback interrupted on its way to seq `target` must be finished as it was started:
+    /// with `--source` naming the file it was reverting (`source`, its recorded path), or
+    /// without one (nil); `why` says what this run did otherwise.
+    case unfinishedRollback(mirror: String, target: UInt64, source: String?, why: String)
+    /// `serve` found SOURCE (`source`, as given) changed since its last clean stop at seq `seq`,
+    /// with the journal unchanged since; `what` says how. The message holds both recoveries.
+    case sourceChanged(source: String, mirror: String, seq: UInt64, what: String, isBlockDevice: Bool)
     case journal(LMDBError)
     case mismatch(offset: UInt64, why: String)
 
@@ -67,6 +74,19 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
         case let .busy(path, why): return "\(path) is busy: \(why)"
         case let .interruptedRollback(target):
             return "an interrupted rollback to seq:\(target) must be finished first: run `rewind rollback MIRROR --at seq:\(target) --yes` (with the same --source)"
+        case let .unfinishedRollback(mirror, target, source, why):
+            let withSource = source.map { " --source \(shellWord($0))" } ?? ""
+            return "an interrupted rollback to seq:\(target) \(why); finish it with `rewind rollback \(shellWord(mirror)) --at seq:\(target)\(withSource) --yes`"
+        case let .sourceChanged(source, mirror, seq, what, isBlockDevice):
+            // A regular file is put back in place (`cp` into the existing file keeps its inode,
+            // which the mirror's record of its source names); `restore --to FILE` would rename a
+            // new file over it, and serve would then refuse it as replaced. A device is written in place.
+            let (s, m) = (shellWord(source), shellWord(mirror))
+            let copy = shellWord(source + ".restored")
+            let putBack = isBlockDevice
+                ? "rewind restore \(m) --at seq:\(seq) --to \(s) --force"
+                : "rewind restore \(m) --at seq:\(seq) --to \(copy) && cp --sparse=always \(copy) \(s) && sync \(s) && rm \(copy)"
+            return "\(source) changed since rewind serve stopped at seq:\(seq) (\(what)): something wrote it without rewind. To put back the mirror's version run `\(putBack)`; to keep the source as it is now, move the mirror aside (`mv \(m) \(shellWord(mirror + ".old"))`) and serve again, which starts a new mirror from it"
         case let .journal(error): return error.description
         case let .mismatch(offset, why): return "differs at offset \(offset): \(why)"
         }

@@ -21,6 +21,8 @@ public struct MirrorStatus: Sendable, Codable {
     public var compactionPending: UInt64?
     public var rollbackPending: UInt64?
     public var bookmarks: [String: UInt64]
+    /// Payload log files missing or cut short (`LogGap`); empty when the log is whole.
+    public var logDamage: [String]
 }
 
 extension Mirror {
@@ -39,6 +41,6 @@ extension Mirror {
                             generation: m.generation,
                             compactionPending: m.target > m.horizon ? m.target : nil,
                             rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,
-                            bookmarks: marks)
+                            bookmarks: marks, logDamage: try logGaps().map(\.description))
     }
 }

@@ -14,7 +14,24 @@ import ServiceLifecycle
 public enum ServeDaemon {
     /// Serve until SIGTERM/SIGINT. Returns false when the volume was fenced (writes refused
     /// after a failure): the caller exits non-zero, so a service manager sees the failure.
+    /// Run by systemd (`NOTIFY_SOCKET`), it is told of readiness once every listener is bound,
+    /// kept by the watchdog, told of a fence and of the stop, and given the reason of a
+    /// refused start (`SystemdNotifier`).
     public static func run(_ options: ServeOptions, progress: ProgressObserver?) async throws -> Bool {
+        guard let notifier = SystemdNotifier.takeFromEnvironment() else {
+            return try await serve(options, progress: progress, notifier: nil)
+        }
+        do {
+            return try await serve(options, progress: SystemdStartProgress(notifier: notifier, passingTo: progress),
+                                   notifier: notifier)
+        } catch {
+            // The same reason is the `rewind: error:` line on stderr, which systemd journals.
+            notifier.notify([.status("\(notifier.isReady ? "failed" : "refused"): \(error)")])
+            throw error
+        }
+    }
+
+    static func serve(_ options: ServeOptions, progress: ProgressObserver?, notifier: SystemdNotifier?) async throws -> Bool {
         let level = Logger.Level(rawValue: options.logLevel) ?? .info
         LoggingSystem.bootstrap { label in
             var h = StreamLogHandler.standardError(label: label)
@@ -58,6 +75,7 @@ public enum ServeDaemon {
             bound = try await server.start(addresses)
         } catch {
             writer.stop()
+            recordCleanStop(prepared, writer: writer, logger: logger)
             try? await group.shutdownGracefully()
             if let e = error as? ListenError { throw RewindError.invalidArgument(e.description) }  // names its address
             throw RewindError.invalidArgument("cannot listen on \(addresses.map(\.description).joined(separator: ", ")): \(error)")
@@ -68,10 +86,18 @@ public enum ServeDaemon {
         }
         announce(options: options, mirror: prepared.mirror, export: exportName, bound: bound,
                  metrics: metricsChannel.flatMap { c in c.localAddress.map { "\($0.ipAddress ?? "127.0.0.1"):\($0.port ?? 0)" } })
+        // Every listener is bound and accepting: a Type=notify unit becomes active now, never before.
+        let servingStatus = "serving \(options.source) on \(bound.joined(separator: ", "))"
+        notifier?.notify([.ready, .status(servingStatus), .mainPID(getpid())])
 
         var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger)]
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
             services.append(RetentionService(mirror: prepared.mirror, options: options, pool: pool, metrics: metrics, logger: logger))
+        }
+        if let notifier {
+            // Last: the group shuts services down in reverse order, so STOPPING=1 precedes the drain.
+            services.append(SystemdNotifyService(notifier: notifier, probe: LivenessProbe(group: group, pool: pool, writer: writer),
+                                                 servingStatus: servingStatus, logger: logger))
         }
         let group2 = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
                                                        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
@@ -79,6 +105,7 @@ public enum ServeDaemon {
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
+        recordCleanStop(prepared, writer: writer, logger: logger)
         prepared.lock.release()
         prepared.sourceLock.release()
         let lastSeq = (try? prepared.mirror.meta().lastSeq) ?? 0
@@ -140,10 +167,32 @@ public enum ServeDaemon {
         if let damage = mirror.logDamage {
             logger.error("\(damage); the source may still hold what those records wrote: check with rewind verify \(mirrorPath) --against \(o.source)")
         }
+        // Payload the journal needs is gone (a log file deleted or cut short): appending after
+        // it would hide the loss behind new history. Refuse unless told to go on.
+        let gaps = try mirror.logGaps()
+        if let gap = gaps.first {
+            guard o.acceptDamage else {
+                throw RewindError.damagedMirror(path: mirrorPath, why: "\(gap)\(gaps.count > 1 ? " (and \(gaps.count - 1) more)" : ""); `rewind verify \(mirrorPath)` shows what is lost; start with --accept-damage to serve anyway (points that need the lost payload stay unreadable)")
+            }
+            for g in gaps { logger.error("mirror \(mirrorPath): \(g); serving anyway (--accept-damage)") }
+        }
         // The mirror journals one file: refuse another (its journal would be replayed into it
         // and describe the wrong volume), before anything is written to the source.
         let recorded = try mirror.sourceIdentity()
         try recorded?.check(current, mirror: mirrorPath, given: o.source)
+        // A clean stop recorded the source's size, times and sampled blocks: if the journal
+        // has not moved since, the source must still hold them, else something wrote it without
+        // rewind. Checked before the size check below (whose "not its mirror" would mislead
+        // here), then deleted, so that a start after a crash never compares against it.
+        switch try mirror.checkSourceAgainstStopState(source, given: o.source) {
+        case let .touched(seq):
+            logger.notice("\(o.source) was touched since rewind serve stopped at seq:\(seq) (its mtime or ctime moved), but every sampled block matches the mirror: serving it")
+        case let .unreadable(why):
+            logger.warning("cannot check \(o.source) against the last clean stop: \(why); serving without that check")
+        case .notRecorded, .outdated, .unchanged:
+            break
+        }
+        try mirror.clearSourceState()
         guard mirror.volumeSize == sourceSize else {
             throw RewindError.invalidArgument("\(o.source) is \(sourceSize) bytes but mirror \(mirrorPath) holds a volume of \(mirror.volumeSize): not its mirror")
         }
@@ -157,7 +206,7 @@ public enum ServeDaemon {
             }
         }
         var meta = try mirror.meta()
-        if meta.pendingRollback != UInt64.max { throw RewindError.interruptedRollback(target: meta.pendingRollback) }
+        if meta.pendingRollback != UInt64.max { throw mirror.unfinishedRollbackError(target: meta.pendingRollback) }
         if meta.sourceSyncedSeq < meta.lastSeq {
             // Unclean stop: records may have reached the journal but not the source (write-ahead).
             logger.notice("replaying records seq:\(meta.sourceSyncedSeq + 1)...seq:\(meta.lastSeq) into \(o.source)")
@@ -168,6 +217,20 @@ public enum ServeDaemon {
             meta = try mirror.meta()
         }
         return Prepared(mirror: mirror, source: source, lock: lock, sourceLock: sourceLock, syncedSeq: meta.sourceSyncedSeq)
+    }
+
+    /// Once the writer has stopped, while `owner.lock` is held: record what the source holds
+    /// for the next start's check (`Mirror.recordSourceState`). Not after a fence or a failed
+    /// final sync: the next start brings the source to the journal instead.
+    static func recordCleanStop(_ prepared: Prepared, writer: VolumeWriter, logger: Logger) {
+        guard writer.fenceReason == nil else { return }
+        do {
+            if let state = try prepared.mirror.recordSourceState(of: prepared.source) {
+                logger.debug("recorded the source's size, times and \(state.samples.count) sampled blocks at seq:\(state.lastSeq) for the next start's check")
+            }
+        } catch {
+            logger.warning("could not record the source's state for the next start's check: \(error)")
+        }
     }
 
     /// Can the file system beside the source zero a range without writing (FALLOC_FL_ZERO_RANGE)?

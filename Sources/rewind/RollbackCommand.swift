@@ -8,7 +8,8 @@ struct RollbackCommand: ParsableCommand {
 
     @Argument(help: "The mirror directory.") var mirror: String
     @Option(help: "The point to go back to.", transform: parsePoint) var at: Point
-    @Option(help: "Also revert this source image, rewriting only the blocks changed after the point.") var source: String?
+    @Option(help: ArgumentHelp("Also revert this source image, rewriting only the blocks changed after the point.",
+                               discussion: "An interrupted rollback is finished by running it again as it was started: the same point, and --source naming the same file (or none).")) var source: String?
     @Flag(help: "Confirm: the records after the point are deleted.") var yes = false
     @Flag(help: "Print the result as JSON.") var json = false
 

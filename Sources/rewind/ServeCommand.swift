@@ -20,15 +20,18 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Serve Prometheus metrics on HOST:PORT.") var metrics: String?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "Most NBD connections at once.") var maxConnections: Int?
-    @Option(help: "Read options from FILE (key = value, same names as the options).") var config: String?
+    @Option(help: "Read options from FILE (TOML: key = \"value\", keys named as the long options).") var config: String?
+    @Flag(help: "Serve even when earlier payload in the mirror's log is missing or damaged (the points that need it stay unreadable).")
+    var acceptDamage = false
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
         try await reportingAsync {
-            var fromConfig: [(key: String, value: String)] = []
-            if let config { fromConfig = try ServeOptions.readConfig(config) }
-            guard let path = source ?? fromConfig.last(where: { $0.key == "source" })?.value else {
-                throw ValidationError("give SOURCE (or `source = ...` in the config file)")
+            // The file is read and every value in it checked first: a bad one stops here,
+            // before anything is created or opened.
+            let file = try config.map { try ServeOptions.readConfig($0) }
+            guard let path = source ?? file?.source else {
+                throw ValidationError("give SOURCE (or `source = \"...\"` in the config file)")
             }
             var o = ServeOptions(source: path)
             var set: Set<String> = []
@@ -41,19 +44,29 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("listen")
             }
             if let export { o.export = export; set.insert("export") }
-            if let blockSize { o.blockSize = blockSize; set.insert("block-size") }
+            if let blockSize {
+                do { try ServeOptions.checkBlockSize(blockSize) } catch let e as RewindError { throw ValidationError(e.description) }
+                o.blockSize = blockSize
+                set.insert("block-size")
+            }
             if let keepAge { o.keepAgeNanoseconds = keepAge; set.insert("keep-age") }
             if let keepSize { o.keepBytes = keepSize; set.insert("keep-size") }
             if let metrics {
                 do { o.metrics = try ListenAddress(parsing: metrics, defaultPort: 9810) } catch let e as ListenAddressError { throw ValidationError(e.description) }
                 set.insert("metrics")
             }
-            if let logLevel { o.logLevel = logLevel; set.insert("log-level") }
-            if let maxConnections { o.maxConnections = maxConnections; set.insert("max-connections") }
-            try o.apply(config: fromConfig, setOnCommandLine: set)
-            guard ["trace", "debug", "info", "notice", "warning", "error", "critical"].contains(o.logLevel) else {
-                throw ValidationError("invalid log level \"\(o.logLevel)\"")
+            if let logLevel {
+                guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
+                o.logLevel = logLevel
+                set.insert("log-level")
             }
+            if let maxConnections {
+                do { try ServeOptions.checkMaxConnections(maxConnections) } catch let e as RewindError { throw ValidationError(e.description) }
+                o.maxConnections = maxConnections
+                set.insert("max-connections")
+            }
+            if acceptDamage { o.acceptDamage = true; set.insert("accept-damage") }
+            if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
             // A fenced volume stops with exit status 3 (its reason is already in the log).
             guard try await ServeDaemon.run(o, progress: ProgressPrinter(command: "serve")) else { throw ExitCode(3) }

@@ -2,28 +2,38 @@ import ArgumentParser
 import RewindCore
 
 struct StatusCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "status", abstract: "Show a mirror's size, window, journal and bookmarks.")
+    static let configuration = CommandConfiguration(
+        commandName: "status", abstract: "Show a mirror's size, window, journal and bookmarks.",
+        discussion: "Exits 1, after printing, when payload log files the journal needs are missing or cut short.")
 
     @Argument(help: "The mirror directory.") var mirror: String
     @Flag(help: "Print as one JSON object.") var json = false
 
     func run() throws {
+        var damaged = false
         try reporting {
             let s = try openMirror(mirror).status()
-            if json { printJSON(s); return }
-            print("""
-            mirror       \(s.path)
-            volume       \(s.uuid), \(s.volumeSize) bytes (\(humanBytes(s.volumeSize))), block size \(s.blockSize)
-            records      \(s.records)
-            oldest       seq:\(s.oldestSeq) at \(s.oldestTime)
-            newest       seq:\(s.newestSeq) at \(s.newestTime)
-            journal      \(humanBytes(s.journalPayloadBytes)) of payload; log files \(humanBytes(s.logFileBytes)), index \(humanBytes(s.journalFileBytes))
-            base         \(humanBytes(s.baseAllocatedBytes)) allocated
-            generation   \(s.generation)
-            """)
-            if let c = s.compactionPending { print("compaction   unfinished, to seq:\(c) (finished by the next compact or serve)") }
-            if let r = s.rollbackPending { print("rollback     unfinished, to seq:\(r) (run rollback again)") }
-            for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
+            damaged = !s.logDamage.isEmpty
+            if json {
+                printJSON(s)
+            } else {
+                print("""
+                mirror       \(s.path)
+                volume       \(s.uuid), \(s.volumeSize) bytes (\(humanBytes(s.volumeSize))), block size \(s.blockSize)
+                records      \(s.records)
+                oldest       seq:\(s.oldestSeq) at \(s.oldestTime)
+                newest       seq:\(s.newestSeq) at \(s.newestTime)
+                journal      \(humanBytes(s.journalPayloadBytes)) of payload; log files \(humanBytes(s.logFileBytes)), index \(humanBytes(s.journalFileBytes))
+                base         \(humanBytes(s.baseAllocatedBytes)) allocated
+                generation   \(s.generation)
+                """)
+                if let c = s.compactionPending { print("compaction   unfinished, to seq:\(c) (finished by the next compact or serve)") }
+                if let r = s.rollbackPending { print("rollback     unfinished, to seq:\(r) (run rollback again)") }
+                for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
+                for gap in s.logDamage { print("log          DAMAGED: \(gap)") }
+            }
+            if let first = s.logDamage.first { printError("the journal's log is damaged: \(first)") }
         }
+        if damaged { throw ExitCode(1) }
     }
 }

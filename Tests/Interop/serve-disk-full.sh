@@ -64,7 +64,9 @@ read -r first flush later readok written < <(FUA=0 "$PY" fill.py "$UNIX_URI") ||
 grep -q "volume fenced, every further write fails with EIO: source write failed" "$T/serve.log" \
     || fail "no fencing message: $(tail -3 "$T/serve.log")"; ok
 nbdinfo --size "$UNIX_URI" | grep -qx 67108864 || fail "a second connection after the fence"; ok
-curl -s "http://$METRICS/metrics" | grep -qx 'rewind_volume_fenced 1.0' || fail "metrics: rewind_volume_fenced 1 after the failure"; ok
+# The gauge is set by the thread that fenced, a moment after the error reached the client.
+fenced_metric() { curl -s "http://$METRICS/metrics" | grep -qx 'rewind_volume_fenced 1.0'; }
+eventually fenced_metric || fail "metrics: rewind_volume_fenced 1 after the failure"; ok
 kill -TERM "$SERVER_PID"; status=0; wait "$SERVER_PID" || status=$?
 [ $status = 3 ] || fail "a fenced server exited $status on SIGTERM, expected 3"; ok
 grep -q "stopped; writes were refused since: source write failed" "$T/serve.log" || fail "stop message of a fenced volume"; ok

@@ -194,3 +194,26 @@ import Testing
         #expect(report.toHorizon == 2)
     }
 }
+
+/// A payload log file deleted or cut short is found by a cheap check (`status`, and `serve`
+/// before it appends), naming the file and the first record whose payload is gone.
+@Suite struct LogGapTests {
+    @Test func aTruncatedOrMissingLogFileIsNamedWithItsFirstLostRecord() throws {
+        let dir = TempDir("log-gap")
+        defer { dir.remove() }
+        let path = try IndexIntegrityTests.makeMirror(dir)
+        let log = path + "/log/0000000000000000.log"
+        let m = try Mirror.open(at: path)
+        #expect(try m.logGaps().isEmpty)
+        let h2 = try m.journal.env.read { try m.journal.header($0, seq: 2) }
+        let end = try m.meta().logEnd
+        // Cut inside record 2's payload: records 2, 3 (its partial blocks: none, a whole-block
+        // zero stores nothing) and 4 lie after the cut.
+        let cut = h2.segment + UInt64(h2.segmentOffset) + 100
+        #expect(truncate(log, off_t(cut)) == 0)
+        #expect(try m.logGaps().map(\.description) == ["log/0000000000000000.log is \(cut) bytes, the journal needs \(end): the payload of seq:2 and later records in it is gone"])
+        #expect(unlink(log) == 0)
+        #expect(try m.logGaps().map(\.description) == ["log/0000000000000000.log is missing: the payload of seq:1 and later records in it is gone"])
+        #expect(try m.status().logDamage.count == 1)
+    }
+}

@@ -15,32 +15,25 @@ extension Mirror {
     /// seq point+1. With `source`, first revert that image in place by rewriting only the
     /// blocks changed after the point.
     ///
-    /// Crash-safe: the target is recorded (`pendingRollback`) and made durable first; until
-    /// the cut completes, points after it are refused and writers stop with a message to
-    /// re-run the same rollback, which redoes the idempotent steps.
+    /// Crash-safe: the target is recorded (`pendingRollback`, with the source it reverts:
+    /// `PendingRollback`) and made durable first; until the cut completes, points after it are
+    /// refused and writers stop with a message to re-run the same rollback, which redoes the
+    /// idempotent steps. A run that finishes it must be started the same way (same target, and
+    /// `--source` naming the same file, or none), else it is refused with the command to run.
     public func rollback(to point: Point, source: String?, progress: ProgressObserver? = nil) throws -> RollbackReport {
         let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
                                  holder: "another rewind process (serve or rollback) owns this mirror")
         defer { owner.release() }
-        let before = try journal.env.write { txn -> MirrorMeta in
-            var m = try journal.readMeta(txn)
-            let k = try resolve(point, txn)
-            if m.pendingRollback != MirrorMeta.none && m.pendingRollback != k {
-                throw RewindError.interruptedRollback(target: m.pendingRollback)
-            }
-            if m.target > m.horizon && k < m.target {
-                throw RewindError.pointBeforeHorizon(point: point.description, horizon: m.target)
-            }
-            m.pendingRollback = k
-            try journal.writeMeta(txn, m)
-            return m
-        }
+        // Opened and identified before anything is recorded: the pending mark names the file,
+        // and the descriptor checked is the one written.
+        let reverting = try source.map { try RollbackSource(path: $0) }
+        let before = try recordRollbackTarget(point, source: reverting)
         try sync()
         CrashPoint.hit("rollback.target-recorded")
         let k = before.pendingRollback
         var rewritten: UInt64 = 0
-        if let source {
-            rewritten = try revertSource(source, to: k, progress: progress)
+        if let reverting {
+            rewritten = try revertSource(reverting, to: k, progress: progress)
             CrashPoint.hit("rollback.source-reverted")
         }
         // Where the log can be cut: at the chunk of record k+1 when that record starts it.
@@ -69,6 +62,7 @@ extension Mirror {
             m.lastSeq = k
             m.generation += 1
             m.pendingRollback = MirrorMeta.none
+            try txn.delete(journal.meta, PendingRollback.key)
             m.sourceSyncedSeq = min(m.sourceSyncedSeq, k)
             // The abandoned history's chunks carry the old generation, so replay never takes
             // them back; cutting the log where it started only frees the space.
@@ -81,15 +75,48 @@ extension Mirror {
                               sourceBlocksRewritten: rewritten, bookmarksRemoved: dropped)
     }
 
-    /// Write into `path` the content at seq k of every block changed after k; fsync.
-    private func revertSource(_ path: String, to k: UInt64, progress: ProgressObserver?) throws -> UInt64 {
-        let file = try BlockFile(path: path, mode: .readWrite)
-        let size = try file.size()
-        guard size == volumeSize else {
-            throw RewindError.invalidArgument("\(path) is \(size) bytes but the mirror's volume is \(volumeSize): not its source")
+    /// Step 1: record the target k (`pendingRollback`) and how the rollback was started
+    /// (`PendingRollback`), and forget the source's state at the last clean stop of `serve`
+    /// (the source is about to be rewritten, or left behind the cut mirror); or, with a
+    /// rollback pending, check that this run finishes it as it was started. Not yet durable:
+    /// the caller syncs. Returns the header as it now is.
+    func recordRollbackTarget(_ point: Point, source: RollbackSource?) throws -> MirrorMeta {
+        let mirror = withoutTrailingSlashes(path)
+        return try journal.env.write { txn -> MirrorMeta in
+            var m = try journal.readMeta(txn)
+            let k = try resolve(point, txn)
+            let finishing = m.pendingRollback != MirrorMeta.none
+            if finishing {
+                if let pending = try pendingRollback(txn) {
+                    guard pending.target == m.pendingRollback else {
+                        throw RewindError.damagedMirror(path: path, why: "its record of the interrupted rollback's source names seq:\(pending.target), its header seq:\(m.pendingRollback)")
+                    }
+                    try pending.checkFinishing(requested: k, given: source?.identity, givenPath: source?.path, mirror: mirror)
+                } else if m.pendingRollback != k {
+                    // Started by a rewind that did not record its source.
+                    throw RewindError.interruptedRollback(target: m.pendingRollback)
+                }
+            }
+            if m.target > m.horizon && k < m.target {
+                throw RewindError.pointBeforeHorizon(point: point.description, horizon: m.target)
+            }
+            if let source, source.sizeBytes != volumeSize {
+                throw RewindError.invalidArgument("\(source.path) is \(source.sizeBytes) bytes but the mirror's volume is \(volumeSize): not its source")
+            }
+            if !finishing {
+                m.pendingRollback = k
+                try journal.writeMeta(txn, m)
+                try txn.put(journal.meta, PendingRollback.key, PendingRollback(target: k, source: source?.identity).encoded())
+                try txn.delete(journal.meta, SourceState.key)
+            }
+            return m
         }
-        let rewritten = try rewriteBlocks(changedAfter: k, asOf: .seq(k), into: file, progress: progress)
-        try file.sync()
+    }
+
+    /// Write into the source the content at seq k of every block changed after k; fsync.
+    private func revertSource(_ source: RollbackSource, to k: UInt64, progress: ProgressObserver?) throws -> UInt64 {
+        let rewritten = try rewriteBlocks(changedAfter: k, asOf: .seq(k), into: source.file, progress: progress)
+        try source.file.sync()
         return rewritten
     }
 
