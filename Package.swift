@@ -23,7 +23,9 @@ let package = Package(
         .systemLibrary(name: "CXXHash", path: "Sources/CXXHash",
                        providers: [.apt(["libxxhash-dev"])]),
         .systemLibrary(name: "CLinux", path: "Sources/CLinux"),
-        .target(name: "RewindCore", dependencies: ["CLMDB", "CXXHash", "CLinux"]),
+        // LMDB's read calls under a SIGBUS/SIGSEGV guard (a damaged data.mdb is an error, not a crash).
+        .target(name: "CLMDBGuard", dependencies: ["CLMDB"]),
+        .target(name: "RewindCore", dependencies: ["CLMDB", "CLMDBGuard", "CXXHash", "CLinux"]),
         .target(name: "RewindNBD", dependencies: [
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),

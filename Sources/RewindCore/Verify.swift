@@ -74,6 +74,10 @@ extension Mirror {
                 throw RewindError.corruptRecord(seq: expected, why: "missing: the journal ends at seq:\(expected - 1) but its header says seq:\(m.lastSeq)")
             }
             progress?.end()
+            // Every bookmark checks, and names a point inside the journal.
+            for (name, seq) in try journal.allBookmarks(txn) where seq > m.lastSeq {
+                throw RewindError.damagedMirror(path: path, why: "bookmark \"\(name)\" names seq:\(seq), after the newest record seq:\(m.lastSeq)")
+            }
             try verifyIndex(txn, meta: m, expected: tallies, report: &report, progress: progress)
         }
         if let image {

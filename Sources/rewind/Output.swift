@@ -14,10 +14,17 @@ func reportingAsync(_ body: () async throws -> Void) async throws {
 /// Engine errors: one line on stderr, exit 1. Anything else (argument errors) goes on to
 /// ArgumentParser, which prints usage.
 private func exitCode(for error: Error) -> Error {
+    guard let message = engineMessage(error) else { return error }
+    printError(message)
+    return ExitCode(1)
+}
+
+/// The line to print for an error of the engine's (RewindError, LMDBError), or nil.
+func engineMessage(_ error: Error) -> String? {
     switch error {
-    case let e as RewindError: printError(e.description); return ExitCode(1)
-    case let e as LMDBError: printError(e.description); return ExitCode(1)
-    default: return error
+    case let e as RewindError: return e.description
+    case let e as LMDBError: return e.description
+    default: return nil
     }
 }
 

@@ -27,9 +27,10 @@ struct VerifyCommand: ParsableCommand {
                 if let seq = r.comparedAt, let against { line += "; seq:\(seq) equals \(against)" }
                 print(line)
             }
-        } catch let e as RewindError {
-            if json { printJSON(Failure(error: e.description)) }
-            printError(e.description)
+        } catch let e where engineMessage(e) != nil {
+            let message = engineMessage(e) ?? ""
+            if json { printJSON(Failure(error: message)) }
+            printError(message)
             throw ExitCode(1)
         }
     }

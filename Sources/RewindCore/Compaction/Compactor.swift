@@ -149,6 +149,9 @@ struct Compactor {
                     current = nil
                 }
                 while let e = entry, let key = decodeBlockKey(e.key) {
+                    guard key.block < mirror.volumeSize / bs else {
+                        throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry lies past the volume's end (journal/data.mdb is damaged)")
+                    }
                     if key.block != current?.block {
                         try emit()
                         if blocksInChunk >= Self.chunkBlocks { resume = blockKey(key.block, 0); return }

@@ -174,12 +174,16 @@ public final class Journal: @unchecked Sendable {
     }
 
     static func decodeBookmark(_ raw: UnsafeRawBufferPointer, name: String, path: String) throws -> UInt64 {
+        // A damaged name may hold any bytes: shown escaped, never raw on a terminal.
+        var shown = name.unicodeScalars.prefix(64).map { $0.properties.generalCategory == .control || $0 == "\u{FFFD}" || $0 == "\""
+            ? $0.escaped(asASCII: true) : String($0) }.joined()
+        shown = name.unicodeScalars.count > 64 ? "\"\(shown)…\" (\(name.utf8.count) bytes)" : "\"\(shown)\""
         guard raw.count == 12 else {
-            throw RewindError.damagedMirror(path: path, why: "bookmark \"\(name)\" is stored in \(raw.count) bytes (journal/data.mdb is damaged)")
+            throw RewindError.damagedMirror(path: path, why: "bookmark \(shown) is stored in \(raw.count) bytes (journal/data.mdb is damaged)")
         }
         let seq = raw.loadBE(at: 0)
         guard UInt32(truncatingIfNeeded: xxh3(Array(name.utf8), seed: seq)) == raw.loadLE(at: 8, as: UInt32.self) else {
-            throw RewindError.damagedMirror(path: path, why: "bookmark \"\(name)\" fails its check (journal/data.mdb is damaged)")
+            throw RewindError.damagedMirror(path: path, why: "bookmark \(shown) fails its check (journal/data.mdb is damaged)")
         }
         return seq
     }

@@ -1,4 +1,5 @@
 import CLMDB
+import CLMDBGuard
 import Glibc
 
 /// An LMDB return code turned into a typed error; `operation` names the C call that failed.

@@ -43,6 +43,19 @@ enum LMDBFileCheck {
         guard let newest = [first, second].compactMap({ $0 }).max(by: { $0.txnid < $1.txnid }) else {
             throw RewindError.damagedMirror(path: mirror, why: "journal/data.mdb has no valid LMDB meta page (\(size) bytes)")
         }
+        // LMDB writes transaction t's meta to page t % 2, and with MDB_NOMETASYNC at most the
+        // last of those writes can be lost, so the pages hold two consecutive transactions.
+        // Anything else is a damaged meta page, which LMDB would follow silently: back to an
+        // older transaction, or to one that never was.
+        if let a = first, let b = second {
+            guard a.txnid % 2 == 0 || a.txnid == 0, b.txnid % 2 == 1,
+                  a.txnid &+ 1 == b.txnid || b.txnid &+ 1 == a.txnid else {
+                throw RewindError.damagedMirror(path: mirror, why: "journal/data.mdb's meta pages name transactions \(a.txnid) and \(b.txnid), not two consecutive ones: one of them is damaged")
+            }
+        } else {
+            let bad = first == nil ? 0 : 1
+            throw RewindError.damagedMirror(path: mirror, why: "journal/data.mdb's meta page \(bad) is damaged (LMDB would fall back to transaction \(newest.txnid) of page \(1 - bad))")
+        }
         let needed = (newest.lastPage &+ 1) &* newest.pageSize
         guard newest.lastPage < UInt64(Int.max) / newest.pageSize, size >= needed else {
             throw RewindError.damagedMirror(path: mirror, why: "journal/data.mdb is \(size) bytes but its meta page (transaction \(newest.txnid)) says it holds \(needed): the file is truncated or its meta page damaged")

@@ -1,4 +1,5 @@
 import CLMDB
+import CLMDBGuard
 import Glibc
 
 /// A named database handle; valid for the environment's lifetime once opened.
@@ -81,7 +82,7 @@ public struct LMDBTransaction {
     /// Number of entries in `db`.
     public func count(_ db: LMDBDatabase) throws -> Int {
         var stat = MDB_stat()
-        try check(mdb_stat(txn, db.dbi, &stat), "mdb_stat")
+        try check(rewind_mdb_stat(txn, db.dbi, &stat), "mdb_stat")
         return stat.ms_entries
     }
 }

@@ -28,6 +28,8 @@ extension Mirror {
         defer { snapshot.close() }
         switch target {
         case let .device(device):
+            // A device cannot be put back: the index is checked whole before the first write.
+            try snapshot.checkIndex()
             try writeVolume(snapshot, into: device, progress: progress)
             return RestoreReport(seq: snapshot.seq, bytes: volumeSize, blocksFromJournal: 0)
         case let .file(resolved, replace, lock):

@@ -8,6 +8,9 @@ extension Mirror {
                               progress: ProgressObserver? = nil) throws -> UInt64 {
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
+        // What is written here goes into a live source, which cannot be put back: the index
+        // is held to its records (`Snapshot.checkIndex`) before the first write.
+        try snapshot.checkIndex()
         let bs = UInt64(blockSize)
         var buffer = [UInt8](repeating: 0, count: blockSize)
         var rewritten: UInt64 = 0

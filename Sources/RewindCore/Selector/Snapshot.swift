@@ -105,6 +105,24 @@ public final class Snapshot: @unchecked Sendable {
     /// image. Throws before `body` sees a block only for damage found on the way; a tally
     /// mismatch is found after the last block.
     func forEachChangedBlock(_ body: (UInt64, UnsafeRawBufferPointer?) throws -> Void) throws {
+        try scanIndex { block, seq, content in
+            switch content {
+            case .zero: try body(block, nil)
+            case let .data(segment, off, hash):
+                try body(block, try journalBlock(seq: seq, block: block, segment: segment, offset: off, hash: hash))
+            }
+        }
+    }
+
+    /// Run every check `forEachChangedBlock` makes of the index, reading no payload: what a
+    /// restore that reads block by block (into a device) runs before it writes anything.
+    func checkIndex() throws {
+        try scanIndex { _, _, _ in }
+    }
+
+    /// The one pass over the index behind both: `visit` gets each changed block's newest entry
+    /// at or before `seq`, checked.
+    private func scanIndex(_ visit: (UInt64, UInt64, BlockContent) throws -> Void) throws {
         let journal = mirror.journal
         let meta = try journal.readMeta(txn)
         // Entries at or below `oldest` may be half deleted by an unfinished compaction.
@@ -121,11 +139,7 @@ public final class Snapshot: @unchecked Sendable {
                                                    why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
                 }
             }
-            switch c.content {
-            case .zero: try body(c.block, nil)
-            case let .data(segment, off, hash):
-                try body(c.block, try journalBlock(seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash))
-            }
+            try visit(c.block, c.seq, c.content)
         }
         var found = IndexTally()
         var entry = try scan.first()
@@ -138,6 +152,9 @@ public final class Snapshot: @unchecked Sendable {
                 throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry is out of order (journal/data.mdb is damaged)")
             }
             previous = key
+            guard key.block < UInt64(mirror.volumeSize) / UInt64(mirror.blockSize) else {
+                throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry lies past the volume's end (journal/data.mdb is damaged)")
+            }
             mirror.journal.touched(40 + mirror.blockSize)
             if key.block != current?.block { try emit(); current = nil }
             let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)

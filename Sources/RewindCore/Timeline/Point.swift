@@ -69,7 +69,11 @@ extension Mirror {
         case .oldest: return oldest
         case let .seq(n): seq = n
         case let .bookmark(name):
-            guard let n = try journal.bookmark(txn, name) else { throw RewindError.noSuchBookmark(name) }
+            guard let n = try journal.bookmark(txn, name) else {
+                // A damaged key hides a bookmark from its name: say so rather than "no bookmark".
+                _ = try journal.allBookmarks(txn)
+                throw RewindError.noSuchBookmark(name)
+            }
             seq = n
         case let .time(ns, text):
             seq = try seqAtTime(ns, text: text, meta: meta, txn)
