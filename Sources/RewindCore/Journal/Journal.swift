@@ -96,6 +96,13 @@ public final class Journal: @unchecked Sendable {
     /// The sum of the tallies of the records in `range`: what the block index must hold for
     /// those seqs. One pass over the packed `records` pages.
     func expectedTally(_ txn: LMDBTransaction, seqs range: ClosedRange<UInt64>) throws -> IndexTally {
+        var unused: [RecordHeader]?
+        return try expectedTally(txn, seqs: range, headers: &unused)
+    }
+
+    /// The same, also collecting the records' headers in seq order into `headers` when it is
+    /// not nil (callers pass an empty array only for ranges small enough to hold).
+    func expectedTally(_ txn: LMDBTransaction, seqs range: ClosedRange<UInt64>, headers: inout [RecordHeader]?) throws -> IndexTally {
         var total = IndexTally()
         let cursor = try txn.cursor(records)
         var expected = range.lowerBound
@@ -104,7 +111,9 @@ public final class Journal: @unchecked Sendable {
             guard e.key.count == 8, e.key.loadBE(at: 0) == expected else {
                 throw RewindError.corruptRecord(seq: expected, why: "missing from the journal (journal/data.mdb is damaged)")
             }
-            total.add(try IndexTally.decodeStored(e.value, seq: expected).1)
+            let (header, tally) = try IndexTally.decodeStored(e.value, seq: expected)
+            total.add(tally)
+            headers?.append(header)
             touched(IndexTally.storedSize + 8)
             expected += 1
             entry = try cursor.next()

@@ -58,10 +58,15 @@ public struct RecordHeader: Equatable, Sendable {
         guard raw.count == size else {
             throw RewindError.corruptRecord(seq: seq, why: "header is \(raw.count) bytes, expected \(size)")
         }
-        var copy = [UInt8](raw)
         let stored = raw.loadLE(at: 4, as: UInt32.self)
-        for i in 4..<8 { copy[i] = 0 }
-        guard UInt32(truncatingIfNeeded: xxh3(copy, seed: seq)) == stored else {
+        // The check is over the header with its own field zeroed: a copy on the stack (every
+        // index entry a verify or restore uses decodes its record's header).
+        let check = withUnsafeTemporaryAllocation(byteCount: size, alignment: 8) { copy -> UInt32 in
+            copy.copyMemory(from: raw)
+            copy.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
+            return UInt32(truncatingIfNeeded: xxh3(UnsafeRawBufferPointer(copy), seed: seq))
+        }
+        guard check == stored else {
             throw RewindError.corruptRecord(seq: seq, why: "header checksum mismatch")
         }
         let format = raw.loadLE(at: 2, as: UInt16.self)

@@ -108,7 +108,8 @@ public final class LMDBEnvironment: @unchecked Sendable {
         var line = [CChar](repeating: 0, count: 4096)
         let resolved = realpath(path, nil).map { p -> String in defer { free(p) }; return String(cString: p) } ?? path
         while fgets(&line, Int32(line.count), f) != nil {
-            let text = String(cString: line).trimmingCharacters(in: .newlines)
+            let text = String(decoding: line.prefix { $0 != 0 }.map { UInt8(bitPattern: $0) }, as: UTF8.self)
+                .trimmingCharacters(in: .newlines)
             guard text.hasSuffix(" " + resolved) else { continue }
             let range = text.prefix { $0 != " " }.split(separator: "-")
             if range.count == 2, let a = Int(range[0], radix: 16), let b = Int(range[1], radix: 16) { return (a, b) }

@@ -127,13 +127,20 @@ public final class Snapshot: @unchecked Sendable {
         let meta = try journal.readMeta(txn)
         // Entries at or below `oldest` may be half deleted by an unfinished compaction.
         let oldest = meta.oldestPoint
+        // What the records (oldest, seq] say the index holds, first; and their headers when
+        // few enough to keep (`Mirror.headersKeptMax`), for the cross-check of each entry used
+        // — else each is looked up, a random page of `records` per changed block.
+        var headers: [RecordHeader]? = seq > oldest && seq - oldest <= Mirror.headersKeptMax ? [] : nil
+        let expected = seq > oldest ? try journal.expectedTally(txn, seqs: oldest + 1...seq, headers: &headers) : IndexTally()
         let scan = try txn.cursor(journal.blocks)
         var current: (block: UInt64, seq: UInt64, content: BlockContent)?
         var cached: (seq: UInt64, header: RecordHeader)?
         func emit() throws {
             guard let c = current else { return }
             if c.seq > oldest {
-                if cached?.seq != c.seq { cached = (c.seq, try journal.header(txn, seq: c.seq)) }
+                if cached?.seq != c.seq {
+                    cached = (c.seq, try headers.map { $0[Int(c.seq - oldest - 1)] } ?? journal.header(txn, seq: c.seq))
+                }
                 if let h = cached?.header, !mirror.entryMatches(h, block: c.block, content: c.content) {
                     throw RewindError.corruptBlock(seq: c.seq, block: c.block,
                                                    why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
@@ -164,7 +171,6 @@ public final class Snapshot: @unchecked Sendable {
         }
         try emit()
         if seq > oldest {
-            let expected = try journal.expectedTally(txn, seqs: oldest + 1...seq)
             guard expected == found else {
                 throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(oldest + 1)...seq:\(seq) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; `rewind verify` names the records")
             }
