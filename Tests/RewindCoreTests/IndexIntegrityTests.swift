@@ -217,3 +217,34 @@ import Testing
         #expect(try m.status().logDamage.count == 1)
     }
 }
+
+/// `rollback --source` writes only into the file the mirror journals, and never into a
+/// source a running server holds.
+@Suite struct RollbackSourceSafetyTests {
+    @Test func rollbackRefusesAnotherFileAndAServedSource() throws {
+        let dir = TempDir("rollback-source")
+        defer { dir.remove() }
+        let path = try IndexIntegrityTests.makeMirror(dir)
+        let source = dir.file("v.img"), other = dir.file("other.img")
+        for file in [source, other] {
+            let f = try BlockFile(path: file, mode: .createNew)
+            try f.truncate(to: 16 * 4096)
+        }
+        let m = try Mirror.open(at: path)
+        let fd = open(source, O_RDONLY)
+        defer { close(fd) }
+        try m.recordSource(try SourceIdentity(describing: fd, path: source))
+        do { _ = try m.rollback(to: .seq(2), source: other); Issue.record("rolled back into another file") } catch {
+            #expect("\(error)" == "mirror \(path) belongs to source \(source); \(other) is another file (use --mirror to give \(other) its own mirror)")
+        }
+        // As `serve` holds it: an exclusive flock on the source (another descriptor conflicts
+        // even in this process).
+        #expect(flock(fd, LOCK_EX | LOCK_NB) == 0)
+        do { _ = try m.rollback(to: .seq(2), source: source); Issue.record("rolled back into a served source") } catch {
+            #expect("\(error)".hasPrefix("\(source) is busy: another rewind serve has it open"))
+        }
+        flock(fd, LOCK_UN)
+        #expect(try m.meta().lastSeq == 4)  // nothing was cut
+        #expect(try m.meta().pendingRollback == MirrorMeta.none)
+    }
+}

@@ -258,3 +258,32 @@ import Testing
         #expect(volume[0..<128 << 20].allSatisfy { $0 == 7 } && volume[128 << 20..<256 << 20].allSatisfy { $0 == 0 })
     }
 }
+
+/// A failed sync or writeback of the log is never forgotten: on Linux the error is reported
+/// once and the pages are then clean, so a later sync that succeeds would prove nothing.
+@Suite struct PayloadLogFailureTests {
+    @Test func aFailureStandsForEveryLaterSync() throws {
+        let dir = TempDir("log-failure")
+        defer { dir.remove() }
+        try PayloadLog.create(directory: dir.file("log"))
+        let log = PayloadLog(directory: dir.file("log"))
+        let bytes = [UInt8](repeating: 7, count: 4096)
+        try bytes.withUnsafeBytes { try log.write($0, at: 0) }
+        try log.sync()  // healthy: nothing failed yet
+        let eio = RewindError.io(path: dir.file("log/0000000000000000.log"), operation: "sync_file_range(WAIT)", errno: EIO)
+        log.fail(eio)
+        log.fail(RewindError.io(path: "later", operation: "fdatasync", errno: ENOSPC))  // the first one stays
+        try bytes.withUnsafeBytes { try log.write($0, at: 4096) }
+        for attempt in 0..<3 {
+            do { try log.sync(); Issue.record("sync \(attempt) succeeded after a failure") } catch {
+                #expect("\(error)" == eio.description)
+            }
+        }
+        do { _ = try log.sync(flushedBy: {}); Issue.record("sync(flushedBy:) succeeded after a failure") } catch {
+            #expect("\(error)" == eio.description)
+        }
+        do { try log.sync(0..<8192); Issue.record("sync(range) succeeded after a failure") } catch {
+            #expect("\(error)" == eio.description)
+        }
+    }
+}

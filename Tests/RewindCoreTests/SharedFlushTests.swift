@@ -37,11 +37,7 @@ import Testing
         // Nothing owed: the flush still runs (it is the other file's sync).
         #expect(try log.sync(flushedBy: { flushes += 1 }) == true)
         #expect(flushes == 2)
-        // A failed flush leaves the bytes owed: the next sync writes them out again.
         try Self.block.withUnsafeBytes { try log.write($0, at: 12288) }
-        #expect(throws: RewindError.self) {
-            try log.sync(flushedBy: { throw RewindError.invalidArgument("flush failed") })
-        }
         #expect(try log.sync(flushedBy: { flushes += 1 }) == true)
         #expect(flushes == 3)
         // Past the prepared blocks: a full sync again.
@@ -57,6 +53,28 @@ import Testing
         var back = [UInt8](repeating: 0, count: 4096)
         #expect(try back.withUnsafeMutableBytes { try log.read(at: 12288, into: $0) })
         #expect(back == Self.block)
+    }
+
+    /// A failed shared flush is the log's failure for good: no later sync, shared or full,
+    /// succeeds (the bytes it covered may be lost although the pages now look clean).
+    @Test func aFailedSharedFlushFailsEveryLaterSync() throws {
+        let dir = TempDir("sharedflush-failed")
+        defer { dir.remove() }
+        let log = try Self.makeLog(dir)
+        try log.reserve(4096..<8192, ahead: 1 << 20, prewrite: true)
+        try Self.block.withUnsafeBytes { try log.write($0, at: 4096) }
+        let failure = RewindError.io(path: "source", operation: "fdatasync", errno: EIO)
+        #expect(throws: RewindError.self) { try log.sync(flushedBy: { throw failure }) }
+        var flushes = 0
+        for _ in 0..<2 {
+            do { _ = try log.sync(flushedBy: { flushes += 1 }); Issue.record("a shared flush succeeded after a failure") } catch {
+                #expect("\(error)" == failure.description)
+            }
+            do { try log.sync(); Issue.record("a sync succeeded after a failure") } catch {
+                #expect("\(error)" == failure.description)
+            }
+        }
+        #expect(flushes == 0)
     }
 
     /// A large chunk fallocates 8 MiB ahead; small chunks after it land in those blocks, which

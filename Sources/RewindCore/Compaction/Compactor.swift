@@ -40,10 +40,15 @@ struct Compactor {
                                 holder: "a restore or export is reading an old point; try again when it ends")
         defer { lock.release() }
         let journal = mirror.journal
-        var resumed = false
+        // The index of (horizon, target] is held to its records before the target is recorded:
+        // once recorded, a retry (the next retention pass, the next open) finishes the
+        // compaction without asking, and would delete the damage the check found.
+        let current = try mirror.meta()
+        if current.target <= current.horizon, target > current.horizon {
+            try checkIndex(from: current.horizon, upTo: target)
+        }
         let before = try journal.env.write { txn -> MirrorMeta in
             var m = try journal.readMeta(txn)
-            resumed = m.target > m.horizon
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             guard target <= m.lastSeq else { throw RewindError.pointAfterLatest(point: "seq:\(target)", latest: m.lastSeq) }
             guard target >= m.oldestPoint else {
@@ -55,15 +60,11 @@ struct Compactor {
         }
         try mirror.sync()
         CrashPoint.hit("compact.target-recorded")
-        // A compaction resumed here (an earlier one was interrupted) may have deleted part of
-        // the index and the records already: only a fresh one can check them against each other.
-        return try finish(target: before.target, progress: progress, lockHeld: true, checkIndex: !resumed)
+        return try finish(target: before.target, progress: progress, lockHeld: true)
     }
 
-    /// Steps 2 and 3 for a recorded target (also the crash-recovery path). `checkIndex`: the
-    /// index entries and records of (horizon, target] are all still there, so the fold checks
-    /// that they agree (`IndexTally`) before anything is deleted.
-    func finish(target: UInt64, progress: ProgressObserver?, lockHeld: Bool = false, checkIndex: Bool = false) throws -> CompactionReport {
+    /// Steps 2 and 3 for a recorded target (also the crash-recovery path).
+    func finish(target: UInt64, progress: ProgressObserver?, lockHeld: Bool = false) throws -> CompactionReport {
         let lock = lockHeld ? nil : try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
                                                  holder: "a reader holds an old point")
         defer { lock?.release() }
@@ -74,7 +75,7 @@ struct Compactor {
                                     recordsRemoved: 0, bytesFolded: 0, bookmarksRemoved: [])
         }
         let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
-        let written = try fold(from: start.horizon, upTo: target, check: checkIndex, progress: progress)
+        let written = try fold(upTo: target, progress: progress)
         CrashPoint.hit("compact.folded")
         try mirror.base.sync()
         CrashPoint.hit("compact.base-synced")
@@ -104,11 +105,50 @@ struct Compactor {
                                 bookmarksRemoved: dropped)
     }
 
+    /// Before step 1: every index entry of (horizon, target] passes its check and the record
+    /// that wrote it agrees, and they add up to those records' tallies (`IndexTally`). One
+    /// read-only pass over the index, in bounded read transactions (entries at or below the
+    /// target do not change while the base lock is held); no payload is read.
+    private func checkIndex(from horizon: UInt64, upTo target: UInt64) throws {
+        let journal = mirror.journal
+        var found = IndexTally()
+        var resume = blockKey(0, 0)
+        var finished = false
+        var cached: (seq: UInt64, header: RecordHeader)?
+        while !finished {
+            try journal.env.read { txn in
+                let cursor = try txn.cursor(journal.blocks)
+                var entry = try cursor.seek(atLeast: resume)
+                var scanned = 0
+                while let e = entry {
+                    guard let key = decodeBlockKey(e.key) else {
+                        throw RewindError.damagedMirror(path: mirror.path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+                    }
+                    if scanned >= Self.chunkBlocks * 4 { resume = blockKey(key.block, key.seq); return }
+                    scanned += 1
+                    if key.seq > horizon && key.seq <= target {
+                        let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
+                        found.add(hash)
+                        if cached?.seq != key.seq { cached = (key.seq, try journal.header(txn, seq: key.seq)) }
+                        if let h = cached?.header, !mirror.entryMatches(h, block: key.block, content: content) {
+                            throw RewindError.corruptBlock(seq: key.seq, block: key.block,
+                                                           why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
+                        }
+                    }
+                    entry = try cursor.next()
+                }
+                finished = true
+            }
+        }
+        let expected = try journal.env.read { try journal.expectedTally($0, seqs: horizon + 1...target) }
+        guard expected == found else {
+            throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(horizon + 1)...seq:\(target) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; compaction stopped before deleting anything (`rewind verify` names the records)")
+        }
+    }
+
     /// Step 2: write each block's newest content <= target into base.img, once per block.
-    /// With `check`, every entry of (horizon, target] is checked against the record that wrote
-    /// it and their tallies (`IndexTally`) before step 3 deletes anything: damage stops the
-    /// compaction with the mirror still readable at every point from the target on.
-    private func fold(from horizon: UInt64, upTo target: UInt64, check: Bool, progress: ProgressObserver?) throws -> UInt64 {
+    /// Each entry it uses passes its own check (the tallies were checked before step 1).
+    private func fold(upTo target: UInt64, progress: ProgressObserver?) throws -> UInt64 {
         let journal = mirror.journal
         let base = mirror.base
         let bs = UInt64(mirror.blockSize)
@@ -119,8 +159,6 @@ struct Compactor {
         progress?.begin(phase: "folding into base", total: UInt64(total))
         var scanned: UInt64 = 0
         var finished = false
-        var found = IndexTally()
-        var cached: (seq: UInt64, header: RecordHeader)?
         while !finished {
             // One bounded read transaction per chunk of blocks.
             try journal.env.read { txn in
@@ -130,13 +168,6 @@ struct Compactor {
                 var current: (block: UInt64, seq: UInt64, value: BlockContent)?
                 func emit() throws {
                     guard let c = current else { return }
-                    if check && c.seq > horizon {
-                        if cached?.seq != c.seq { cached = (c.seq, try journal.header(txn, seq: c.seq)) }
-                        if let h = cached?.header, !mirror.entryMatches(h, block: c.block, content: c.value) {
-                            throw RewindError.corruptBlock(seq: c.seq, block: c.block,
-                                                           why: "its index entry does not match the record's \(h.kind.name) at \(h.offset)+\(h.length) (journal/data.mdb is damaged)")
-                        }
-                    }
                     switch c.value {
                     case .zero: try base.punchHole(at: c.block * bs, length: bs)
                     case let .data(segment, off, hash):
@@ -148,7 +179,10 @@ struct Compactor {
                     written += 1
                     current = nil
                 }
-                while let e = entry, let key = decodeBlockKey(e.key) {
+                while let e = entry {
+                    guard let key = decodeBlockKey(e.key) else {
+                        throw RewindError.damagedMirror(path: mirror.path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+                    }
                     guard key.block < mirror.volumeSize / bs else {
                         throw RewindError.corruptBlock(seq: key.seq, block: key.block, why: "its index entry lies past the volume's end (journal/data.mdb is damaged)")
                     }
@@ -158,9 +192,7 @@ struct Compactor {
                         blocksInChunk += 1
                     }
                     if key.seq <= target {
-                        let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
-                        if key.seq > horizon { found.add(hash) }
-                        current = (key.block, key.seq, content)
+                        current = (key.block, key.seq, try BlockContent.decode(e.value, seq: key.seq, block: key.block).content)
                     }
                     scanned += 1
                     entry = try cursor.next()
@@ -172,12 +204,6 @@ struct Compactor {
             journal.env.releaseMappedPages()
         }
         progress?.end()
-        if check {
-            let expected = try journal.env.read { try journal.expectedTally($0, seqs: horizon + 1...target) }
-            guard expected == found else {
-                throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(horizon + 1)...seq:\(target) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; compaction stopped before deleting anything (`rewind verify` names the records)")
-            }
-        }
         return written
     }
 
@@ -192,7 +218,10 @@ struct Compactor {
                 var entry = try cursor.seek(atLeast: resume)
                 var blocksInChunk = 0
                 var lastBlock: UInt64?
-                while let e = entry, let key = decodeBlockKey(e.key) {
+                while let e = entry {
+                    guard let key = decodeBlockKey(e.key) else {
+                        throw RewindError.damagedMirror(path: mirror.path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+                    }
                     if key.block != lastBlock {
                         if blocksInChunk >= Self.chunkBlocks { resume = blockKey(key.block, 0); return }
                         blocksInChunk += 1

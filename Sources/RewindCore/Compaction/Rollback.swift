@@ -27,13 +27,21 @@ extension Mirror {
         // Opened and identified before anything is recorded: the pending mark names the file,
         // and the descriptor checked is the one written.
         let reverting = try source.map { try RollbackSource(path: $0) }
+        // A rollback resumed after a crash may have cut part of the index after its target.
+        let resumed = try meta().pendingRollback != MirrorMeta.none
+        if let reverting {
+            // Never behind a running server's back, and only into the file this mirror
+            // journals (a resumed rollback is held to the file it recorded instead).
+            try SourceLock.checkNotServed(reverting.path)
+            if !resumed { try sourceIdentity()?.check(reverting.identity, mirror: path, given: reverting.path) }
+        }
         let before = try recordRollbackTarget(point, source: reverting)
         try sync()
         CrashPoint.hit("rollback.target-recorded")
         let k = before.pendingRollback
         var rewritten: UInt64 = 0
         if let reverting {
-            rewritten = try revertSource(reverting, to: k, progress: progress)
+            rewritten = try revertSource(reverting, to: k, checkThroughLatest: !resumed, progress: progress)
             CrashPoint.hit("rollback.source-reverted")
         }
         // Where the log can be cut: at the chunk of record k+1 when that record starts it.
@@ -114,8 +122,10 @@ extension Mirror {
     }
 
     /// Write into the source the content at seq k of every block changed after k; fsync.
-    private func revertSource(_ source: RollbackSource, to k: UInt64, progress: ProgressObserver?) throws -> UInt64 {
-        let rewritten = try rewriteBlocks(changedAfter: k, asOf: .seq(k), into: source.file, progress: progress)
+    private func revertSource(_ source: RollbackSource, to k: UInt64, checkThroughLatest: Bool,
+                              progress: ProgressObserver?) throws -> UInt64 {
+        let rewritten = try rewriteBlocks(changedAfter: k, asOf: .seq(k), into: source.file,
+                                          checkThroughLatest: checkThroughLatest, progress: progress)
         try source.file.sync()
         return rewritten
     }

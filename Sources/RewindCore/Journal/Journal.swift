@@ -168,7 +168,11 @@ public final class Journal: @unchecked Sendable {
     func lookup(_ cursor: LMDBCursor, block: UInt64, atOrBefore seq: UInt64) throws -> (seq: UInt64, content: BlockContent)? {
         let probe = seq == UInt64.max ? blockKey(block &+ 1, 0) : blockKey(block, seq + 1)
         let entry = try cursor.seek(atLeast: probe) != nil ? try cursor.previous() : try cursor.last()
-        guard let entry, let key = decodeBlockKey(entry.key), key.block == block else { return nil }
+        guard let entry else { return nil }
+        guard let key = decodeBlockKey(entry.key) else {
+            throw RewindError.damagedMirror(path: path, why: "an index key is \(entry.key.count) bytes (journal/data.mdb is damaged)")
+        }
+        guard key.block == block else { return nil }
         return (key.seq, try BlockContent.decode(entry.value, seq: key.seq, block: block).content)
     }
 

@@ -85,7 +85,11 @@ extension Mirror {
             // Newest entry of each block in the window that has one: true if it is data.
             var newest: [UInt64: Bool] = [:]
             var entry = try cursor.seek(atLeast: blockKey(windowStart, 0))
-            while let e = entry, let key = decodeBlockKey(e.key), key.block < windowEnd {
+            while let e = entry {
+                guard let key = decodeBlockKey(e.key) else {
+                    throw RewindError.damagedMirror(path: path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
+                }
+                guard key.block < windowEnd else { break }
                 newest[key.block] = try BlockContent.decode(e.value, seq: key.seq, block: key.block).content != .zero
                 entry = try cursor.next()
             }

@@ -32,6 +32,11 @@ public final class PayloadLog: @unchecked Sendable {
     /// thread's commit) never overlap: a sync that finds nothing dirty because another took the
     /// dirty set must still wait until those bytes are durable.
     private let syncing = Mutex(())
+    /// The first failed sync or writeback of the log, for good. On Linux a writeback error is
+    /// reported once and the pages are then clean (PostgreSQL's "fsync surprise"): a later
+    /// sync that succeeds proves nothing about the bytes the failed one covered. So every
+    /// sync after a failure throws that failure again; nothing is retried.
+    private let failure = Mutex<Error?>(nil)
 
     public init(directory: String) {
         self.directory = directory
@@ -170,7 +175,22 @@ public final class PayloadLog: @unchecked Sendable {
         try syncing.withLock { _ in try syncDirty() }
     }
 
+    /// Remember `error` as the log's permanent failure (the first one wins) and return it.
+    @discardableResult
+    func fail(_ error: Error) -> Error {
+        failure.withLock { f in
+            if f == nil { f = error }
+            return f ?? error
+        }
+    }
+
+    /// Throw the log's permanent failure, if a sync or writeback ever failed.
+    private func checkNotFailed() throws {
+        if let f = failure.withLock({ $0 }) { throw f }
+    }
+
     private func syncDirty() throws {
+        try checkNotFailed()
         let (toSync, written, created) = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?, Bool) in
             defer { d = (Set<UInt64>(), nil, false) }
             return (d.files, d.written, d.created)
@@ -179,14 +199,14 @@ public final class PayloadLog: @unchecked Sendable {
             for index in toSync.sorted() { try syncFile(index) }
             if created { try syncDirectory() }
         } catch {
-            // Still owed: a later sync retries (the writer fences the volume meanwhile).
+            // Never retried: the failure stands for every later sync (see `failure`).
             owe(toSync, written, created)
-            throw error
+            throw fail(error)
         }
     }
 
-    /// Put back what a failed sync still owes: a later sync retries (the writer fences the
-    /// volume meanwhile).
+    /// Put back what a failed sync still owes (for the record: every later sync throws the
+    /// failure; see `failure`).
     private func owe(_ files: Set<UInt64>, _ written: Range<UInt64>?, _ created: Bool) {
         dirty.withLock { d in
             d.files.formUnion(files)
@@ -215,6 +235,7 @@ public final class PayloadLog: @unchecked Sendable {
     }
 
     private func syncDirty(flushedBy deviceFlush: () throws -> Void) throws -> Bool {
+        try checkNotFailed()
         let ready = prepared.withLock { $0 }
         let owed = dirty.withLock { d -> (Set<UInt64>, Range<UInt64>?)? in
             guard !d.created else { return nil }
@@ -232,7 +253,7 @@ public final class PayloadLog: @unchecked Sendable {
             try deviceFlush()
         } catch {
             owe(toSync, written, false)
-            throw error
+            throw fail(error)
         }
         return true
     }
@@ -241,8 +262,13 @@ public final class PayloadLog: @unchecked Sendable {
     /// killed process may have left in the page cache only), and the directory.
     public func sync(_ range: Range<UInt64>) throws {
         guard !range.isEmpty else { return }
-        for index in range.lowerBound / Self.fileBytes...(range.upperBound - 1) / Self.fileBytes { try syncFile(index) }
-        try syncDirectory()
+        try checkNotFailed()
+        do {
+            for index in range.lowerBound / Self.fileBytes...(range.upperBound - 1) / Self.fileBytes { try syncFile(index) }
+            try syncDirectory()
+        } catch {
+            throw fail(error)
+        }
     }
 
     private func syncFile(_ index: UInt64) throws {
@@ -262,15 +288,30 @@ public final class PayloadLog: @unchecked Sendable {
     /// Start writing `range` back to disk now (`sync_file_range(SYNC_FILE_RANGE_WRITE)`), so a
     /// later `release` finds it clean. Not a durability barrier: `sync()` is.
     public func startWriteback(_ range: Range<UInt64>) {
-        advise(range, rewind_start_writeback)
+        writeback(range, "sync_file_range(WRITE)", rewind_start_writeback)
     }
 
     /// Wait until `range` is written back, then drop it from the page cache: the streaming
     /// writer's pattern, which keeps the log's footprint in the cache to a couple of group
-    /// commits and hands the kernel back pages it can reuse at once.
+    /// commits and hands the kernel back pages it can reuse at once. A writeback error it is
+    /// told of becomes the log's permanent failure: the next sync (a FLUSH) fails with it,
+    /// where `fdatasync` on the same descriptor would no longer report it.
     public func release(_ range: Range<UInt64>) {
-        advise(range, rewind_finish_writeback)
+        writeback(range, "sync_file_range(WAIT)", rewind_finish_writeback)
         dropFromCache(range)
+    }
+
+    /// `call` on each file's part of `range`; a failure (other than a file already gone)
+    /// is kept as the log's permanent failure.
+    private func writeback(_ range: Range<UInt64>, _ name: String, _ call: (Int32, off_t, off_t) -> Int32) {
+        for piece in Self.pieces(at: range.lowerBound, count: Int(range.upperBound - range.lowerBound)) {
+            let failed = try? withFile(piece.file, create: false) { f -> Int32? in
+                call(f.fd, off_t(piece.offset), off_t(piece.length)) == 0 ? nil : errno
+            }
+            if let e = failed ?? nil {
+                fail(RewindError.io(path: path(ofFile: piece.file), operation: name, errno: e))
+            }
+        }
     }
 
     /// Apply a page-cache call (`fd, offset, length`) to each file's part of `range`. Advice

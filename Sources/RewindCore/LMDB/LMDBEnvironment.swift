@@ -172,7 +172,10 @@ public final class LMDBEnvironment: @unchecked Sendable {
 
     private func begin(readOnly: Bool) throws -> LMDBTransaction {
         var txn: OpaquePointer?
-        try check(rewind_mdb_txn_begin(env, readOnly ? UInt32(MDB_RDONLY) : 0, &txn), "mdb_txn_begin")
+        // Only a read transaction's begin is guarded: a write transaction's takes LMDB's writer
+        // mutex first, and a jump out of it would leave the mutex held.
+        let rc = readOnly ? rewind_mdb_txn_begin(env, UInt32(MDB_RDONLY), &txn) : mdb_txn_begin(env, nil, 0, &txn)
+        try check(rc, "mdb_txn_begin")
         guard let txn else { throw LMDBError(code: EINVAL, operation: "mdb_txn_begin") }
         return LMDBTransaction(txn: txn, mapBounds: readOnly ? dataFileBounds() : (nil, nil))
     }
@@ -186,7 +189,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
     private func dataFileBounds() -> (UnsafePointer<CChar>?, UnsafePointer<CChar>?) {
         var fd: Int32 = -1
         var st = stat()
-        guard findMap(), mdb_env_get_fd(env, &fd) == 0, fstat(fd, &st) == 0,
+        guard mapStart != 0, mdb_env_get_fd(env, &fd) == 0, fstat(fd, &st) == 0,
               let start = UnsafePointer<CChar>(bitPattern: mapStart) else { return (nil, nil) }
         return (start, start + min(Int(st.st_size), mapLength))
     }

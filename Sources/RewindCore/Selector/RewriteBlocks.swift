@@ -4,13 +4,15 @@ extension Mirror {
     /// point = k) and by serve's start-up replay (bring a source up to the journal: after =
     /// the seq the source is known synced to, point = latest). Does not fsync.
     @discardableResult
+    /// `checkThroughLatest`: the entries after `point`, which say which blocks to write, are
+    /// held to their records too (a rollback's first run; a resumed one may have cut some).
     public func rewriteBlocks(changedAfter after: UInt64, asOf point: Point, into file: BlockFile,
-                              progress: ProgressObserver? = nil) throws -> UInt64 {
+                              checkThroughLatest: Bool = false, progress: ProgressObserver? = nil) throws -> UInt64 {
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
         // What is written here goes into a live source, which cannot be put back: the index
         // is held to its records (`Snapshot.checkIndex`) before the first write.
-        try snapshot.checkIndex()
+        try snapshot.checkIndex(throughLatest: checkThroughLatest)
         let bs = UInt64(blockSize)
         var buffer = [UInt8](repeating: 0, count: blockSize)
         var rewritten: UInt64 = 0

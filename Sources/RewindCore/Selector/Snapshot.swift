@@ -116,22 +116,27 @@ public final class Snapshot: @unchecked Sendable {
 
     /// Run every check `forEachChangedBlock` makes of the index, reading no payload: what a
     /// restore that reads block by block (into a device) runs before it writes anything.
-    func checkIndex() throws {
-        try scanIndex { _, _, _ in }
+    /// `throughLatest`: hold every entry up to the newest record to its records, not only
+    /// those up to `seq` — for a rollback, which decides from the entries after `seq` which
+    /// blocks of the source to put back.
+    func checkIndex(throughLatest: Bool = false) throws {
+        try scanIndex(throughLatest: throughLatest) { _, _, _ in }
     }
 
     /// The one pass over the index behind both: `visit` gets each changed block's newest entry
     /// at or before `seq`, checked.
-    private func scanIndex(_ visit: (UInt64, UInt64, BlockContent) throws -> Void) throws {
+    private func scanIndex(throughLatest: Bool = false, _ visit: (UInt64, UInt64, BlockContent) throws -> Void) throws {
         let journal = mirror.journal
         let meta = try journal.readMeta(txn)
         // Entries at or below `oldest` may be half deleted by an unfinished compaction.
         let oldest = meta.oldestPoint
+        // The seqs whose entries are held to their records' tallies.
+        let limit = throughLatest ? max(seq, meta.lastSeq) : seq
         // What the records (oldest, seq] say the index holds, first; and their headers when
         // few enough to keep (`Mirror.headersKeptMax`), for the cross-check of each entry used
         // — else each is looked up, a random page of `records` per changed block.
-        var headers: [RecordHeader]? = seq > oldest && seq - oldest <= Mirror.headersKeptMax ? [] : nil
-        let expected = seq > oldest ? try journal.expectedTally(txn, seqs: oldest + 1...seq, headers: &headers) : IndexTally()
+        var headers: [RecordHeader]? = limit > oldest && limit - oldest <= Mirror.headersKeptMax ? [] : nil
+        let expected = limit > oldest ? try journal.expectedTally(txn, seqs: oldest + 1...limit, headers: &headers) : IndexTally()
         let scan = try txn.cursor(journal.blocks)
         var current: (block: UInt64, seq: UInt64, content: BlockContent)?
         var cached: (seq: UInt64, header: RecordHeader)?
@@ -165,14 +170,14 @@ public final class Snapshot: @unchecked Sendable {
             mirror.journal.touched(40 + mirror.blockSize)
             if key.block != current?.block { try emit(); current = nil }
             let (content, hash) = try BlockContent.decode(e.value, seq: key.seq, block: key.block)
-            if key.seq > oldest && key.seq <= seq { found.add(hash) }
+            if key.seq > oldest && key.seq <= limit { found.add(hash) }
             if key.seq <= seq { current = (key.block, key.seq, content) }
             entry = try scan.next()
         }
         try emit()
-        if seq > oldest {
+        if limit > oldest {
             guard expected == found else {
-                throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(oldest + 1)...seq:\(seq) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; `rewind verify` names the records")
+                throw RewindError.damagedMirror(path: mirror.path, why: "the block index holds \(found.count) entries for seq:\(oldest + 1)...seq:\(limit) where its records wrote \(expected.count)\(found.count == expected.count ? " (their checks differ)" : ""): journal/data.mdb is damaged; `rewind verify` names the records")
             }
         }
     }
