@@ -33,6 +33,21 @@ static void fault_handler(int sig, siginfo_t *info, void *context) {
     sigaction(sig, sig == SIGBUS ? &previous_bus : &previous_segv, 0);
 }
 
+/* LMDB's own consistency checks (mdb_cassert: "Assertion 'IS_LEAF(mp)' failed in
+   mdb_cursor_next()") call this before abort(): inside a guarded read it jumps back like a
+   fault, so a damaged page is an error there too; elsewhere it returns and LMDB aborts. */
+static void assert_handler(MDB_env *env, const char *message) {
+    jmp_buf *guard = guard_slot;
+    (void)env; (void)message;
+    if (guard) {
+        guard_slot = 0;
+        fault_signal = SIGABRT;
+        _longjmp(*guard, 1);
+    }
+}
+
+int rewind_mdb_set_assert(MDB_env *env) { return mdb_env_set_assert(env, assert_handler); }
+
 int rewind_mdb_install_fault_guard(void) {
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);

@@ -11,6 +11,8 @@
 
 /* Install the SIGBUS/SIGSEGV handler (once per process; returns 0 on success). */
 int rewind_mdb_install_fault_guard(void);
+/* Route the environment's failed internal assertions through the guard (before abort()). */
+int rewind_mdb_set_assert(MDB_env *env);
 /* The signal the last guarded call on this thread took (SIGBUS or SIGSEGV), or 0. */
 int rewind_mdb_last_fault_signal(void);
 

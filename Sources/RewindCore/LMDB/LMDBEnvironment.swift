@@ -29,6 +29,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         guard let handle else { throw LMDBError(code: EINVAL, operation: "mdb_env_create") }
         env = handle
         // From here a throw still runs deinit (the object is fully initialised), which closes env.
+        _ = rewind_mdb_set_assert(env)  // a failed LMDB assertion in a guarded read is an error
         try check(mdb_env_set_maxdbs(env, Self.maxNamedDatabases), "mdb_env_set_maxdbs")
         try check(mdb_env_set_mapsize(env, mapSizeBytes), "mdb_env_set_mapsize")
         try check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders")

@@ -9,7 +9,11 @@ public struct LMDBError: Error, CustomStringConvertible, Sendable {
 
     public var description: String {
         if code == REWIND_MDB_FAULT {
-            let signal = rewind_mdb_last_fault_signal() == SIGBUS ? "SIGBUS: a page past the end of the file" : "SIGSEGV: a page pointer into nowhere"
+            let signal = switch rewind_mdb_last_fault_signal() {
+            case SIGBUS: "SIGBUS: a page past the end of the file"
+            case SIGABRT: "its own consistency check failed"
+            default: "SIGSEGV: a page pointer into nowhere"
+            }
             return "the journal's index journal/data.mdb is damaged: LMDB \(operation) faulted (\(signal))"
         }
         let text = String(cString: mdb_strerror(code))
