@@ -6,7 +6,7 @@
 # never a signal or a hang; `verify` either reports the damage or passes, and when it passes
 # every checkpoint restores exactly. Prints a table of outcomes by damage and the messages
 # users were shown. The work is in integrity_campaign.py.
-#   SEED=n        the run's seed (printed; default random)
+#   SEED=n        the run's seed (printed; default random, 5336 when CI is set)
 #   ITERATIONS=n  how many damages (default 2000)
 #   ONLY=i        run iteration i only (with the SEED a failure printed)
 #   REUSE=DIR     use the mirror a failing run kept in /tmp/rewind-integrity-SEED (it prints
@@ -15,7 +15,9 @@
 #   TIMEOUT=s     per command (default 20)
 . "$(dirname "$0")/functions.sh"
 "$PY" -c 'import nbd' 2>/dev/null || { echo "SKIP: python3-libnbd not installed" >&2; exit 77; }
-SEED=${SEED:-$RANDOM}
+# CI runs one fixed seed (a landing is reproducible: the same workload and the same damages,
+# though the mirror's bytes depend on timing); by hand, a new seed each run explores further.
+if [ -n "${CI:-}" ]; then SEED=${SEED:-5336}; else SEED=${SEED:-$RANDOM}; fi
 export SEED ITERATIONS=${ITERATIONS:-2000} REWIND
 echo "integrity-campaign.sh: SEED=$SEED ITERATIONS=$ITERATIONS${ONLY:+ ONLY=$ONLY}${REUSE:+ REUSE=$REUSE}"
 cd "$T"
