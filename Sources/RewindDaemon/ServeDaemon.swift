@@ -58,8 +58,9 @@ public enum ServeDaemon {
 
         // The volume: source, mirror, ownership, recovery.
         let prepared = try prepare(options, logger: logger, progress: progress)
-        let writer = VolumeWriter(mirror: prepared.mirror, source: prepared.source, syncedSeq: prepared.syncedSeq,
-                                  metrics: metrics, logger: logger)
+        metrics.logger = logger
+        let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
+                                   observer: metrics)
         writer.start()
         let pool = NIOThreadPool(numberOfThreads: 4)
         pool.start()
@@ -113,7 +114,8 @@ public enum ServeDaemon {
             logger.error("stopped; writes were refused since: \(why); the journal holds seq:\(lastSeq), and the next start brings the source to it")
             return false
         }
-        logger.info("stopped cleanly; journal at seq:\(lastSeq)")
+        let syncs = writer.syncs
+        logger.info("stopped cleanly; journal at seq:\(lastSeq); syncs: \(ServePipeline.SyncKind.allCases.map { "\($0.rawValue) \(syncs[$0] ?? 0)" }.joined(separator: ", "))")
         return true
     }
 
@@ -209,11 +211,19 @@ public enum ServeDaemon {
         if meta.pendingRollback != UInt64.max { throw mirror.unfinishedRollbackError(target: meta.pendingRollback) }
         if meta.sourceSyncedSeq < meta.lastSeq {
             // Unclean stop: records may have reached the journal but not the source (write-ahead).
+            // Unclean stop: the records after the source's last sync may have reached the journal
+            // and not the source (the source never holds what the journal lacks: write-ahead).
             logger.notice("replaying records seq:\(meta.sourceSyncedSeq + 1)...seq:\(meta.lastSeq) into \(o.source)")
-            let n = try mirror.rewriteBlocks(changedAfter: meta.sourceSyncedSeq, asOf: .latest, into: source, progress: progress)
+            let started = monotonicNanoseconds()
+            let done = try mirror.rewriteBlocks(ofRecordsAfter: meta.sourceSyncedSeq, into: source, progress: progress)
             try source.sync()
             try mirror.markSourceSynced(meta.lastSeq)
-            logger.notice("replayed \(n) blocks")
+            let seconds = String(format: "%.3f", Double(monotonicNanoseconds() - started) / 1e9)
+            if done.wholeVolume {
+                logger.warning("records after seq:\(meta.sourceSyncedSeq) were already folded into the base: rewrote all \(done.blocks) blocks in \(seconds) s")
+            } else {
+                logger.notice("replayed \(done.records) records: \(done.blocks) blocks rewritten in \(seconds) s")
+            }
             meta = try mirror.meta()
         }
         return Prepared(mirror: mirror, source: source, lock: lock, sourceLock: sourceLock, syncedSeq: meta.sourceSyncedSeq)
@@ -222,7 +232,7 @@ public enum ServeDaemon {
     /// Once the writer has stopped, while `owner.lock` is held: record what the source holds
     /// for the next start's check (`Mirror.recordSourceState`). Not after a fence or a failed
     /// final sync: the next start brings the source to the journal instead.
-    static func recordCleanStop(_ prepared: Prepared, writer: VolumeWriter, logger: Logger) {
+    static func recordCleanStop(_ prepared: Prepared, writer: ServePipeline, logger: Logger) {
         guard writer.fenceReason == nil else { return }
         do {
             if let state = try prepared.mirror.recordSourceState(of: prepared.source) {
@@ -267,7 +277,7 @@ public enum ServeDaemon {
 /// writer answer everything queued, sync and record the source as synced.
 struct ServeService: Service {
     let server: NBDServer
-    let writer: VolumeWriter
+    let writer: ServePipeline
     let logger: Logger
 
     func run() async throws {

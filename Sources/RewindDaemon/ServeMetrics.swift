@@ -1,13 +1,15 @@
 import CoreMetrics
 import Foundation
 import Metrics
+import Logging
 import NIOConcurrencyHelpers
+import RewindCore
 import RewindNBD
 
 /// The serve daemon's metrics, through swift-metrics (exported by swift-prometheus on
 /// `--metrics`): requests, bytes and latency by command, in-flight requests, connections,
 /// journal records and bytes, flush latency, compaction progress.
-final class ServeMetrics: NBDObserver, @unchecked Sendable {
+final class ServeMetrics: NBDObserver, ServePipelineObserver, @unchecked Sendable {
     private let requests: [NBDCommand: Counter]
     private let bytes: [NBDCommand: Counter]
     private let latency: [NBDCommand: Metrics.Timer]
@@ -25,6 +27,12 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
     /// 1 once a failed journal append, source write or sync has fenced the volume (writes fail).
     private let fencedGauge = Gauge(label: "rewind_volume_fenced")
     private let state = NIOLockedValueBox((inflight: 0, connections: 0))
+    /// Syncs the serve pipeline made, by kind (`ServePipeline.SyncKind`).
+    private let syncs: [ServePipeline.SyncKind: Counter] = Dictionary(uniqueKeysWithValues: ServePipeline.SyncKind.allCases.map {
+        ($0, Counter(label: "rewind_syncs_total", dimensions: [("kind", $0.rawValue)]))
+    })
+    /// Where a fence is logged (set before the pipeline starts).
+    var logger: Logger?
 
     init() {
         var r: [NBDCommand: Counter] = [:], b: [NBDCommand: Counter] = [:], l: [NBDCommand: Metrics.Timer] = [:]
@@ -39,7 +47,15 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
         fencedGauge.record(0)
     }
 
-    func volumeFenced() { fencedGauge.record(1) }
+    func fenced(_ why: String) {
+        fencedGauge.record(1)
+        logger?.critical("volume fenced, every further write fails with EIO: \(why)")
+    }
+
+    func synced(_ kind: ServePipeline.SyncKind, nanoseconds: UInt64) {
+        syncs[kind]?.increment()
+        if kind == .flush { flushLatency.recordNanoseconds(Int64(nanoseconds)) }
+    }
 
     func requestStarted(_ command: NBDCommand) {
         let n = state.withLockedValue { $0.inflight += 1; return $0.inflight }
@@ -66,6 +82,4 @@ final class ServeMetrics: NBDObserver, @unchecked Sendable {
         journalBytes.increment(by: Int64(bytes))
         lastSeq.record(Int64(seq))
     }
-
-    func flushed(nanoseconds: UInt64) { flushLatency.recordNanoseconds(Int64(nanoseconds)) }
 }

@@ -6,13 +6,13 @@ import RewindCore
 import RewindNBD
 
 /// The `BlockTarget` of `rewind serve`: reads come from the source file (on a thread pool,
-/// never on an event loop); writes go through the `VolumeWriter` into the journal and the source.
+/// never on an event loop); writes go through the `ServePipeline` into the journal and the source.
 final class ServeVolume: BlockTarget, @unchecked Sendable {
     let size: UInt64
     let readOnly = false
     let canFastZero: Bool
     private let source: BlockFile
-    private let writer: VolumeWriter
+    private let writer: ServePipeline
     private let pool: NIOThreadPool
     /// Extents reported per BLOCK_STATUS reply, bounding its size.
     static let maxExtents = 1024
@@ -21,7 +21,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
     /// Reads up to this size are tried on the event loop first (`readIfCached`).
     static let inlineReadMaxBytes: UInt32 = 4 << 20
 
-    init(source: BlockFile, writer: VolumeWriter, pool: NIOThreadPool, canFastZero: Bool) throws {
+    init(source: BlockFile, writer: ServePipeline, pool: NIOThreadPool, canFastZero: Bool) throws {
         self.source = source
         self.writer = writer
         self.pool = pool
@@ -29,9 +29,20 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
         self.canFastZero = canFastZero
     }
 
-    private func submit(_ kind: VolumeWriter.Kind, offset: UInt64, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
+    private func submit(_ kind: VolumeOp.Kind, offset: UInt64, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         let promise = loop.makePromise(of: Void.self)
-        writer.submit(.init(kind: kind, offset: offset, fua: fua, promise: promise), on: loop)
+        let op = VolumeOp(kind, offset: offset, fua: fua) { failure in
+            guard let failure else { return promise.succeed(()) }
+            switch failure {
+            case .io: promise.fail(NBDErrno.io)
+            case .noSpace: promise.fail(NBDErrno.nospc)
+            case .shutdown: promise.fail(NBDErrno.shutdown)
+            }
+        }
+        // The writer is woken at the group's deadline by this loop's timer (`ServePipeline.submit`).
+        writer.submit(op) { nanoseconds, fire in
+            loop.scheduleTask(in: .nanoseconds(Int64(nanoseconds))) { fire() }
+        }
         return promise.futureResult
     }
 
@@ -65,11 +76,14 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
             // Answered writes not yet in the source: read, then lay them over in order.
             let pending = writer.overlay(offset..<end)
             if !pending.isEmpty {
-                var bytes = [UInt8](repeating: 0, count: Int(length))
-                try bytes.withUnsafeMutableBytes { try source.read(at: offset, into: $0) }
-                for op in pending { Self.lay(op, over: &bytes, at: offset) }
-                var buffer = ByteBufferAllocator().buffer(capacity: bytes.count)
-                buffer.writeBytes(bytes)
+                let n = Int(length)
+                var buffer = ByteBufferAllocator().buffer(capacity: n)
+                try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
+                    let bytes = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n])
+                    try source.read(at: offset, into: bytes)
+                    for op in pending { op.lay(over: bytes, at: offset) }
+                    return n
+                }
                 return [.data(offset: offset, bytes: buffer)]
             }
             // Small reads skip hole detection (two lseeks) and just read.
@@ -155,21 +169,6 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
         }
         if at < range.upperBound { pieces.append((at..<range.upperBound, false)) }
         return Array(pieces.prefix(limit))
-    }
-
-    /// Apply one queued change to `bytes`, which hold the volume from `base` on.
-    static func lay(_ op: VolumeWriter.Op, over bytes: inout [UInt8], at base: UInt64) {
-        let r = op.range.clamped(to: base..<base + UInt64(bytes.count))
-        guard !r.isEmpty else { return }
-        let dst = Int(r.lowerBound - base)
-        switch op.kind {
-        case .write(let data):
-            let src = Int(r.lowerBound - op.offset)
-            bytes.replaceSubrange(dst..<dst + r.count, with: data[src..<src + r.count])
-        case .zero, .trim:
-            for i in dst..<dst + r.count { bytes[i] = 0 }
-        case .flush: break
-        }
     }
 
     func cache(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<Void> {

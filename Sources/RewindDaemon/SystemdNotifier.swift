@@ -306,7 +306,7 @@ struct SystemdNotifyService: Service {
 struct LivenessProbe: Sendable {
     let group: any EventLoopGroup
     let pool: NIOThreadPool
-    let writer: VolumeWriter
+    let writer: ServePipeline
 
     func start() -> ProbeRound {
         let round = ProbeRound(startedAt: monotonicNanoseconds())

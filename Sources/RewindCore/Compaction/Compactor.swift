@@ -33,7 +33,10 @@ struct Compactor {
 
     /// Compact up to `target`, which must lie in (horizon, lastSeq].
     func compact(to target: UInt64, progress: ProgressObserver?) throws -> CompactionReport {
-        if let floor = try mirror.unreplayedSourceFloor(), target > floor {
+        if let (floor, live) = try mirror.unreplayedSourceFloor(), target > floor {
+            if live {
+                throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the served source is known synced through (a crash now would rewrite the source from the records after it); the server syncs its source about once a second: try again in a moment")
+            }
             throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the source is known to hold: its server stopped without syncing it, and the records after it are what the next `rewind serve` replays into the source; start `rewind serve` once, then compact")
         }
         let lock = try FileLock(path: mirror.baseLockPath, kind: .exclusive, waitSeconds: 30,
@@ -275,27 +278,26 @@ extension Mirror {
         guard var target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
             return nil
         }
-        if let floor = try unreplayedSourceFloor() {
+        if let (floor, _) = try unreplayedSourceFloor() {
             guard floor > (try meta().oldestPoint) else { return nil }
             target = min(target, floor)
         }
         return try Compactor(mirror: self).compact(to: target, progress: progress)
     }
 
-    /// After a server stopped uncleanly, the seq up to which its source is known synced — the
-    /// records after it are what the next `serve` replays into the source, so no compaction may
-    /// fold them — or nil when no such replay is owed (a clean stop, a live server, a mirror
-    /// never served).
-    func unreplayedSourceFloor() throws -> UInt64? {
+    /// The seq up to which the served source is known fdatasynced, when records follow it:
+    /// those records are what a start after a crash (or after a server that stopped uncleanly)
+    /// rewrites into the source (`rewriteBlocks(ofRecordsAfter:)`), so no compaction may fold
+    /// them. `live`: a server owns the mirror now (it moves the floor about once a second).
+    /// nil when nothing is owed (a clean stop, a mirror never served).
+    func unreplayedSourceFloor() throws -> (seq: UInt64, live: Bool)? {
         let m = try meta()
         guard m.sourceSyncedSeq < m.lastSeq, try journal.env.read({ try $0.get(journal.meta, Array("source".utf8)) }) != nil else {
             return nil
         }
-        // A live owner (a running server, this process's own included) replays nothing: its
-        // source holds what it wrote.
-        guard let owner = try? FileLock(path: ownerLockPath, kind: .exclusive, holder: "") else { return nil }
+        guard let owner = try? FileLock(path: ownerLockPath, kind: .exclusive, holder: "") else { return (m.sourceSyncedSeq, true) }
         owner.release()
-        return m.sourceSyncedSeq
+        return (m.sourceSyncedSeq, false)
     }
 
     /// The newest seq that falls outside the window, or nil.

@@ -1,0 +1,546 @@
+import Foundation
+
+/// The write path of a served volume: one sequencer that turns write-nature requests from
+/// every connection into journal records and source writes, in one order. Engine logic with
+/// no network types in it: requests come in as `VolumeOp`s and are answered through their
+/// completions, so it is tested on its own (`ServePipelineTests`, the power-cut simulation).
+///
+/// Three threads, each with one job:
+/// - the **writer** (group commit): requests join one FIFO in the order they arrive — the
+///   seq order of the journal and the order of writes to the source (invariants 2 and 5). A
+///   plain write is answered as soon as it is queued and visible to reads (`overlay`), like a
+///   write into a disk's cache; every `commitIntervalNanoseconds` (sooner when a FLUSH or FUA
+///   write waits, or the queue passes `ackedBytesMax / 2`) the writer appends everything
+///   queued to the payload log as one chunk. A FLUSH or FUA request is answered once the log
+///   is fdatasynced past it: the journal alone makes it durable, whatever the source holds.
+/// - the **applier** writes journalled batches to the source, in order — and only once their
+///   log chunk is durable (write-ahead across a power cut: the source never holds a write
+///   the journal could lose). Batches that a FLUSH's sync already covered go at once; for the
+///   others the applier fdatasyncs the log first, one sync for every batch it has gathered.
+///   About once a second it fdatasyncs the source too, and that seq becomes the mirror's
+///   `sourceSyncedSeq`: what a start after a crash must rewrite is the records after it
+///   (`Mirror.rewriteBlocks(ofRecordsAfter:)`), a second or two of writes, not the history.
+/// - the **index thread** (`IndexCommitter`) builds and commits the LMDB index of what the
+///   writer logged, off both paths; the synced log alone brings records back after a crash.
+///
+/// Any failure — a log append, a sync of the log or the source, a source write, an index
+/// commit — fences the volume for good: every request in flight and after is answered EIO
+/// (ENOSPC when the disk or map is full), no FLUSH is answered with success again, and reads
+/// go on from the source and what is still queued for it. Nothing is retried: after a failed
+/// sync the kernel may have dropped the pages it could not write (`PayloadLog.failure`).
+public final class ServePipeline: @unchecked Sendable {
+    /// The syncs the pipeline makes, for metrics and the benchmark's count of them.
+    public enum SyncKind: String, Sendable, CaseIterable {
+        /// The log, before a FLUSH or FUA write is answered.
+        case flush
+        /// The log, before batches no FLUSH covered are written to the source (write-ahead).
+        case beforeApply = "before_apply"
+        /// The source, about once a second: moves `sourceSyncedSeq` (what recovery starts from).
+        case source
+    }
+
+    public struct Tuning: Sendable {
+        /// Longest an answered write waits to be journalled: bounds what a crash can lose of
+        /// unflushed writes and amortises the log's writes over many requests.
+        public var commitIntervalNanoseconds: UInt64 = 5_000_000
+        /// Answered-but-unjournalled bytes at most; past it, writes are answered once journalled
+        /// (backpressure). 8 MiB, not 32: once the index thread sets the pace the queue stays full,
+        /// and 32 MiB of it cost ~60 MiB of peak RSS for no more throughput (docs/benchmarks.md).
+        public var ackedBytesMax = 8 << 20
+        /// Bytes and requests taken into one group commit.
+        public var maxBatchBytes = 32 << 20
+        public var maxBatchOps = 1024
+        /// Journalled bytes not yet in the source at most; past it the writer waits for the applier.
+        public var applyBacklogBytesMax = 64 << 20
+        /// How often the applier fdatasyncs the source (what recovery after a crash must redo).
+        public var sourceSyncIntervalNanoseconds: UInt64 = 1_000_000_000
+        /// When the index thread commits. Once a second: each commit costs the device two cache
+        /// flushes (the log's, then LMDB's), and at one commit per 100 ms random 4 KiB writes at
+        /// QD 16 fell to 22–27k IOPS (against 32–47k). At most 16,384 block entries: LMDB holds the
+        /// pages they dirty in memory until the commit, ~64 MiB at worst (docs/benchmarks.md).
+        public var indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 1_000_000_000, maxChanges: 65536, maxBlocks: 16384)
+        /// Once no request has come for this long, staged index updates commit at once, so a
+        /// `timeline` or `restore` run after a client finishes sees its records. 20 ms, not 1: at
+        /// queue depth 1 a write + FLUSH cycle left a 1 ms gap in 15–20 % of cycles on a loaded
+        /// 2-vCPU machine, and each such commit's fdatasync slowed the next FLUSH.
+        public var indexCommitIdleNanoseconds: UInt64 = 20_000_000
+
+        public init() {}
+        public static let serve = Tuning()
+    }
+
+    /// Source writes are cut at this alignment, so the source's page cache holds folios of at
+    /// most this size. ext4's buffered write walks every block of the folio it lands in
+    /// (`ext4_block_write_begin`): a 4 KiB write into the 1 MiB folio a 1 MiB write left
+    /// behind visited 256 buffer heads, 43 % of the server's CPU at random 4 KiB writes.
+    public static let sourceWritePieceBytes = 64 << 10
+
+    /// A journalled batch on its way to the source.
+    private struct Applied {
+        var ops: [VolumeOp]
+        var lastSeq: UInt64
+        var bytes: Int
+        /// The log is durable past the batch (a FLUSH's sync covered it).
+        var logDurable: Bool
+    }
+
+    public let tuning: Tuning
+    private let mirror: Mirror
+    /// Used by the writer thread only.
+    private let journal: JournalWriter
+    private let source: BlockFile
+    private weak var observer: (any ServePipelineObserver)?
+    private let cond = NSCondition()
+    // Under `cond`:
+    private var queue: [VolumeOp] = []       // not yet taken by the writer
+    private var inCommit: [VolumeOp] = []    // taken, being journalled
+    private var applying: [Applied] = []     // journalled, not yet all in the source
+    private var applyingBytes = 0
+    private var queuedBytes = 0
+    private var syncWanted = false
+    private var stopping = false
+    private var writerDone = false
+    private var applierDone = false
+    private var fenced: String?
+    /// The source is fdatasynced through this seq (the applier's last source sync).
+    private var sourceDurableSeq: UInt64
+    /// When the writer last had work (monotonic ns): the idle clock for index commits.
+    private var lastActiveAt: UInt64 = 0
+    /// When the oldest queued request arrived: a group is taken `commitIntervalNanoseconds` after it.
+    private var firstQueuedAt: UInt64 = 0
+    /// A wake of the writer at the group's deadline is pending (`submit`).
+    private var wakeScheduled = false
+    private var syncCounts = [SyncKind: Int]()
+    // The writer thread's own:
+    /// The `sourceSyncedSeq` last handed to the journal.
+    private var sentSourceSynced: UInt64
+
+    /// `sourceSyncedSeq`: the seq the source is known fdatasynced through (the mirror's
+    /// `sourceSyncedSeq` once recovery has brought the source up to the journal).
+    public init(mirror: Mirror, source: BlockFile, sourceSyncedSeq: UInt64, tuning: Tuning = .serve,
+                observer: (any ServePipelineObserver)?) {
+        self.mirror = mirror
+        self.source = source
+        self.tuning = tuning
+        self.observer = observer
+        self.sourceDurableSeq = sourceSyncedSeq
+        self.sentSourceSynced = sourceSyncedSeq
+        journal = JournalWriter(mirror: mirror)
+        journal.keepsLogOutOfCache = true
+        journal.indexOnThread(policy: tuning.indexPolicy, onFailure: { [weak self] error in
+            self?.fenceFromOtherThread("journal index commit failed: \(error)")
+        }, readVolume: { [unowned self] offset, dst in try readVolume(at: offset, into: dst) })
+    }
+
+    /// Start the writer and the applier.
+    public func start() {
+        let writer = Thread { [self] in runWriter() }
+        writer.name = "rewind-writer"
+        writer.start()
+        let applier = Thread { [self] in runApplier() }
+        applier.name = "rewind-apply"
+        applier.start()
+    }
+
+    // MARK: requests
+
+    /// Queue a request. A plain write is answered at once while the answered-but-unjournalled
+    /// bytes stay under `ackedBytesMax`; a FLUSH or FUA write once the log is durable past it.
+    /// `scheduleWake(ns, fire)`, if given, runs `fire` in `ns` nanoseconds on the caller's event
+    /// loop: a plain write into an empty queue then wakes the writer at the group's deadline
+    /// from that timer instead of at once — one cross-thread wake-up fewer per write at queue
+    /// depth 1 (each is an IPI to a halted vCPU in a VM).
+    public func submit(_ op: VolumeOp, scheduleWake: ((UInt64, @escaping @Sendable () -> Void) -> Void)? = nil) {
+        var op = op
+        var schedule = false, signal = false
+        var answerNow: VolumeOp.Completion?
+        var refuse: VolumeOp.Failure?
+        cond.lock()
+        if stopping { refuse = .shutdown } else if fenced != nil { refuse = .io } else {
+            if !op.needsSync && queuedBytes + op.bytes <= tuning.ackedBytesMax {
+                answerNow = op.completion
+                op.completion = nil
+            }
+            if op.needsSync { syncWanted = true }
+            // Wake the writer only when it has something to do: while it gathers a group it
+            // wakes by itself at the deadline, and a wake per request (a futex call, a context
+            // switch, the lock handed back and forth) cost random 4 KiB writes at queue depth 16
+            // a quarter of their throughput.
+            let now = monotonicNanoseconds()
+            if queue.isEmpty { firstQueuedAt = now }
+            var wake = op.needsSync
+                || queuedBytes < tuning.ackedBytesMax / 2 && queuedBytes + op.bytes >= tuning.ackedBytesMax / 2
+            if !wake && queue.isEmpty && !wakeScheduled {
+                if scheduleWake != nil { (wakeScheduled, schedule) = (true, true) } else { wake = true }
+            }
+            queuedBytes += op.bytes
+            queue.append(op)
+            lastActiveAt = now
+            signal = wake
+        }
+        cond.unlock()
+        if signal { cond.signal() }  // after unlocking: signalled under the lock, the writer woke only to block on it
+        if schedule, let scheduleWake {
+            scheduleWake(tuning.commitIntervalNanoseconds) { [self] in
+                cond.lock()
+                wakeScheduled = false
+                if !queue.isEmpty { cond.signal() }
+                cond.unlock()
+            }
+        }
+        if let refuse { op.completion?(refuse) }
+        answerNow?(nil)  // after it is queued: every later read sees it
+    }
+
+    /// Writes answered but not yet in the source that overlap `range`, in order: what a read
+    /// of the source must lay over what it read.
+    public func overlay(_ range: Range<UInt64>) -> [VolumeOp] {
+        cond.lock()
+        defer { cond.unlock() }
+        guard !applying.isEmpty || !inCommit.isEmpty || !queue.isEmpty else { return [] }
+        var out: [VolumeOp] = []
+        for batch in applying { out += batch.ops.filter { $0.range.overlaps(range) } }
+        return out + inCommit.filter { $0.range.overlaps(range) } + queue.filter { $0.range.overlaps(range) }
+    }
+
+    /// Whether any write answered but not yet in the source overlaps `range` (asked on every read).
+    public func overlaps(_ range: Range<UInt64>) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        return applying.contains { $0.ops.contains { $0.range.overlaps(range) } }
+            || inCommit.contains { $0.range.overlaps(range) } || queue.contains { $0.range.overlaps(range) }
+    }
+
+    /// Read the volume as every answered write leaves it: the source, with what is still on
+    /// its way there laid over.
+    public func read(at offset: UInt64, into dst: UnsafeMutableRawBufferPointer) throws {
+        let pending = overlay(offset..<offset + UInt64(dst.count))
+        try source.read(at: offset, into: dst)
+        for op in pending { op.lay(over: dst, at: offset) }
+    }
+
+    /// Why writes are refused, once the volume is fenced.
+    public var fenceReason: String? {
+        cond.lock()
+        defer { cond.unlock() }
+        return fenced
+    }
+
+    /// How many syncs of each kind were made so far.
+    public var syncs: [SyncKind: Int] {
+        cond.lock()
+        defer { cond.unlock() }
+        return syncCounts
+    }
+
+    /// Journal everything queued, write it to the source, sync both, record the source as
+    /// synced through the journal's end; then end the threads. Requests after this are refused.
+    public func stop() {
+        cond.lock()
+        stopping = true
+        cond.broadcast()
+        while !writerDone || !applierDone { cond.wait() }
+        cond.unlock()
+    }
+
+    // MARK: the writer
+
+    private func runWriter() {
+        cond.lock()
+        while true {
+            if queue.isEmpty && !stopping {
+                idle()
+                continue
+            }
+            if queue.isEmpty && stopping { break }
+            // Let a group gather, unless someone waits for a sync or the queue is large.
+            let due = firstQueuedAt + tuning.commitIntervalNanoseconds, now = monotonicNanoseconds()
+            let deadline = Date(timeIntervalSinceNow: Double(due > now ? due - now : 0) / 1e9)
+            while !syncWanted && !stopping && queuedBytes < tuning.ackedBytesMax / 2 {
+                if !cond.wait(until: deadline) { break }
+            }
+            var take = 0, bytes = 0
+            while take < queue.count && take < tuning.maxBatchOps && (take == 0 || bytes + queue[take].bytes <= tuning.maxBatchBytes) {
+                bytes += queue[take].bytes
+                take += 1
+            }
+            inCommit = Array(queue[0..<take])
+            queue.removeFirst(take)
+            queuedBytes -= bytes
+            syncWanted = queue.contains { $0.needsSync }
+            let batch = inCommit
+            cond.unlock()
+            commit(batch)
+            cond.lock()
+            inCommit.removeAll()
+            lastActiveAt = monotonicNanoseconds()
+            cond.broadcast()
+        }
+        // Drained: the applier finishes, then the final syncs.
+        while !applying.isEmpty && fenced == nil { cond.wait() }
+        cond.unlock()
+        finalSync()
+        cond.lock()
+        writerDone = true
+        cond.broadcast()
+        cond.unlock()
+    }
+
+    /// Under `cond`, nothing queued: have the index committed once no request has come for a
+    /// moment (with the source's newest sync, so a crash after it redoes little), else wait.
+    private func idle() {
+        let owed = journal.commitOwed || sourceDurableSeq > sentSourceSynced
+        guard owed, fenced == nil else {
+            cond.wait()
+            return
+        }
+        let due = lastActiveAt + tuning.indexCommitIdleNanoseconds, now = monotonicNanoseconds()
+        guard now >= due else {
+            _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+            return
+        }
+        let durable = sourceDurableSeq
+        cond.unlock()
+        if durable > sentSourceSynced {
+            // No records: only the header's sourceSyncedSeq moves.
+            if (try? journal.append([], sourceSynced: durable)) != nil { sentSourceSynced = durable }
+        }
+        journal.requestCommit()
+        cond.lock()
+    }
+
+    /// Journal one group (its log chunk; its index updates go to the index thread), sync the
+    /// log if a FLUSH or FUA write is in it, hand it to the applier, answer its requests.
+    private func commit(_ batch: [VolumeOp]) {
+        if fenceReason != nil {
+            journal.abort(keepLog: true)  // the applier or the index thread fenced: give the index up here
+            answer(batch, .io)
+            return
+        }
+        let durable = sourceDurableSeqNow()
+        let seqs: ClosedRange<UInt64>
+        do {
+            seqs = try journal.append(batch.map(\.change), sourceSynced: durable)
+            sentSourceSynced = durable
+        } catch {
+            // Writes already answered are lost to the journal: refuse everything from now on,
+            // so the next FLUSH reports the failure (as a disk reports a writeback error).
+            fence("journal append failed: \(error)")
+            answer(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
+            return
+        }
+        let bytes = batch.reduce(0) { $0 + $1.bytes }
+        observer?.journalAppended(records: batch.count, bytes: bytes, lastSeq: seqs.upperBound)
+        let needsSync = batch.contains(where: \.needsSync)
+        if needsSync {
+            let started = monotonicNanoseconds()
+            do {
+                try journal.syncLog()
+            } catch {
+                fence("journal sync failed: \(error)")
+                answer(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
+                return
+            }
+            counted(.flush, since: started)
+        }
+        cond.lock()
+        while !applying.isEmpty && applyingBytes + bytes > tuning.applyBacklogBytesMax && fenced == nil { cond.wait() }
+        if fenced != nil {
+            cond.unlock()
+            journal.abort(keepLog: true)
+            answer(batch, .io)
+            return
+        }
+        // One step: overlay reads never miss the batch nor see it twice.
+        if needsSync { for i in applying.indices { applying[i].logDurable = true } }
+        applying.append(Applied(ops: batch, lastSeq: seqs.upperBound, bytes: bytes, logDurable: needsSync))
+        applyingBytes += bytes
+        inCommit.removeAll()
+        cond.broadcast()
+        cond.unlock()
+        answer(batch, nil)
+    }
+
+    private func answer(_ batch: [VolumeOp], _ failure: VolumeOp.Failure?) {
+        for op in batch { op.completion?(failure) }
+    }
+
+    private func sourceDurableSeqNow() -> UInt64 {
+        cond.lock()
+        defer { cond.unlock() }
+        return sourceDurableSeq
+    }
+
+    /// The volume's content at `offset` for the journal's read-modify-write of a partial block
+    /// (on the writer thread): the source with the batches on their way to it laid over.
+    /// Later requests (still queued) are not: they come after the change being journalled.
+    private func readVolume(at offset: UInt64, into dst: UnsafeMutableRawBufferPointer) throws {
+        let range = offset..<offset + UInt64(dst.count)
+        cond.lock()
+        let pending = applying.flatMap { $0.ops.filter { $0.range.overlaps(range) } }
+        cond.unlock()
+        // A batch the applier writes meanwhile is laid over again: the same bytes.
+        try source.read(at: offset, into: dst)
+        for op in pending { op.lay(over: dst, at: offset) }
+    }
+
+    private func finalSync() {
+        guard fenceReason == nil else {
+            journal.abort(keepLog: true)  // on this thread, which holds LMDB's writer lock
+            return
+        }
+        do {
+            try source.dataSync()
+            try journal.commit()
+            try mirror.sync()
+            try mirror.markSourceSynced(try mirror.meta().lastSeq)
+        } catch {
+            journal.abort(keepLog: true)
+            if recordFence("final sync failed: \(error)") { observer?.fenced("final sync failed: \(error)") }
+        }
+    }
+
+    // MARK: the applier
+
+    private func runApplier() {
+        var lastSourceSync = monotonicNanoseconds()
+        var appliedSeq = sourceDurableSeq
+        cond.lock()
+        while true {
+            if fenced != nil { break }
+            if applying.isEmpty {
+                if writerDone || stopping && queue.isEmpty && inCommit.isEmpty { break }
+                guard appliedSeq > sourceDurableSeq else {
+                    cond.wait()
+                    continue
+                }
+                // Idle with writes in the source that no sync covers: sync them once the interval
+                // is up, so `sourceSyncedSeq` catches up while the volume is quiet.
+                let due = lastSourceSync + tuning.sourceSyncIntervalNanoseconds, now = monotonicNanoseconds()
+                if due > now {
+                    _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+                    continue
+                }
+                cond.unlock()
+                let started = monotonicNanoseconds()
+                var failure: String?
+                do { try source.dataSync() } catch { failure = "source sync failed: \(error)" }
+                lastSourceSync = monotonicNanoseconds()
+                if failure == nil { counted(.source, since: started) }
+                cond.lock()
+                if let failure {
+                    fenceLocked(failure)
+                    break
+                }
+                sourceDurableSeq = max(sourceDurableSeq, appliedSeq)
+                cond.broadcast()
+                continue
+            }
+            // Everything gathered so far, one log sync for all of it; the batches stay in
+            // `applying` (overlay reads see them) until they are in the source.
+            let taken = applying
+            let needsLogSync = taken.contains { !$0.logDurable }
+            cond.unlock()
+            var failure: String?
+            if needsLogSync {
+                let started = monotonicNanoseconds()
+                do {
+                    try mirror.journal.log.sync()
+                    counted(.beforeApply, since: started)
+                } catch {
+                    failure = "journal sync failed: \(error)"
+                }
+            }
+            if failure == nil {
+                do {
+                    for batch in taken { for op in batch.ops { try op.apply(to: source, pieceBytes: Self.sourceWritePieceBytes) } }
+                } catch {
+                    failure = "source write failed: \(error)"
+                }
+            }
+            var durable: UInt64?
+            if failure == nil, monotonicNanoseconds() - lastSourceSync >= tuning.sourceSyncIntervalNanoseconds,
+               let last = taken.last?.lastSeq {
+                let started = monotonicNanoseconds()
+                do {
+                    try source.dataSync()
+                    durable = last
+                    lastSourceSync = monotonicNanoseconds()
+                    counted(.source, since: started)
+                } catch {
+                    failure = "source sync failed: \(error)"
+                }
+            }
+            cond.lock()
+            if let failure {
+                fenceLocked(failure)  // the batches stay in `applying`: reads still see what the source lacks
+                break
+            }
+            applying.removeFirst(taken.count)
+            applyingBytes -= taken.reduce(0) { $0 + $1.bytes }
+            appliedSeq = taken.last?.lastSeq ?? appliedSeq
+            if let durable { sourceDurableSeq = durable }
+            cond.broadcast()
+        }
+        applierDone = true
+        cond.broadcast()
+        cond.unlock()
+    }
+
+    private func counted(_ kind: SyncKind, since started: UInt64) {
+        let elapsed = monotonicNanoseconds() - started
+        cond.lock()
+        syncCounts[kind, default: 0] += 1
+        cond.unlock()
+        observer?.synced(kind, nanoseconds: elapsed)
+    }
+
+    // MARK: fencing
+
+    /// The journal's map or the disk is full: answer ENOSPC rather than EIO.
+    public static func isOutOfSpace(_ error: Error) -> Bool {
+        switch error {
+        case let RewindError.journal(e): return e.isMapFull || e.code == ENOSPC
+        case let RewindError.io(_, _, errno): return errno == ENOSPC
+        case let e as LMDBError: return e.isMapFull || e.code == ENOSPC
+        default: return false
+        }
+    }
+
+    /// Refuse every later write, from the writer thread, which also gives up the index
+    /// transaction (and with it LMDB's writer lock, which compaction and `bookmark` need):
+    /// the log keeps the staged records, and the next start indexes them.
+    private func fence(_ why: String) {
+        journal.abort(keepLog: true)
+        if recordFence(why) { observer?.fenced(why) }
+    }
+
+    /// Refuse every later write, from the index thread: the writer gives up the index when it
+    /// next looks (`commit`).
+    private func fenceFromOtherThread(_ why: String) {
+        if recordFence(why) { observer?.fenced(why) }
+    }
+
+    /// Under `cond`: fence for `why` (the first failure is the reason) and wake every thread;
+    /// the observer is told outside the lock.
+    private func fenceLocked(_ why: String) {
+        let first = fenced == nil
+        if first { fenced = why }
+        cond.broadcast()
+        guard first else { return }
+        cond.unlock()
+        observer?.fenced(why)
+        cond.lock()
+    }
+
+    /// Set the fence (the first failure is the reason) and wake every thread; whether this was
+    /// the first.
+    private func recordFence(_ why: String) -> Bool {
+        cond.lock()
+        defer { cond.unlock() }
+        let first = fenced == nil
+        if first { fenced = why }
+        cond.broadcast()
+        return first
+    }
+}
