@@ -210,19 +210,17 @@ public enum ServeDaemon {
         var meta = try mirror.meta()
         if meta.pendingRollback != UInt64.max { throw mirror.unfinishedRollbackError(target: meta.pendingRollback) }
         if meta.sourceSyncedSeq < meta.lastSeq {
-            // Unclean stop: records may have reached the journal but not the source (write-ahead).
             // Unclean stop: the records after the source's last sync may have reached the journal
             // and not the source (the source never holds what the journal lacks: write-ahead).
             logger.notice("replaying records seq:\(meta.sourceSyncedSeq + 1)...seq:\(meta.lastSeq) into \(o.source)")
             let started = monotonicNanoseconds()
-            let done = try mirror.rewriteBlocks(ofRecordsAfter: meta.sourceSyncedSeq, into: source, progress: progress)
-            try source.sync()
-            try mirror.markSourceSynced(meta.lastSeq)
-            let seconds = String(format: "%.3f", Double(monotonicNanoseconds() - started) / 1e9)
-            if done.wholeVolume {
-                logger.warning("records after seq:\(meta.sourceSyncedSeq) were already folded into the base: rewrote all \(done.blocks) blocks in \(seconds) s")
-            } else {
-                logger.notice("replayed \(done.records) records: \(done.blocks) blocks rewritten in \(seconds) s")
+            if let done = try mirror.bringSourceUpToDate(source, progress: progress) {
+                let seconds = String(format: "%.3f", Double(monotonicNanoseconds() - started) / 1e9)
+                if done.rewrite.wholeVolume {
+                    logger.warning("records after seq:\(meta.sourceSyncedSeq) were already folded into the base: rewrote all \(done.rewrite.blocks) blocks in \(seconds) s")
+                } else {
+                    logger.notice("replayed \(done.rewrite.records) records: \(done.rewrite.blocks) blocks rewritten in \(seconds) s")
+                }
             }
             meta = try mirror.meta()
         }

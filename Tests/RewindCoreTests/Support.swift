@@ -36,5 +36,7 @@ func fileBytes(_ path: String) -> [UInt8] {
 
 func firstDifference(_ a: [UInt8], _ b: [UInt8]) -> Int? {
     if a.count != b.count { return min(a.count, b.count) }
+    let equal = a.isEmpty || a.withUnsafeBytes { x in b.withUnsafeBytes { y in memcmp(x.baseAddress!, y.baseAddress!, x.count) == 0 } }
+    if equal { return nil }
     return a.indices.first { a[$0] != b[$0] }
 }

@@ -46,7 +46,10 @@ public final class BlockFile: @unchecked Sendable {
 
     /// Set the length. The corresponding C function is `ftruncate`.
     public func truncate(to size: UInt64) throws {
-        guard ftruncate(fd, off_t(size)) == 0 else { throw err("ftruncate") }
+        let old = try self.size()
+        try Storage.modify(path, fd: fd, min(old, size)..<max(old, size), "ftruncate") {
+            guard ftruncate(fd, off_t(size)) == 0 else { throw err("ftruncate") }
+        }
     }
 
     /// Read exactly `buffer.count` bytes at `offset`, looping over short reads (`pread`).
@@ -91,6 +94,10 @@ public final class BlockFile: @unchecked Sendable {
     }
 
     public func write(at offset: UInt64, from buffer: UnsafeRawBufferPointer) throws {
+        try Storage.modify(path, fd: fd, offset..<offset + UInt64(buffer.count), "pwrite") { try pwriteAll(at: offset, buffer) }
+    }
+
+    private func pwriteAll(at offset: UInt64, _ buffer: UnsafeRawBufferPointer) throws {
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -108,7 +115,7 @@ public final class BlockFile: @unchecked Sendable {
 
     /// Write `bytes` as one `pwrite` per `piece`-aligned piece (`piece` a power of two). The
     /// page cache sizes the folios a buffered write creates by the write's length, so this
-    /// caps them at `piece` (see `VolumeWriter.sourceWritePieceBytes` for why that matters).
+    /// caps them at `piece` (see `ServePipeline.sourceWritePieceBytes` for why that matters).
     public func write(at offset: UInt64, _ bytes: [UInt8], piecesOf piece: Int) throws {
         try bytes.withUnsafeBytes { all in
             var at = offset
@@ -126,7 +133,11 @@ public final class BlockFile: @unchecked Sendable {
     /// where the file system cannot punch holes.
     public func punchHole(at offset: UInt64, length: UInt64) throws {
         guard length > 0 else { return }
-        if rewind_punch_hole(fd, off_t(offset), off_t(length)) == 0 { return }
+        var punched = false
+        try Storage.modify(path, fd: fd, offset..<offset + length, "fallocate(PUNCH_HOLE)") {
+            punched = rewind_punch_hole(fd, off_t(offset), off_t(length)) == 0
+        }
+        if punched { return }
         let e = errno
         guard e == EOPNOTSUPP || e == ENOSYS || e == EINVAL || e == ENODEV else {
             throw RewindError.io(path: path, operation: "fallocate(PUNCH_HOLE)", errno: e)
@@ -138,7 +149,11 @@ public final class BlockFile: @unchecked Sendable {
     /// Returns false where the file system cannot (then the caller writes zeros or refuses).
     public func zeroRange(at offset: UInt64, length: UInt64) throws -> Bool {
         guard length > 0 else { return true }
-        if rewind_zero_range(fd, off_t(offset), off_t(length)) == 0 { return true }
+        var zeroed = false
+        try Storage.modify(path, fd: fd, offset..<offset + length, "fallocate(ZERO_RANGE)") {
+            zeroed = rewind_zero_range(fd, off_t(offset), off_t(length)) == 0
+        }
+        if zeroed { return true }
         let e = errno
         if e == EOPNOTSUPP || e == ENOSYS || e == EINVAL || e == ENODEV { return false }
         throw RewindError.io(path: path, operation: "fallocate(ZERO_RANGE)", errno: e)
@@ -162,14 +177,18 @@ public final class BlockFile: @unchecked Sendable {
 
     /// Flush data to stable storage (`fdatasync`).
     public func dataSync() throws {
-        guard fdatasync(fd) == 0 else { throw err("fdatasync") }
+        try Storage.sync(path, fd: fd, "fdatasync") {
+            guard fdatasync(fd) == 0 else { throw err("fdatasync") }
+        }
     }
 
     /// Write the file's dirty pages to the device and wait for them (`sync_file_range` with
     /// WAIT_BEFORE | WRITE | WAIT_AFTER): not durable until a device cache flush follows, and
     /// no metadata is written. Reports a writeback error as `fdatasync` would.
     public func writeOut() throws {
-        guard rewind_finish_writeback(fd, 0, 0) == 0 else { throw err("sync_file_range") }
+        try Storage.sync(path, fd: fd, "sync_file_range") {
+            guard rewind_finish_writeback(fd, 0, 0) == 0 else { throw err("sync_file_range") }
+        }
     }
 
     /// Start writing the file's dirty pages to the device (`sync_file_range(WRITE)`); advice only.
@@ -196,7 +215,9 @@ public final class BlockFile: @unchecked Sendable {
 
     /// Flush data and metadata to stable storage. The corresponding C function is `fsync`.
     public func sync() throws {
-        guard fsync(fd) == 0 else { throw err("fsync") }
+        try Storage.sync(path, fd: fd, "fsync") {
+            guard fsync(fd) == 0 else { throw err("fsync") }
+        }
     }
 
     /// The allocated (data) extents of the file within `range` (default [0, size)), by
@@ -223,6 +244,12 @@ public final class BlockFile: @unchecked Sendable {
     /// Copy `length` bytes from `source` at `offset` to the same offset here, in the kernel
     /// (`copy_file_range`), falling back to read/write.
     public func copyRange(from source: BlockFile, offset: UInt64, length: UInt64) throws {
+        try Storage.modify(path, fd: fd, offset..<offset + length, "copy_file_range") {
+            try copyRangeInKernel(from: source, offset: offset, length: length)
+        }
+    }
+
+    private func copyRangeInKernel(from source: BlockFile, offset: UInt64, length: UInt64) throws {
         var inOff = off_t(offset), outOff = off_t(offset)
         var left = Int(length)
         while left > 0 {
@@ -249,7 +276,7 @@ public final class BlockFile: @unchecked Sendable {
             let n = Int(min(UInt64(chunk), offset + length - at))
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
             try source.read(at: at, into: slice)
-            try write(at: at, from: UnsafeRawBufferPointer(slice))
+            try pwriteAll(at: at, UnsafeRawBufferPointer(slice))
             at += UInt64(n)
         }
     }

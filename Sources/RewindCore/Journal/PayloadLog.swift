@@ -396,6 +396,8 @@ public final class PayloadLog: @unchecked Sendable {
         let fd = open(directory, O_RDONLY | O_DIRECTORY | O_CLOEXEC)
         guard fd >= 0 else { throw RewindError.io(path: directory, operation: "open", errno: errno) }
         defer { close(fd) }
-        guard fsync(fd) == 0 else { throw RewindError.io(path: directory, operation: "fsync", errno: errno) }
+        try Storage.sync(directory, fd: fd, "fsync") {
+            guard fsync(fd) == 0 else { throw RewindError.io(path: directory, operation: "fsync", errno: errno) }
+        }
     }
 }

@@ -47,7 +47,37 @@ public final class LMDBEnvironment: @unchecked Sendable {
 
     /// Flush every committed transaction to disk. The corresponding C function is `mdb_env_sync(env, 1)`.
     public func sync() throws {
-        try check(mdb_env_sync(env, 1), "mdb_env_sync")
+        guard let layer = Storage.layer(for: directory) else { return try check(mdb_env_sync(env, 1), "mdb_env_sync") }
+        try layer.lmdbSync(directory) { try check(mdb_env_sync(env, 1), "mdb_env_sync") }
+    }
+
+    /// `mdb_txn_commit`, through the storage layer covering the environment if a test
+    /// installed one (`Storage`); the handle is gone either way.
+    static func commit(_ txn: OpaquePointer) throws {
+        guard Storage.active, let directory = directory(of: txn), let layer = Storage.layer(for: directory) else {
+            return try check(mdb_txn_commit(txn), "mdb_txn_commit")
+        }
+        var ran = false
+        do {
+            try layer.lmdbCommit(directory) {
+                ran = true
+                try check(mdb_txn_commit(txn), "mdb_txn_commit")
+            }
+        } catch {
+            if !ran { mdb_txn_abort(txn) }
+            throw error
+        }
+        if !ran {
+            mdb_txn_abort(txn)
+            throw LMDBError(code: EIO, operation: "mdb_txn_commit")
+        }
+    }
+
+    /// The directory of the environment `txn` belongs to (`mdb_env_get_path`).
+    private static func directory(of txn: OpaquePointer) -> String? {
+        var path: UnsafePointer<CChar>?
+        guard let env = mdb_txn_env(txn), mdb_env_get_path(env, &path) == 0, let path else { return nil }
+        return String(cString: path)
     }
 
     /// Drop this process's page-table entries for the map (`madvise(MADV_DONTNEED)` on a
@@ -145,7 +175,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
             mdb_txn_abort(txn.txn)
             throw error
         }
-        try check(mdb_txn_commit(txn.txn), "mdb_txn_commit")
+        try Self.commit(txn.txn)
         return result
     }
 
@@ -156,7 +186,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         let txn = try begin(readOnly: !create)
         do {
             let dbs = try names.map { try txn.openDatabase($0, create: create) }
-            try check(mdb_txn_commit(txn.txn), "mdb_txn_commit")
+            try Self.commit(txn.txn)
             return dbs
         } catch {
             mdb_txn_abort(txn.txn)

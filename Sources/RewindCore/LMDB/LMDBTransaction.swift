@@ -26,7 +26,7 @@ public struct LMDBTransaction {
     public func abort() { mdb_txn_abort(txn) }
 
     /// Commit a write transaction (`mdb_txn_commit`); the handle is gone either way.
-    public func commit() throws { try check(mdb_txn_commit(txn), "mdb_txn_commit") }
+    public func commit() throws { try LMDBEnvironment.commit(txn) }
 
     public func openDatabase(_ name: String, create: Bool) throws -> LMDBDatabase {
         var dbi: MDB_dbi = 0

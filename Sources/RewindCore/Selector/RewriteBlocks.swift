@@ -54,6 +54,26 @@ extension Mirror {
 }
 
 extension Mirror {
+    /// What a start of `serve` after an unclean stop did to bring its source up to the journal.
+    public struct SourceCatchUp: Sendable, Equatable {
+        /// The records replayed: those after the source's last sync.
+        public var seqs: ClosedRange<UInt64>
+        public var rewrite: Rewrite
+    }
+
+    /// Before a source is served: if the last server stopped uncleanly (the source is known
+    /// synced only through an earlier seq than the journal's last), rewrite into `source` the
+    /// blocks of the records after that seq (`rewriteBlocks(ofRecordsAfter:)`), fsync it and
+    /// record it synced. nil when nothing was owed.
+    public func bringSourceUpToDate(_ source: BlockFile, progress: ProgressObserver? = nil) throws -> SourceCatchUp? {
+        let m = try meta()
+        guard m.sourceSyncedSeq < m.lastSeq else { return nil }
+        let done = try rewriteBlocks(ofRecordsAfter: m.sourceSyncedSeq, into: source, progress: progress)
+        try source.sync()
+        try markSourceSynced(m.lastSeq)
+        return SourceCatchUp(seqs: m.sourceSyncedSeq + 1...m.lastSeq, rewrite: done)
+    }
+
     /// What `rewriteBlocks(ofRecordsAfter:)` did.
     public struct Rewrite: Sendable, Equatable {
         /// Records after the source's last sync that were read.

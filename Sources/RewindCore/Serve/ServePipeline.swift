@@ -95,6 +95,9 @@ public final class ServePipeline: @unchecked Sendable {
     private var queue: [VolumeOp] = []       // not yet taken by the writer
     private var inCommit: [VolumeOp] = []    // taken, being journalled
     private var applying: [Applied] = []     // journalled, not yet all in the source
+    /// Requests of groups a failure stopped on the writer (the volume is fenced): answered or
+    /// refused, never in the source, still seen by reads — a plain write was answered.
+    private var stranded: [VolumeOp] = []
     private var applyingBytes = 0
     private var queuedBytes = 0
     private var syncWanted = false
@@ -179,12 +182,14 @@ public final class ServePipeline: @unchecked Sendable {
             signal = wake
         }
         cond.unlock()
-        if signal { cond.signal() }  // after unlocking: signalled under the lock, the writer woke only to block on it
+        // A broadcast: the applier waits on the same condition, and a signal could wake it
+        // instead of the writer. After unlocking: woken under the lock, a thread would only block on it.
+        if signal { cond.broadcast() }
         if schedule, let scheduleWake {
             scheduleWake(tuning.commitIntervalNanoseconds) { [self] in
                 cond.lock()
                 wakeScheduled = false
-                if !queue.isEmpty { cond.signal() }
+                if !queue.isEmpty { cond.broadcast() }
                 cond.unlock()
             }
         }
@@ -197,17 +202,18 @@ public final class ServePipeline: @unchecked Sendable {
     public func overlay(_ range: Range<UInt64>) -> [VolumeOp] {
         cond.lock()
         defer { cond.unlock() }
-        guard !applying.isEmpty || !inCommit.isEmpty || !queue.isEmpty else { return [] }
+        guard !applying.isEmpty || !stranded.isEmpty || !inCommit.isEmpty || !queue.isEmpty else { return [] }
         var out: [VolumeOp] = []
         for batch in applying { out += batch.ops.filter { $0.range.overlaps(range) } }
-        return out + inCommit.filter { $0.range.overlaps(range) } + queue.filter { $0.range.overlaps(range) }
+        return out + stranded.filter { $0.range.overlaps(range) } + inCommit.filter { $0.range.overlaps(range) }
+            + queue.filter { $0.range.overlaps(range) }
     }
 
     /// Whether any write answered but not yet in the source overlaps `range` (asked on every read).
     public func overlaps(_ range: Range<UInt64>) -> Bool {
         cond.lock()
         defer { cond.unlock() }
-        return applying.contains { $0.ops.contains { $0.range.overlaps(range) } }
+        return applying.contains { $0.ops.contains { $0.range.overlaps(range) } } || stranded.contains { $0.range.overlaps(range) }
             || inCommit.contains { $0.range.overlaps(range) } || queue.contains { $0.range.overlaps(range) }
     }
 
@@ -314,7 +320,7 @@ public final class ServePipeline: @unchecked Sendable {
     private func commit(_ batch: [VolumeOp]) {
         if fenceReason != nil {
             journal.abort(keepLog: true)  // the applier or the index thread fenced: give the index up here
-            answer(batch, .io)
+            strand(batch, .io)
             return
         }
         let durable = sourceDurableSeqNow()
@@ -326,7 +332,7 @@ public final class ServePipeline: @unchecked Sendable {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
             fence("journal append failed: \(error)")
-            answer(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
+            strand(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
             return
         }
         let bytes = batch.reduce(0) { $0 + $1.bytes }
@@ -338,7 +344,7 @@ public final class ServePipeline: @unchecked Sendable {
                 try journal.syncLog()
             } catch {
                 fence("journal sync failed: \(error)")
-                answer(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
+                strand(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
                 return
             }
             counted(.flush, since: started)
@@ -348,7 +354,7 @@ public final class ServePipeline: @unchecked Sendable {
         if fenced != nil {
             cond.unlock()
             journal.abort(keepLog: true)
-            answer(batch, .io)
+            strand(batch, .io)
             return
         }
         // One step: overlay reads never miss the batch nor see it twice.
@@ -359,6 +365,16 @@ public final class ServePipeline: @unchecked Sendable {
         cond.broadcast()
         cond.unlock()
         answer(batch, nil)
+    }
+
+    /// A failure stopped `batch` on the writer (the volume is fenced): keep it where reads see
+    /// it — its plain writes may have been answered — and refuse what still waits.
+    private func strand(_ batch: [VolumeOp], _ failure: VolumeOp.Failure) {
+        cond.lock()
+        stranded += batch.map { var op = $0; op.completion = nil; return op }
+        inCommit.removeAll()
+        cond.unlock()
+        answer(batch, failure)
     }
 
     private func answer(_ batch: [VolumeOp], _ failure: VolumeOp.Failure?) {
