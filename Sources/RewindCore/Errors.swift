@@ -60,7 +60,7 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
         case let .noRecordAtTime(time, oldest): return "no point at or before \(time): the oldest point is \(oldest)"
         case let .corruptRecord(seq, why): return "record seq:\(seq) is corrupt: \(why)"
         case let .corruptBlock(seq, block, why): return "record seq:\(seq) is corrupt: block \(block): \(why)"
-        case let .io(path, operation, errno): return "\(operation) \(path): \(String(cString: strerror(errno)))"
+        case let .io(path, operation, errno): return "\(operation) \(path): \(String(cString: strerror(errno))) (\(errnoName(errno)))"
         case let .fileExists(path): return "\(path) already exists (use --force to overwrite)"
         case let .targetInsideMirror(path, mirror): return "\(path) is inside the mirror \(mirror); restore to a path outside it"
         case let .targetIsMirror(path, mirror): return "\(path) is the mirror \(mirror); restore to a path outside it"
@@ -94,3 +94,15 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
 }
 
 import Glibc
+
+/// The symbolic name of an errno value ("EIO"), as logs and scripts look for it.
+public func errnoName(_ code: Int32) -> String {
+    let names: [Int32: String] = [
+        EPERM: "EPERM", ENOENT: "ENOENT", EINTR: "EINTR", EIO: "EIO", ENXIO: "ENXIO", EBADF: "EBADF",
+        EAGAIN: "EAGAIN", ENOMEM: "ENOMEM", EACCES: "EACCES", EBUSY: "EBUSY", EEXIST: "EEXIST", EXDEV: "EXDEV",
+        ENODEV: "ENODEV", ENOTDIR: "ENOTDIR", EISDIR: "EISDIR", EINVAL: "EINVAL", EMFILE: "EMFILE", EFBIG: "EFBIG",
+        ENOSPC: "ENOSPC", ESPIPE: "ESPIPE", EROFS: "EROFS", EDQUOT: "EDQUOT", ENOSYS: "ENOSYS",
+        EOPNOTSUPP: "EOPNOTSUPP", ESTALE: "ESTALE", ETIMEDOUT: "ETIMEDOUT",
+    ]
+    return names[code] ?? "errno \(code)"
+}

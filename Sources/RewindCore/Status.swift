@@ -23,6 +23,9 @@ public struct MirrorStatus: Sendable, Codable {
     public var bookmarks: [String: UInt64]
     /// Payload log files missing or cut short (`LogGap`); empty when the log is whole.
     public var logDamage: [String]
+    /// Why a server fenced the volume ("TIME REASON": which file, which errno), until a start
+    /// recovers from it (`Mirror.fenceRecord`).
+    public var fenced: String?
 }
 
 extension Mirror {
@@ -41,6 +44,6 @@ extension Mirror {
                             generation: m.generation,
                             compactionPending: m.target > m.horizon ? m.target : nil,
                             rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,
-                            bookmarks: marks, logDamage: try logGaps().map(\.description))
+                            bookmarks: marks, logDamage: try logGaps().map(\.description), fenced: fenceRecord())
     }
 }

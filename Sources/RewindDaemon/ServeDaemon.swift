@@ -93,7 +93,7 @@ public enum ServeDaemon {
 
         var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger)]
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
-            services.append(RetentionService(mirror: prepared.mirror, options: options, pool: pool, metrics: metrics, logger: logger))
+            services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
         }
         if let notifier {
             // Last: the group shuts services down in reverse order, so STOPPING=1 precedes the drain.
@@ -207,6 +207,8 @@ public enum ServeDaemon {
                 logger.info("recorded \(current) as the source of mirror \(mirrorPath)")
             }
         }
+        let fence = mirror.fenceRecord()
+        if let fence { logger.warning("the last server of \(mirrorPath) fenced the volume: \(fence); bringing the source up to the journal") }
         var meta = try mirror.meta()
         if meta.pendingRollback != UInt64.max { throw mirror.unfinishedRollbackError(target: meta.pendingRollback) }
         if meta.sourceSyncedSeq < meta.lastSeq {
@@ -224,6 +226,7 @@ public enum ServeDaemon {
             }
             meta = try mirror.meta()
         }
+        if fence != nil { mirror.clearFenceRecord() }
         return Prepared(mirror: mirror, source: source, lock: lock, sourceLock: sourceLock, syncedSeq: meta.sourceSyncedSeq)
     }
 
@@ -290,6 +293,7 @@ struct ServeService: Service {
 /// event loops; compaction works in bounded transactions so the writer is never held up long.
 struct RetentionService: Service {
     let mirror: Mirror
+    let writer: ServePipeline
     let options: ServeOptions
     let pool: NIOThreadPool
     let metrics: ServeMetrics
@@ -297,7 +301,7 @@ struct RetentionService: Service {
 
     func run() async throws {
         let interval = UInt64(options.retentionIntervalSeconds * 1e9)
-        let (mirror, options) = (self.mirror, self.options)
+        let (mirror, writer, options) = (self.mirror, self.writer, self.options)
         while !Task.isShuttingDownGracefully {
             try? await cancelWhenGracefulShutdown {
                 try await Task.sleep(nanoseconds: interval)
@@ -305,7 +309,7 @@ struct RetentionService: Service {
             if Task.isShuttingDownGracefully { break }
             do {
                 let report = try await pool.runIfActive {
-                    try mirror.compact(keepAgeNanoseconds: options.keepAgeNanoseconds, keepBytes: options.keepBytes)
+                    try writer.retentionPass(keepAgeNanoseconds: options.keepAgeNanoseconds, keepBytes: options.keepBytes)
                 }
                 if let r = report, r.toHorizon > r.fromHorizon {
                     metrics.compactions.increment()

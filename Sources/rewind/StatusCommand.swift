@@ -4,7 +4,7 @@ import RewindCore
 struct StatusCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "status", abstract: "Show a mirror's size, window, journal and bookmarks.",
-        discussion: "Exits 1, after printing, when payload log files the journal needs are missing or cut short.")
+        discussion: "Exits 1, after printing, when payload log files the journal needs are missing or cut short, or when a server fenced the volume (a write or sync failed) and no start has recovered since.")
 
     @Argument(help: "The mirror directory.") var mirror: String
     @Flag(help: "Print as one JSON object.") var json = false
@@ -13,7 +13,7 @@ struct StatusCommand: ParsableCommand {
         var damaged = false
         try reporting {
             let s = try openMirror(mirror).status()
-            damaged = !s.logDamage.isEmpty
+            damaged = !s.logDamage.isEmpty || s.fenced != nil
             if json {
                 printJSON(s)
             } else {
@@ -31,8 +31,12 @@ struct StatusCommand: ParsableCommand {
                 if let r = s.rollbackPending { print("rollback     unfinished, to seq:\(r) (run rollback again)") }
                 for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
                 for gap in s.logDamage { print("log          DAMAGED: \(gap)") }
+                if let f = s.fenced { print("fenced       \(f)") }
             }
             if let first = s.logDamage.first { printError("the journal's log is damaged: \(first)") }
+            if let f = s.fenced {
+                printError("the volume was fenced (writes refused) since \(f); the next `rewind serve` brings the source up to the journal")
+            }
         }
         if damaged { throw ExitCode(1) }
     }

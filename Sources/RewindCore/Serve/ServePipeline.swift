@@ -331,7 +331,7 @@ public final class ServePipeline: @unchecked Sendable {
         } catch {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
-            fence("journal append failed: \(error)")
+            fenceOnWriter("journal append failed: \(error)")
             strand(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
             return
         }
@@ -343,7 +343,7 @@ public final class ServePipeline: @unchecked Sendable {
             do {
                 try journal.syncLog()
             } catch {
-                fence("journal sync failed: \(error)")
+                fenceOnWriter("journal sync failed: \(error)")
                 strand(batch, Self.isOutOfSpace(error) ? .noSpace : .io)
                 return
             }
@@ -412,7 +412,7 @@ public final class ServePipeline: @unchecked Sendable {
             try mirror.markSourceSynced(try mirror.meta().lastSeq)
         } catch {
             journal.abort(keepLog: true)
-            if recordFence("final sync failed: \(error)") { observer?.fenced("final sync failed: \(error)") }
+            if recordFence("final sync failed: \(error)") { announce("final sync failed: \(error)") }
         }
     }
 
@@ -526,15 +526,45 @@ public final class ServePipeline: @unchecked Sendable {
     /// Refuse every later write, from the writer thread, which also gives up the index
     /// transaction (and with it LMDB's writer lock, which compaction and `bookmark` need):
     /// the log keeps the staged records, and the next start indexes them.
-    private func fence(_ why: String) {
+    private func fenceOnWriter(_ why: String) {
         journal.abort(keepLog: true)
-        if recordFence(why) { observer?.fenced(why) }
+        if recordFence(why) { announce(why) }
     }
 
     /// Refuse every later write, from the index thread: the writer gives up the index when it
     /// next looks (`commit`).
     private func fenceFromOtherThread(_ why: String) {
-        if recordFence(why) { observer?.fenced(why) }
+        if recordFence(why) { announce(why) }
+    }
+
+    /// Fence the volume for a failure found outside the pipeline (a retention pass's I/O
+    /// error): every later write-nature request is refused, as for the pipeline's own.
+    public func fence(_ why: String) {
+        if recordFence(why) { announce(why) }
+    }
+
+    /// Say why the volume is fenced: beside the journal for `rewind status` (`Mirror.recordFence`),
+    /// and to the observer (the log, the metric). Once.
+    private func announce(_ why: String) {
+        mirror.recordFence(why)
+        observer?.fenced(why)
+    }
+
+    // MARK: retention
+
+    /// One retention pass (compact what left the window), beside the pipeline. An I/O error
+    /// fences the volume: after a failed write or sync of base.img the kernel may have dropped
+    /// pages a retry would not see, so nothing may be folded, or acknowledged, again; the next
+    /// start redoes the compaction from the journal. Other failures (the window's records
+    /// still owed to the source) only fail the pass.
+    public func retentionPass(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?) throws -> CompactionReport? {
+        if let why = fenceReason { throw RewindError.invalidArgument("volume fenced: \(why)") }
+        do {
+            return try mirror.compact(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes)
+        } catch let error as RewindError {
+            if case .io = error { fence("compaction failed: \(error)") }
+            throw error
+        }
     }
 
     /// Under `cond`: fence for `why` (the first failure is the reason) and wake every thread;
@@ -545,7 +575,7 @@ public final class ServePipeline: @unchecked Sendable {
         cond.broadcast()
         guard first else { return }
         cond.unlock()
-        observer?.fenced(why)
+        announce(why)
         cond.lock()
     }
 
