@@ -24,6 +24,7 @@ func hex16(_ n: UInt64) -> String {
 }
 
 /// Other modes, for the CLI scripts:
+///   rewind-torture pipeline MIRROR SOURCE SEED       serve's pipeline journalling stream SEED until killed
 ///   rewind-torture append MIRROR SEED COUNT [BATCH]  append changes lastSeq+1... of stream SEED, then sync
 ///   rewind-torture model SEED SIZE BLOCKSIZE K OUT   write the volume after change K of stream SEED
 ///   rewind-torture describe SEED SIZE BLOCKSIZE K    print change K's kind, offset and length
@@ -101,10 +102,42 @@ do {
         try file.dataSync()
         say("\(damagedAt) \(damagedSeq)")
         exit(0)
+    case (5, "pipeline"):
+        // Serve's real pipeline (writer, applier, index thread) journalling change stream SEED
+        // into MIRROR and SOURCE until killed, with retention passes beside it: started the way
+        // serve starts (the source brought up to the journal), and `synced N` printed once a
+        // FLUSH or FUA write at seq N is answered with success.
+        guard let seed = UInt64(args[4]) else { break }
+        let mirror = try Mirror.open(at: args[2], recover: true)
+        let source = try BlockFile(path: args[3], mode: .readWrite)
+        _ = try mirror.bringSourceUpToDate(source)
+        var tuning = ServePipeline.Tuning()
+        // Serve's, faster: a kill lands in every phase (group commit, apply, source sync, index commit).
+        tuning.commitIntervalNanoseconds = 1_000_000
+        tuning.sourceSyncIntervalNanoseconds = 20_000_000
+        tuning.indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 30_000_000, maxChanges: 4096, maxBlocks: 4096)
+        var seq = try mirror.meta().lastSeq
+        let pipeline = ServePipeline(mirror: mirror, source: source, sourceSyncedSeq: seq, tuning: tuning, observer: nil)
+        pipeline.start()
+        var rng = SplitMix(seed: seed &+ UInt64(getpid()))
+        while pipeline.fenceReason == nil {
+            seq += 1
+            let change = streamChange(seed: seed, index: seq, size: mirror.volumeSize, blockSize: mirror.blockSize)
+            let at = seq
+            let syncs = change.kind == .flush || change.fua
+            pipeline.submit(VolumeOp(change) { failure in if syncs && failure == nil { say("synced \(at)") } })
+            switch Int.random(in: 0..<400, using: &rng) {
+            case 0: _ = try? pipeline.retentionPass(keepAgeNanoseconds: nil, keepBytes: UInt64.random(in: 0...(1 << 20), using: &rng))
+            case 1..<40: usleep(UInt32.random(in: 0..<2000, using: &rng))
+            default: break
+            }
+        }
+        say("rewind-torture: volume fenced: \(pipeline.fenceReason ?? "")", fd: 2)
+        exit(1)
     case (3, _):
         break
     default:
-        say("usage: rewind-torture MIRROR SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
+        say("usage: rewind-torture MIRROR SEED | pipeline MIRROR SOURCE SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
         exit(2)
     }
 } catch {

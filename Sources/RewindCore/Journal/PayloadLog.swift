@@ -70,7 +70,12 @@ public final class PayloadLog: @unchecked Sendable {
                 f = try BlockFile(path: p, mode: .createNew)
                 dirty.withLock { $0.created = true }
             }
-            if open.count >= Self.maxOpenFiles { open.removeAll() }
+            if open.count >= Self.maxOpenFiles {
+                // Never a file with unsynced writes: a writeback error is reported through the
+                // descriptors open when it happened, and a closed one would take it away.
+                let unsynced = dirty.withLock { $0.files }
+                open = open.filter { unsynced.contains($0.key) }
+            }
             open[index] = f
             return f
         }

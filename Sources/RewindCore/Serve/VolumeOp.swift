@@ -31,6 +31,17 @@ public struct VolumeOp: Sendable {
         self.completion = completion
     }
 
+    /// The request a journal change came from (crash tests replay change streams through
+    /// the pipeline). A zero keeps its range allocated.
+    public init(_ change: Change, completion: Completion?) {
+        switch change.kind {
+        case .write: self.init(.write(change.data), offset: change.offset, fua: change.fua, completion: completion)
+        case .zero: self.init(.zero(length: change.length, noHole: true), offset: change.offset, fua: change.fua, completion: completion)
+        case .trim: self.init(.trim(length: change.length), offset: change.offset, fua: change.fua, completion: completion)
+        case .flush: self.init(.flush, offset: 0, completion: completion)
+        }
+    }
+
     public var bytes: Int { if case .write(let d) = kind { return d.count } else { return 0 } }
 
     /// A FLUSH, or a write the client asked to be durable before its answer (FUA).
