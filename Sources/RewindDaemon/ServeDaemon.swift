@@ -60,7 +60,7 @@ public enum ServeDaemon {
         let prepared = try prepare(options, logger: logger, progress: progress)
         metrics.logger = logger
         let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
-                                   observer: metrics)
+                                   onFull: options.onFull, observer: metrics)
         writer.start()
         let pool = NIOThreadPool(numberOfThreads: 4)
         pool.start()

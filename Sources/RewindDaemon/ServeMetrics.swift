@@ -24,6 +24,8 @@ final class ServeMetrics: NBDObserver, ServePipelineObserver, @unchecked Sendabl
     let compactedBlocks = Counter(label: "rewind_compaction_blocks_written_total")
     let horizon = Gauge(label: "rewind_journal_horizon_seq")
     let journalPayload = Gauge(label: "rewind_journal_payload_bytes")
+    /// Compactions a full journal forced (`--on-full=compact`).
+    private let journalFullCompactions = Counter(label: "rewind_journal_full_compactions_total")
     /// 1 once a failed journal append, source write or sync has fenced the volume (writes fail).
     private let fencedGauge = Gauge(label: "rewind_volume_fenced")
     private let state = NIOLockedValueBox((inflight: 0, connections: 0))
@@ -50,6 +52,14 @@ final class ServeMetrics: NBDObserver, ServePipelineObserver, @unchecked Sendabl
     func fenced(_ why: String) {
         fencedGauge.record(1)
         logger?.critical("volume fenced, every further write fails with EIO: \(why)")
+    }
+
+    func madeRoom(_ report: CompactionReport, after error: String) {
+        journalFullCompactions.increment()
+        compactions.increment()
+        compactedBlocks.increment(by: Int64(report.blocksWritten))
+        horizon.record(Int64(report.toHorizon))
+        logger?.warning("journal full (\(error)): gave up the oldest history to make room, folding seq:\(report.fromHorizon + 1)...seq:\(report.toHorizon) (\(report.recordsRemoved) records, \(report.bytesFolded) bytes of payload) into the base")
     }
 
     func synced(_ kind: ServePipeline.SyncKind, nanoseconds: UInt64) {

@@ -23,6 +23,7 @@ import TOMLKit
 /// description = "the first volume"
 /// retention-interval = "10s" # DURATION
 /// accept-damage = false
+/// on-full = "compact"        # or "fail"
 /// ```
 /// `readConfig` checks every value before `serve` creates or opens anything. Its errors name
 /// the place: `FILE:LINE:COLUMN: <the TOML parser's message>` for a syntax error (a duplicate
@@ -49,12 +50,14 @@ public struct ServeOptions: Sendable {
     /// Serve even when earlier payload in the mirror's log is missing or damaged; the points
     /// that need it stay unreadable.
     public var acceptDamage = false
+    /// When the journal's file system is full: give up the oldest history, or fence.
+    public var onFull: ServePipeline.FullPolicy = .compact
 
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage"]
+                                                 "retention-interval", "accept-damage", "on-full"]
 
     /// The levels `--log-level` and `log-level` take (swift-log's, by name).
     public static let logLevels: Set<String> = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
@@ -153,6 +156,7 @@ public struct ServeOptions: Sendable {
         if fromFile("max-connections") { maxConnections = c.maxConnections }
         if fromFile("retention-interval") { retentionIntervalSeconds = c.retentionIntervalSeconds }
         if fromFile("accept-damage") { acceptDamage = c.acceptDamage }
+        if fromFile("on-full") { onFull = c.onFull }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -182,6 +186,12 @@ public struct ServeOptions: Sendable {
             maxConnections = n
         case "retention-interval": retentionIntervalSeconds = try Double(ConfigValue.duration(value)) / 1e9
         case "accept-damage": acceptDamage = try ConfigValue.bool(value)
+        case "on-full":
+            let text = try ConfigValue.string(value)
+            guard let policy = ServePipeline.FullPolicy(rawValue: text) else {
+                throw ConfigValueError("invalid policy \"\(text)\" (use compact or fail)")
+            }
+            onFull = policy
         default: return false
         }
         return true

@@ -23,6 +23,8 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(help: "Read options from FILE (TOML: key = \"value\", keys named as the long options).") var config: String?
     @Flag(help: "Serve even when earlier payload in the mirror's log is missing or damaged (the points that need it stay unreadable).")
     var acceptDamage = false
+    @Option(help: "When the journal's file system is full: compact (give up the oldest history to make room; the default) or fail (fence the volume: ENOSPC, then EIO).")
+    var onFull: String?
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
@@ -66,6 +68,13 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("max-connections")
             }
             if acceptDamage { o.acceptDamage = true; set.insert("accept-damage") }
+            if let onFull {
+                guard let policy = ServePipeline.FullPolicy(rawValue: onFull) else {
+                    throw ValidationError("invalid --on-full \"\(onFull)\": use compact or fail")
+                }
+                o.onFull = policy
+                set.insert("on-full")
+            }
             if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
             // A fenced volume stops with exit status 3 (its reason is already in the log).

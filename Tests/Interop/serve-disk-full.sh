@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# A full disk under `rewind serve`, on a small tmpfs: once the source or the journal cannot
-# take a write, the volume is fenced — the FLUSH or FUA write that covers the failure gets
-# its errno, every later write EIO — while reads and other connections go on, SIGTERM still
-# stops cleanly, and after space is freed a restart brings the source back to the journal's
-# latest point: nothing acknowledged and flushed is lost, and verify passes.
+# A full disk under `rewind serve`, on a small tmpfs: once the source, or the journal under
+# --on-full=fail, cannot take a write, the volume is fenced — the FLUSH or FUA write that
+# covers the failure gets its errno, every later write EIO — while reads and other
+# connections go on, SIGTERM still stops cleanly, and after space is freed a restart brings
+# the source back to the journal's latest point: nothing acknowledged and flushed is lost,
+# and verify passes. Under --on-full=compact (the default) a full journal gives up its oldest
+# history instead: the writes go on, the oldest point moves, and the log says how much was folded.
 . "$(dirname "$0")/functions.sh"
 requires nbdsh
 [ "$(id -u)" = 0 ] || { echo "SKIP: mounting a tmpfs needs root" >&2; exit 77; }
@@ -82,10 +84,10 @@ assert d == b"A" * (4 << 20)
 PYEOF
 ok
 
-# --- the journal's file system fills (FUA writes: the failing one gets ENOSPC) ---
+# --- the journal's file system fills, --on-full=fail (FUA writes: the failing one gets ENOSPC) ---
 : > "$T/serve.log"
 small_fs mir 24M
-start_server big.img --size 64M --mirror "$T/mir/vol.rewind"
+start_server big.img --size 64M --mirror "$T/mir/vol.rewind" --on-full fail
 read -r first flush later readok written < <(FUA=1 "$PY" fill.py "$UNIX_URI") || fail "client on a full journal"
 [ "$first" = ENOSPC ] || fail "the FUA write that filled the journal: errno $first, expected ENOSPC"; ok
 [ "$flush" = EIO ] || fail "flush after the journal filled: errno $flush, expected EIO"; ok
@@ -107,6 +109,35 @@ f = open(sys.argv[1], "rb")
 assert f.read(4 * MiB) == b"A" * (4 * MiB)
 for i in range(4, 4 + int(sys.argv[2])):
     assert f.read(MiB) == bytes([i]) * MiB, i
+PYEOF
+ok
+
+# --- the journal's file system fills, --on-full=compact (the default): 40 FUA rewrites of the
+# same 2 MiB, 80 MiB of history on a 24 MiB file system: every write succeeds, the oldest
+# history is folded into the base to make room ---
+: > "$T/serve.log"
+small_fs mir2 24M
+start_server big2.img --size 64M --mirror "$T/mir2/vol.rewind"
+"$PY" - "$UNIX_URI" <<'PYEOF' || fail "FUA rewrites on a full journal under --on-full=compact"
+import sys, nbd
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+MiB = 1 << 20
+for i in range(40):
+    h.pwrite(bytes([i + 1]) * (2 * MiB), 8 * MiB, nbd.CMD_FLAG_FUA)
+h.flush()
+assert h.pread(2 * MiB, 8 * MiB) == bytes([40]) * (2 * MiB)
+PYEOF
+ok
+grep -q "journal full (.*): gave up the oldest history to make room, folding seq:" "$T/serve.log" \
+    || fail "no warning of the history given up: $(tail -3 "$T/serve.log")"; ok
+stop_server
+oldest=$("$REWIND" status "$T/mir2/vol.rewind" --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["oldestSeq"])')
+[ "$oldest" -gt 0 ] || fail "the oldest point did not move: seq:$oldest"; ok
+"$REWIND" verify "$T/mir2/vol.rewind" --against big2.img >/dev/null 2>&1 || fail "verify after making room"; ok
+"$PY" - big2.img <<'PYEOF' || fail "the last rewrite is not in the source"
+import sys
+f = open(sys.argv[1], "rb"); f.seek(8 << 20)
+assert f.read(2 << 20) == bytes([40]) * (2 << 20)
 PYEOF
 ok
 finish

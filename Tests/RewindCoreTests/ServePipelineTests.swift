@@ -249,7 +249,7 @@ import RewindWorkload
         tuning.indexCommitIdleNanoseconds = 60_000_000_000
         tuning.sourceSyncIntervalNanoseconds = fault == .sourceSync ? 1_000_000 : 60_000_000_000
         let observer = Recorder()
-        let pipeline = try Self.startPipeline(volume, tuning, observer)
+        let pipeline = try Self.startPipeline(volume, tuning, observer, onFull: .fail)
         let answers = Answers()
         var model = initial
 
@@ -533,10 +533,13 @@ import RewindWorkload
         return Volume(mirror: mirror, source: source, sourcePath: sourcePath)
     }
 
-    static func startPipeline(_ volume: Volume, _ tuning: ServePipeline.Tuning, _ observer: Recorder) throws -> ServePipeline {
+    /// Fencing tests pass `onFull: .fail`: a full log is then a failure like any other
+    /// (`JournalFullTests` covers the default, which makes room).
+    static func startPipeline(_ volume: Volume, _ tuning: ServePipeline.Tuning, _ observer: Recorder,
+                              onFull: ServePipeline.FullPolicy = .compact) throws -> ServePipeline {
         let synced = try volume.mirror.meta().lastSeq
         let pipeline = ServePipeline(mirror: volume.mirror, source: volume.source, sourceSyncedSeq: synced,
-                                     tuning: tuning, observer: observer)
+                                     tuning: tuning, onFull: onFull, observer: observer)
         pipeline.start()
         return pipeline
     }
@@ -758,6 +761,11 @@ import RewindWorkload
         }
 
         func fenced(_ why: String) { lock.withLock { fences.append(why) } }
+
+        private var roomMade: [CompactionReport] = []
+        func madeRoom(_ report: CompactionReport, after error: String) { lock.withLock { roomMade.append(report) } }
+        /// The compactions a full journal forced.
+        var madeRoomReports: [CompactionReport] { lock.withLock { roomMade } }
 
         /// The newest seq a group commit appended to the log.
         var appendedSeq: UInt64 { lock.withLock { lastAppended } }

@@ -72,7 +72,9 @@ import Testing
             tuning.sourceSyncIntervalNanoseconds = 2_000_000
             tuning.indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 2_000_000, maxChanges: 64, maxBlocks: 256)
             tuning.indexCommitIdleNanoseconds = 1_000_000
-            let pipeline = ServePipeline(mirror: mirror, source: source, sourceSyncedSeq: startSeq, tuning: tuning, observer: nil)
+            // `.fail`: a full log fences like any failure here (`JournalFullTests` covers `.compact`).
+            let pipeline = ServePipeline(mirror: mirror, source: source, sourceSyncedSeq: startSeq, tuning: tuning,
+                                         onFull: .fail, observer: nil)
             pipeline.start()
             let compacting = DispatchGroup()
             let stopCompacting = Mutex(false)

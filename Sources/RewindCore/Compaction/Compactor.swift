@@ -255,6 +255,7 @@ struct Compactor {
             return try journal.header(txn, seq: target + 1).segment - UInt64(LogChunk.headerSize)
         }
         journal.log.deleteFiles(before: firstLive)
+        journal.log.punchDeadPrefix(before: firstLive)
     }
 }
 

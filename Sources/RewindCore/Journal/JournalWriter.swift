@@ -250,7 +250,7 @@ public final class JournalWriter {
         // FLUSH syncs data only; large ones in fallocated blocks, written once.
         let small = header.totalBytes < Self.prewriteBelowBytes
         try log.reserve(chunk.start..<chunk.start + header.totalBytes,
-                        ahead: keepsLogOutOfCache ? (small ? Self.prewriteAheadBytes : PayloadLog.reserveAheadBytes) : 0,
+                        ahead: keepsLogOutOfCache ? (small ? min(Self.prewriteAheadBytes, log.reserveAhead) : log.reserveAhead) : 0,
                         prewrite: keepsLogOutOfCache && small)
         try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
         var at = chunk.payloadStart

@@ -125,6 +125,14 @@ public final class PayloadLog: @unchecked Sendable {
 
     /// Blocks are reserved this far ahead of the log's end (`reserve(through:)`).
     public static let reserveAheadBytes: UInt64 = 8 << 20
+
+    /// What the streaming writer reserves ahead on this log's file system: `reserveAheadBytes`,
+    /// or a sixteenth of a small file system (a 24 MiB one would otherwise give a third of
+    /// itself to blocks not yet written, and run out of room a full journal's compaction needs).
+    public private(set) lazy var reserveAhead: UInt64 = {
+        guard let (_, total) = fileSystemSpace() else { return Self.reserveAheadBytes }
+        return min(Self.reserveAheadBytes, max(64 << 10, total / 16 / 65536 * 65536))
+    }()
     private let reservedTo = Mutex<UInt64>(0)
 
     /// Reserve disk blocks for `range` (a chunk about to be written) and `ahead` bytes past it,
@@ -350,6 +358,14 @@ public final class PayloadLog: @unchecked Sendable {
         return last * Self.fileBytes + UInt64(st.st_size)
     }
 
+    /// Free bytes (for an unprivileged writer) and total bytes of the file system holding the
+    /// log (`statvfs`); nil if it cannot be asked.
+    public func fileSystemSpace() -> (free: UInt64, total: UInt64)? {
+        var st = statvfs()
+        guard statvfs(directory, &st) == 0 else { return nil }
+        return (UInt64(st.f_bavail) * UInt64(st.f_frsize), UInt64(st.f_blocks) * UInt64(st.f_frsize))
+    }
+
     /// Bytes the log files occupy on disk.
     public func allocatedBytes() -> UInt64 {
         fileIndices().reduce(0) { sum, i in
@@ -370,6 +386,17 @@ public final class PayloadLog: @unchecked Sendable {
         if n > 0 { try? syncDirectory() }  // space only: a file that comes back is deleted again
         prepared.withLock { $0 = $0.clamped(to: position..<max(position, $0.upperBound)) }
         return n
+    }
+
+    /// Free the disk blocks of the file holding `position` that lie wholly before it (nothing
+    /// there is live: compaction folded it), by punching a hole: a log file is 256 MiB, so
+    /// deleting whole files alone frees nothing on a journal smaller than one. The size stays;
+    /// the hole lies before the live part, where `Mirror.logGaps` does not look.
+    public func punchDeadPrefix(before position: UInt64) {
+        let page = UInt64(LMDBEnvironment.osPageSize)
+        let inFile = position % Self.fileBytes / page * page
+        guard inFile > 0 else { return }
+        _ = try? withFile(position / Self.fileBytes, create: false) { try $0.punchHole(at: 0, length: inFile) }
     }
 
     /// Cut the stream at `position`: what follows is a torn or abandoned tail. Later files go.

@@ -17,9 +17,13 @@ extension Mirror {
         let line = Array("\(formatRFC3339(wallClockNanoseconds())) \(why.replacingNewlines())\n".utf8)
         let fd = Glibc.open(fencePath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { return }
-        _ = line.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
-        _ = fsync(fd)
+        let written = line.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) }
+        let synced = fsync(fd) == 0
         Glibc.close(fd)
+        guard written == line.count && synced else {
+            unlink(fencePath)  // an empty or partial record would say nothing (a full disk)
+            return
+        }
         syncDirectory(containing: fencePath)
     }
 

@@ -39,6 +39,15 @@ public final class ServePipeline: @unchecked Sendable {
         case source
     }
 
+    /// What a full journal does (`--on-full`): the log's file system, or LMDB's, refused a write.
+    public enum FullPolicy: String, Sendable, CaseIterable {
+        /// Give up the oldest history: fold it into the base (compaction), which frees the log
+        /// it held, and journal the write again; fence with ENOSPC only when that frees nothing.
+        case compact
+        /// Fence at once: the write is answered ENOSPC, every later one EIO.
+        case fail
+    }
+
     public struct Tuning: Sendable {
         /// Longest an answered write waits to be journalled: bounds what a crash can lose of
         /// unflushed writes and amortises the log's writes over many requests.
@@ -85,6 +94,7 @@ public final class ServePipeline: @unchecked Sendable {
     }
 
     public let tuning: Tuning
+    public let onFull: FullPolicy
     private let mirror: Mirror
     /// Used by the writer thread only.
     private let journal: JournalWriter
@@ -117,12 +127,15 @@ public final class ServePipeline: @unchecked Sendable {
     // The writer thread's own:
     /// The `sourceSyncedSeq` last handed to the journal.
     private var sentSourceSynced: UInt64
+    /// Before this, `makeRoomIfLow` does not look (its last attempt folded nothing).
+    private var nextSpaceCheck: UInt64 = 0
 
     /// `sourceSyncedSeq`: the seq the source is known fdatasynced through (the mirror's
     /// `sourceSyncedSeq` once recovery has brought the source up to the journal).
     public init(mirror: Mirror, source: BlockFile, sourceSyncedSeq: UInt64, tuning: Tuning = .serve,
-                observer: (any ServePipelineObserver)?) {
+                onFull: FullPolicy = .compact, observer: (any ServePipelineObserver)?) {
         self.mirror = mirror
+        self.onFull = onFull
         self.source = source
         self.tuning = tuning
         self.observer = observer
@@ -323,11 +336,11 @@ public final class ServePipeline: @unchecked Sendable {
             strand(batch, .io)
             return
         }
+        makeRoomIfLow()
         let durable = sourceDurableSeqNow()
         let seqs: ClosedRange<UInt64>
         do {
-            seqs = try journal.append(batch.map(\.change), sourceSynced: durable)
-            sentSourceSynced = durable
+            seqs = try appendMakingRoom(batch.map(\.change), sourceSynced: durable)
         } catch {
             // Writes already answered are lost to the journal: refuse everything from now on,
             // so the next FLUSH reports the failure (as a disk reports a writeback error).
@@ -375,6 +388,71 @@ public final class ServePipeline: @unchecked Sendable {
         inCommit.removeAll()
         cond.unlock()
         answer(batch, failure)
+    }
+
+    /// Append to the journal; when its file system is full and the policy is `.compact`, give
+    /// up the oldest history to make room (`makeRoom`) and try again, up to three times, each
+    /// folding more. A write refused with ENOSPC took no bytes, so it can be tried again (unlike
+    /// a failed sync, whose pages the kernel may have dropped).
+    private func appendMakingRoom(_ changes: [Change], sourceSynced durable: UInt64) throws -> ClosedRange<UInt64> {
+        var attempt = 0
+        while true {
+            do {
+                let seqs = try journal.append(changes, sourceSynced: durable)
+                sentSourceSynced = durable
+                return seqs
+            } catch where onFull == .compact && attempt < 3 && Self.isOutOfSpace(error) {
+                attempt += 1
+                guard try makeRoom(keepingFraction: attempt == 3 ? 0 : 1.0 / Double(1 << attempt), because: "\(error)") else {
+                    throw error  // nothing left to give up
+                }
+            }
+        }
+    }
+
+    /// When the journal's file system has less free than this, a `.compact` pipeline gives up
+    /// history before a write fails: LMDB's commits (on the index thread, which cannot make
+    /// room) need space too. A quarter of the file system, at most 256 MiB.
+    static func lowSpaceBytes(fileSystemBytes: UInt64) -> UInt64 { min(256 << 20, fileSystemBytes / 4) }
+
+    /// Under `.compact`, before each group commit: if the journal's file system runs low,
+    /// give up half the history now (`statvfs`, ~1 µs). After an attempt that could fold
+    /// nothing (all history still owed to the source, or none left), the next waits a second.
+    private func makeRoomIfLow() {
+        guard onFull == .compact, monotonicNanoseconds() >= nextSpaceCheck,
+              let (free, total) = mirror.journal.log.fileSystemSpace(), free < Self.lowSpaceBytes(fileSystemBytes: total) else { return }
+        let folded = (try? makeRoom(keepingFraction: 0.5, because: "only \(free) bytes free of \(total) on the journal's file system")) ?? false
+        if !folded { nextSpaceCheck = monotonicNanoseconds() + 1_000_000_000 }
+    }
+
+    /// The journal is full (`reason`): fold the oldest history into the base, keeping
+    /// `keepingFraction` of the journal's payload (or none), on the writer thread. First every
+    /// journalled batch goes into the source and the source is synced and recorded as such —
+    /// compaction folds only records the source holds durably (`unreplayedSourceFloor`).
+    /// False when there was nothing to fold.
+    private func makeRoom(keepingFraction: Double, because reason: String) throws -> Bool {
+        cond.lock()
+        while !applying.isEmpty && fenced == nil { cond.wait() }
+        let why = fenced
+        cond.unlock()
+        if let why { throw RewindError.invalidArgument("volume fenced: \(why)") }
+        let started = monotonicNanoseconds()
+        try source.dataSync()
+        counted(.source, since: started)
+        let synced = try journal.lastSeq ?? mirror.meta().lastSeq
+        cond.lock()
+        sourceDurableSeq = max(sourceDurableSeq, synced)
+        cond.unlock()
+        _ = try journal.append([], sourceSynced: synced)
+        sentSourceSynced = synced
+        try journal.commit()
+        let before = try mirror.meta()
+        let keep = UInt64(Double(before.journalBytes) * keepingFraction)
+        guard let report = try mirror.compact(keepAgeNanoseconds: nil, keepBytes: keep), report.toHorizon > report.fromHorizon else {
+            return false
+        }
+        observer?.madeRoom(report, after: reason)
+        return true
     }
 
     private func answer(_ batch: [VolumeOp], _ failure: VolumeOp.Failure?) {

@@ -109,4 +109,7 @@ public protocol ServePipelineObserver: AnyObject, Sendable {
     func synced(_ kind: ServePipeline.SyncKind, nanoseconds: UInt64)
     /// The volume is fenced: every later write-nature request fails. Called once.
     func fenced(_ why: String)
+    /// The journal was full (`error`) and its oldest history was folded into the base
+    /// (`ServePipeline.FullPolicy.compact`) to make room.
+    func madeRoom(_ report: CompactionReport, after error: String)
 }
