@@ -1,3 +1,4 @@
+import Foundation
 import Glibc
 import RewindCore
 import RewindWorkload
@@ -25,6 +26,7 @@ func hex16(_ n: UInt64) -> String {
 
 /// Other modes, for the CLI scripts:
 ///   rewind-torture pipeline MIRROR SOURCE SEED       serve's pipeline journalling stream SEED until killed
+///   rewind-torture power-cuts SEED COUNT [--json]    the power-cut simulation (PowerCutTests), COUNT cuts
 ///   rewind-torture append MIRROR SEED COUNT [BATCH]  append changes lastSeq+1... of stream SEED, then sync
 ///   rewind-torture model SEED SIZE BLOCKSIZE K OUT   write the volume after change K of stream SEED
 ///   rewind-torture describe SEED SIZE BLOCKSIZE K    print change K's kind, offset and length
@@ -134,10 +136,35 @@ do {
         }
         say("rewind-torture: volume fenced: \(pipeline.fenceReason ?? "")", fd: 2)
         exit(1)
+    case (4, "power-cuts"), (5, "power-cuts"):
+        // PowerCutSimulation (the test behind PowerCutTests), COUNT cuts of seed SEED, in a
+        // directory of its own (under /dev/shm when there is one): a progress line every
+        // 1,000 cuts on stderr, the totals on stdout (one JSON object with --json), exit 1 and
+        // the violation on the first lost byte.
+        guard let seed = UInt64(args[2]), let count = Int(args[3]) else { break }
+        let json = args.count == 5 && args[4] == "--json"
+        let root = PowerCutSimulation.makeDirectory()
+        defer { try? FileManager.default.removeItem(atPath: root) }
+        let started = Date()
+        do {
+            let totals = try PowerCutSimulation(seed: seed, root: root).run(cuts: count) { t in
+                if t.cuts % 1000 == 0 { say("power-cuts: seed \(seed): \(t) in \(Int(Date().timeIntervalSince(started))) s", fd: 2) }
+            }
+            let seconds = Date().timeIntervalSince(started)
+            if json {
+                say("{\"seed\":\(seed),\"cuts\":\(totals.cuts),\"requests\":\(totals.requests),\"durable\":\(totals.durable),\"kept\":\(totals.kept),\"lost\":\(totals.lost),\"refused\":\(totals.refused),\"rollbacks\":\(totals.rollbacks),\"compactions\":\(totals.compactions),\"tornPages\":\(totals.torn),\"lmdbCommitsLost\":\(totals.lmdbLost),\"violations\":0,\"seconds\":\(Int(seconds))}")
+            } else {
+                say("power-cuts: seed \(seed): \(totals), no violation, in \(Int(seconds)) s")
+            }
+            exit(0)
+        } catch let v as PowerCutSimulation.Violation {
+            say("power-cuts: VIOLATION: \(v)", fd: 2)
+            exit(1)
+        }
     case (3, _):
         break
     default:
-        say("usage: rewind-torture MIRROR SEED | pipeline MIRROR SOURCE SEED | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
+        say("usage: rewind-torture MIRROR SEED | pipeline MIRROR SOURCE SEED | power-cuts SEED COUNT [--json] | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
         exit(2)
     }
 } catch {

@@ -12,7 +12,7 @@ expect_error 64 "Error: The value 'ten' is invalid for '--size <size>': invalid 
 expect_error 1 "rewind: error: block size 1000 must be a power of two from 512 to 1M" "$REWIND" init m --size 1M --block-size 1000
 expect_error 1 "rewind: error: volume size 1000 is not a multiple of the block size 4096" "$REWIND" init m --size 1000
 expect_error 1 "rewind: error: the volume size must be greater than zero" "$REWIND" init m --size 0
-expect_error 1 "rewind: error: open nothere.img: No such file or directory" "$REWIND" init m --from nothere.img
+expect_error 1 "rewind: error: open nothere.img: No such file or directory (ENOENT)" "$REWIND" init m --from nothere.img
 [ ! -e m ] && [ ! -e m.creating ] || fail "a failed init left files behind"; ok
 
 # --- a real mirror with content ---

@@ -89,7 +89,7 @@ expect_error 1 "rewind: error: d is a directory; restore to a file or a block de
 expect_error 1 "rewind: error: /dev/null is a character device; restore to a file or a block device" \
     "$REWIND" restore m --at latest --to /dev/null --force
 [ -c /dev/null ] || fail "/dev/null is no longer a character device"; ok
-expect_error 1 "rewind: error: realpath nodir: No such file or directory" \
+expect_error 1 "rewind: error: realpath nodir: No such file or directory (ENOENT)" \
     "$REWIND" restore m --at latest --to nodir/x.img
 
 # --- never over the source of a running server (it holds an exclusive flock on it) ---

@@ -28,7 +28,15 @@ extension Mirror {
     /// binary search per gap), run by `status` and before `serve` appends to the log.
     public func logGaps() throws -> [LogGap] {
         try journal.env.read { txn in
-            let m = try journal.readMeta(txn)
+            var m = try journal.readMeta(txn)
+            // An unfinished rollback may have deleted the records after its target already: the
+            // live stream ends with the target's record then.
+            if m.pendingRollback != MirrorMeta.none && m.pendingRollback < m.lastSeq {
+                guard m.pendingRollback > m.oldestPoint else { return [] }
+                let last = try journal.header(txn, seq: m.pendingRollback)
+                m.lastSeq = m.pendingRollback
+                m.logEnd = last.segment + UInt64(last.segmentOffset) + UInt64(last.storedLength)
+            }
             guard m.lastSeq > m.oldestPoint else { return [] }
             let start = try journal.header(txn, seq: m.oldestPoint + 1).segment - UInt64(LogChunk.headerSize)
             let end = m.logEnd
