@@ -131,7 +131,7 @@ extension Mirror {
     }
 
     /// Delete index entries and records after k, in bounded transactions.
-    private func cutJournal(after k: UInt64, last: UInt64) throws -> UInt64 {
+    func cutJournal(after k: UInt64, last: UInt64) throws -> UInt64 {
         var resume = blockKey(0, 0)
         var finished = false
         while !finished {
