@@ -100,6 +100,7 @@ public struct PowerCutSimulation {
                     var tuning = ServePipeline.Tuning()
                     tuning.commitIntervalNanoseconds = UInt64.random(in: 100_000...2_000_000, using: &r)
                     tuning.sourceSyncIntervalNanoseconds = UInt64.random(in: 0...3_000_000, using: &r)
+                    tuning.writeAheadIntervalNanoseconds = UInt64.random(in: 0...4_000_000, using: &r)
                     tuning.indexPolicy = IndexCommitter.Policy(intervalNanoseconds: UInt64.random(in: 500_000...5_000_000, using: &r),
                                                                maxChanges: 64, maxBlocks: 256)
                     tuning.indexCommitIdleNanoseconds = 1_000_000

@@ -117,6 +117,7 @@ do {
         // Serve's, faster: a kill lands in every phase (group commit, apply, source sync, index commit).
         tuning.commitIntervalNanoseconds = 1_000_000
         tuning.sourceSyncIntervalNanoseconds = 20_000_000
+        tuning.writeAheadIntervalNanoseconds = 5_000_000
         tuning.indexPolicy = IndexCommitter.Policy(intervalNanoseconds: 30_000_000, maxChanges: 4096, maxBlocks: 4096)
         var seq = try mirror.meta().lastSeq
         let pipeline = ServePipeline(mirror: mirror, source: source, sourceSyncedSeq: seq, tuning: tuning, observer: nil)
