@@ -32,10 +32,14 @@ struct Compactor {
     static let chunkRecords = 16384
 
     /// Compact up to `target`, which must lie in (horizon, lastSeq].
-    func compact(to target: UInt64, progress: ProgressObserver?) throws -> CompactionReport {
-        if let (floor, live) = try mirror.unreplayedSourceFloor(), target > floor {
+    /// `sourceSyncedThrough`: the live server's source is known fdatasynced through this seq
+    /// (it just synced it: `ServePipeline.retentionPass`), later than the header may say yet;
+    /// the header is raised to it in the transaction that records the target, before anything
+    /// is folded, so a crash after the fold never finds the floor below the horizon.
+    func compact(to target: UInt64, sourceSyncedThrough: UInt64? = nil, progress: ProgressObserver?) throws -> CompactionReport {
+        if let (floor, live) = try mirror.unreplayedSourceFloor(sourceSyncedThrough: sourceSyncedThrough), target > floor {
             if live {
-                throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the served source is known synced through (a crash now would rewrite the source from the records after it); the server syncs its source about once a second: try again in a moment")
+                throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the served source is known synced through (a crash now would rewrite the source from the records after it); the server syncs its source every 10 s (sooner under heavy writes): try again in a moment")
             }
             throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the source is known to hold: its server stopped without syncing it, and the records after it are what the next `rewind serve` replays into the source; start `rewind serve` once, then compact")
         }
@@ -58,6 +62,7 @@ struct Compactor {
                 throw RewindError.pointBeforeHorizon(point: "seq:\(target)", horizon: m.oldestPoint)
             }
             if target > m.target { m.target = target }
+            if let synced = sourceSyncedThrough, synced > m.sourceSyncedSeq { m.sourceSyncedSeq = min(synced, m.lastSeq) }
             try journal.writeMeta(txn, m)
             return m
         }
@@ -275,24 +280,25 @@ extension Mirror {
     /// Compact what falls outside a window of `keepAgeNanoseconds` and/or `keepBytes` of journal
     /// payload. Returns nil when nothing is outside it.
     public func compact(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds(),
-                        progress: ProgressObserver? = nil) throws -> CompactionReport? {
+                        sourceSyncedThrough: UInt64? = nil, progress: ProgressObserver? = nil) throws -> CompactionReport? {
         guard var target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
             return nil
         }
-        if let (floor, _) = try unreplayedSourceFloor() {
+        if let (floor, _) = try unreplayedSourceFloor(sourceSyncedThrough: sourceSyncedThrough) {
             guard floor > (try meta().oldestPoint) else { return nil }
             target = min(target, floor)
         }
-        return try Compactor(mirror: self).compact(to: target, progress: progress)
+        return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough, progress: progress)
     }
 
     /// The seq up to which the served source is known fdatasynced, when records follow it:
     /// those records are what a start after a crash (or after a server that stopped uncleanly)
     /// rewrites into the source (`rewriteBlocks(ofRecordsAfter:)`), so no compaction may fold
-    /// them. `live`: a server owns the mirror now (it moves the floor about once a second).
+    /// them. `live`: a server owns the mirror now (it moves the floor every 10 s or sooner).
     /// nil when nothing is owed (a clean stop, a mirror never served).
-    func unreplayedSourceFloor() throws -> (seq: UInt64, live: Bool)? {
-        let m = try meta()
+    func unreplayedSourceFloor(sourceSyncedThrough: UInt64? = nil) throws -> (seq: UInt64, live: Bool)? {
+        var m = try meta()
+        if let synced = sourceSyncedThrough { m.sourceSyncedSeq = max(m.sourceSyncedSeq, min(synced, m.lastSeq)) }
         guard m.sourceSyncedSeq < m.lastSeq, try journal.env.read({ try $0.get(journal.meta, Array("source".utf8)) }) != nil else {
             return nil
         }

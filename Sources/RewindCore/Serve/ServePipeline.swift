@@ -37,7 +37,7 @@ public final class ServePipeline: @unchecked Sendable {
         case flush
         /// The log, before batches no FLUSH covered are written to the source (write-ahead).
         case beforeApply = "before_apply"
-        /// The source, about once a second: moves `sourceSyncedSeq` (what recovery starts from).
+        /// The source, every 10 s or sooner: moves `sourceSyncedSeq` (what recovery starts from).
         case source
     }
 
@@ -622,6 +622,27 @@ public final class ServePipeline: @unchecked Sendable {
         cond.unlock()
     }
 
+    /// fdatasync the source on the calling thread; returns the seq it is durable through.
+    private func syncSourceNow() throws -> UInt64 {
+        cond.lock()
+        let target = appliedSeq
+        appliedBytesSinceSync = 0
+        cond.unlock()
+        let started = monotonicNanoseconds()
+        do {
+            try source.dataSync()
+        } catch {
+            fence("source sync failed: \(error)")
+            throw error
+        }
+        counted(.source, since: started)
+        cond.lock()
+        sourceDurableSeq = max(sourceDurableSeq, target)
+        cond.broadcast()
+        cond.unlock()
+        return target
+    }
+
     // MARK: the log syncer
 
     /// Make the log durable under the batches waiting at the applier, one `fdatasync` for all
@@ -722,7 +743,10 @@ public final class ServePipeline: @unchecked Sendable {
     public func retentionPass(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?) throws -> CompactionReport? {
         if let why = fenceReason { throw RewindError.invalidArgument("volume fenced: \(why)") }
         do {
-            return try mirror.compact(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes)
+            // Compaction folds only what the source holds durably: sync it now, rather than
+            // leave the window's edge up to 10 s behind (`sourceSyncIntervalNanoseconds`).
+            let synced = try syncSourceNow()
+            return try mirror.compact(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, sourceSyncedThrough: synced)
         } catch let error as RewindError {
             if case .io = error { fence("compaction failed: \(error)") }
             throw error
