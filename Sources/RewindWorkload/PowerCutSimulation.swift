@@ -80,8 +80,10 @@ public struct PowerCutSimulation {
             let requests: [VolumeOp]
             let answers = Answers()
             var rolledBackTo: UInt64?
+            weak var previous: Mirror?
             do {
                 let mirror = try Mirror.open(at: mirrorPath, recover: true)
+                previous = mirror
                 let source = try BlockFile(path: sourcePath, mode: .readWrite)
                 _ = try mirror.bringSourceUpToDate(source)
                 startSeq = try mirror.meta().lastSeq
@@ -135,7 +137,12 @@ public struct PowerCutSimulation {
                     compaction.wait()
                 }
             }
-            // The power is off; every file of the mirror and the source is closed.
+            // The power is off. The session's Mirror must be gone before the disk is rewritten
+            // and the mirror opened again: its last reference may still be let go of by a
+            // pipeline or compaction thread on its way out, and LMDB must never have one
+            // environment open twice in a process (it re-initialises the lock file under the
+            // older one: docs/design.md, "Concurrency").
+            try Self.waitUntilClosed { previous == nil }
             let report = storage.reboot(using: &r)
             totals.torn += report.pagesTorn
             totals.lmdbLost += report.lmdbCommitsLost
@@ -181,6 +188,12 @@ public struct PowerCutSimulation {
             progress?(totals)
         }
         return totals
+    }
+
+    /// Wait (up to 10 s) until `closed()`: a session's Mirror released by every thread.
+    public static func waitUntilClosed(_ closed: () -> Bool) throws {
+        for _ in 0..<10_000 where !closed() { usleep(1000) }
+        if !closed() { throw Violation(description: "a session's Mirror was still referenced 10 s after its pipeline stopped") }
     }
 
     private func check(_ condition: Bool, _ message: @autoclosure () -> String) throws {

@@ -63,8 +63,10 @@ import Testing
         var requests: [VolumeOp] = []
         let flushes = Flushes()
         let startSeq: UInt64
+        weak var previous: Mirror?
         do {
             let mirror = try Mirror.open(at: mirrorPath, recover: true)
+            previous = mirror
             let source = try BlockFile(path: sourcePath, mode: .readWrite)
             startSeq = try mirror.meta().lastSeq
             var tuning = ServePipeline.Tuning()
@@ -130,6 +132,8 @@ import Testing
         }
 
         // A restart, as serve's: the source brought up to the journal; nothing FLUSHed lost.
+        // Once the session's Mirror is gone (never one LMDB environment twice in a process).
+        try PowerCutSimulation.waitUntilClosed { previous == nil }
         let mirror = try Mirror.open(at: mirrorPath, recover: true)
         #expect(try mirror.status().fenced != nil, "\(context): the fence record is gone before a start recovered")
         let source = try BlockFile(path: sourcePath, mode: .readWrite)
