@@ -601,21 +601,11 @@ public final class ServePipeline: @unchecked Sendable {
                 _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
                 continue
             }
-            let target = appliedSeq
-            appliedBytesSinceSync = 0
             cond.unlock()
-            let started = monotonicNanoseconds()
-            var failure: String?
-            do { try source.dataSync() } catch { failure = "source sync failed: \(error)" }
+            let synced = (try? syncSourceNow()) != nil  // a failure fenced the volume
             lastSync = monotonicNanoseconds()
-            if failure == nil { counted(.source, since: started) }
             cond.lock()
-            if let failure {
-                fenceLocked(failure)
-                break
-            }
-            sourceDurableSeq = max(sourceDurableSeq, target)
-            cond.broadcast()
+            if !synced { break }
         }
         sourceSyncerDone = true
         cond.broadcast()
