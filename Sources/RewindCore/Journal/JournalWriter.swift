@@ -1,4 +1,3 @@
-import Dispatch
 import Glibc
 
 /// Appends records. Each `append` (one group commit) writes its payload and record headers to
@@ -15,48 +14,24 @@ import Glibc
 /// With `indexOnThread` (serve), the index is built and committed on a thread of its own
 /// (`IndexCommitter`) and this writer only writes the log: its appends never wait for LMDB.
 ///
+/// The writer is a composition: it lays out each append's records and builds their chunks
+/// (partial blocks merged with their current content); `ChunkAppender` writes the chunks to the
+/// log and syncs it; a `JournalIndexing` strategy indexes the records — `InlineIndexing` (the
+/// transaction on this thread, by default) or `ThreadedIndexing` (after `indexOnThread`).
+///
 /// Use from one thread only: LMDB's writer lock belongs to the thread that took it.
 public final class JournalWriter {
     let mirror: Mirror
-    private var journal: Journal { mirror.journal }
-    private var log: PayloadLog { mirror.journal.log }
-    private var txn: LMDBTransaction?
-    private var meta: MirrorMeta?
-    /// The log's end when the open transaction began (nil once committed): what an abort
-    /// that discards the log cuts back to.
-    private var beganAtLogEnd: UInt64?
-    /// Log positions below this are durable.
-    private var syncedTo: UInt64 = 0
-    /// The index thread, once `indexOnThread` started it; then `txn` stays nil.
-    private var committer: IndexCommitter?
-    /// Set when the index thread was given up (`abort`): appends are refused from then on, since
-    /// the log holds records past the index that only the next writer's replay may build on.
-    private var indexGivenUp = false
-    /// With the index on its own thread, the volume's current content at a byte offset: what a
-    /// partial block is merged with, unless an earlier change of the same append touched it.
-    private var readVolume: ((UInt64, UnsafeMutableRawBufferPointer) throws -> Void)?
+    private let appender: ChunkAppender
+    private var indexing: any JournalIndexing
     /// Appended since the last `requestCommit` or `commit` (index thread only).
-    public private(set) var commitOwed = false
-    /// Streaming mode (serve): keep the log out of the page cache — each group commit's chunk
-    /// is written back at once and dropped once written, after the next one — and reserve its
-    /// disk blocks 8 MiB ahead (`PayloadLog.reserve`). Tools that read back what they wrote
-    /// keep the pages, and reserve only each chunk's own blocks (the log's size on disk stays
-    /// what was written).
-    public var keepsLogOutOfCache = false
-    /// The previous group commit's log range, written back but not yet dropped.
-    private var writingBack: Range<UInt64>?
-    /// Synced log not yet dropped from the cache: small FLUSHed chunks are dropped together once
-    /// this passes `dropBatchBytes`, so a FLUSH hands no work to `cacheAdvice` — each hand-off
-    /// woke a worker thread (a cross-CPU wake-up per FLUSH at queue depth 1).
-    private var undropped: Range<UInt64>?
-    static let dropBatchBytes: UInt64 = 1 << 20
-    /// Where streaming mode's page-cache advice runs, in order, off the caller's thread:
-    /// `release` waits for a chunk's writeback, and with the device busy with an index commit
-    /// that held the serve writer for up to 146 ms (and every write answered behind it).
-    private let cacheAdvice = DispatchQueue(label: "rewind-log-cache")
-    /// The chunk payload buffer, kept between group commits: a fresh 32 MiB array each time
-    /// cost page faults on every page, and its `munmap`.
-    private var spare: [UInt8] = []
+    public var commitOwed: Bool { indexing.commitOwed }
+    /// Streaming mode (serve): keep the log out of the page cache and reserve its disk blocks
+    /// ahead (`ChunkAppender.keepsLogOutOfCache`).
+    public var keepsLogOutOfCache: Bool {
+        get { appender.keepsLogOutOfCache }
+        set { appender.keepsLogOutOfCache = newValue }
+    }
 
     /// A chunk's payload is written out once it passes this (bounds the buffer).
     static let chunkCapBytes = 32 << 20
@@ -64,18 +39,17 @@ public final class JournalWriter {
     /// Aligned writes at least this large go to the log straight from the caller's array
     /// (one copy fewer than gathering them into the chunk buffer).
     static let directMinBytes = 64 << 10
-    /// Chunks smaller than this are written into zeroed, synced blocks (see `PayloadLog.reserve`),
-    /// prepared this far ahead.
-    static let prewriteBelowBytes: UInt64 = 64 << 10
-    static let prewriteAheadBytes: UInt64 = 1 << 20
 
     public init(mirror: Mirror) {
         self.mirror = mirror
+        let appender = ChunkAppender(log: mirror.journal.log)
+        self.appender = appender
+        indexing = InlineIndexing(mirror: mirror, appender: appender)
     }
 
     deinit {
         abort(keepLog: true)
-        committer?.stop()
+        indexing.stop()
     }
 
     /// Build and commit the index on a thread of its own (`IndexCommitter`), by `policy`; before
@@ -84,12 +58,12 @@ public final class JournalWriter {
     /// `onFailure` runs on the index thread when indexing fails — later appends then throw.
     public func indexOnThread(policy: IndexCommitter.Policy, onFailure: @escaping @Sendable (Error) -> Void,
                               readVolume: @escaping (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) {
-        self.readVolume = readVolume
-        committer = IndexCommitter(mirror: mirror, policy: policy, onFailure: onFailure)
+        indexing = ThreadedIndexing(mirror: mirror, appender: appender, policy: policy, onFailure: onFailure,
+                                    readVolume: readVolume)
     }
 
     /// The newest seq appended (committed or staged).
-    public var lastSeq: UInt64? { meta?.lastSeq }
+    public var lastSeq: UInt64? { indexing.meta?.lastSeq }
 
     // MARK: append
 
@@ -105,81 +79,34 @@ public final class JournalWriter {
     @discardableResult
     public func append(_ changes: [Change], sourceSynced: UInt64? = nil) throws -> ClosedRange<UInt64> {
         do {
-            if committer != nil { return try stage(nil, changes, sourceSynced: sourceSynced) }
-            let txn = try begin()
-            return try stage(txn, changes, sourceSynced: sourceSynced)
+            return try stage(changes, sourceSynced: sourceSynced)
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
     }
 
-    /// The header as the index thread will have it once it has indexed every append so far
-    /// (read once; then kept here).
-    private func pipelinedMeta() throws -> MirrorMeta {
-        guard !indexGivenUp else { throw RewindError.invalidArgument("the journal's index thread was given up") }
-        if let meta { return meta }
-        let m = try journal.env.read { try journal.readMeta($0) }
-        if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
-        syncedTo = m.logEnd
-        meta = m
-        return m
-    }
-
-    private func begin() throws -> LMDBTransaction {
-        if let txn { return txn }
-        let t = try journal.env.beginWrite()
-        do {
-            let m = try journal.readMeta(t)
-            if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
-            meta = m
-            beganAtLogEnd = m.logEnd
-            syncedTo = m.logEnd  // synced by whoever committed it (a rollback may have cut it back)
-        } catch {
-            t.abort()
-            throw error
-        }
-        txn = t
-        return t
-    }
-
-    /// Write `changes` to the log as one chunk and index them: in `txn`, or (nil) by handing
-    /// them to the index thread.
-    private func stage(_ txn: LMDBTransaction?, _ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
-        let current: MirrorMeta? = txn == nil ? try pipelinedMeta() : self.meta
-        guard var meta = current else {
-            throw RewindError.invalidArgument("no open journal transaction")
-        }
+    /// Write `changes` to the log as one chunk (more past `chunkCapBytes` or `chunkMaxRecords`)
+    /// and hand each record to `indexing`.
+    private func stage(_ changes: [Change], sourceSynced: UInt64?) throws -> ClosedRange<UInt64> {
+        var meta = try indexing.beginAppend()
         for c in changes { try mirror.validate(c) }
         if let sourceSynced { meta.sourceSyncedSeq = min(sourceSynced, meta.lastSeq) }
-        let cursor = try txn?.cursor(journal.blocks)
-        var staged = StagedBlocks()  // what partial blocks merge with, when `txn` is nil
-        var batch = IndexCommitter.Batch(sourceSynced: sourceSynced.map { _ in meta.sourceSyncedSeq })
         let blockSize = mirror.blockSize
         let bs = UInt64(blockSize)
         let appendStart = meta.logEnd
-        var chunk = ChunkBuilder(start: meta.logEnd, firstSeq: meta.lastSeq + 1, generation: meta.generation)
-        swap(&chunk.payload, &spare)  // moved, not shared: clearing a shared array would copy it
-        chunk.payload.removeAll(keepingCapacity: true)
+        var chunk = appender.startChunk(at: meta.logEnd, firstSeq: meta.lastSeq + 1, generation: meta.generation)
         var scratch = [UInt8](repeating: 0, count: blockSize)  // a partial block's current content
         var seq = meta.lastSeq
         var cumulative = meta.lastCumulative
         let firstSeq = seq + 1
         for change in changes {
             seq += 1
-            // Each index update faults in a journal page, which may map the 2 MiB folio around
-            // it: counted as `indexUpdateBytes` of reading (see `Journal.touched`).
-            if txn != nil { journal.touched(Mirror.indexUpdateBytes) }
             let now = max(wallClockNanoseconds(), meta.lastTime)
             meta.lastTime = now
             let (stored, zeroed) = Mirror.layout(kind: change.kind, offset: change.offset, length: change.length, blockSize: bs)
-            batch.blocks += stored.count + zeroed.count
             let bytes = stored.count * blockSize
             if chunk.count > 0 && (chunk.payloadBytes + bytes > Self.chunkCapBytes || chunk.count >= Self.chunkMaxRecords) {
-                meta.logEnd = try write(&chunk)
-                var next = ChunkBuilder(start: meta.logEnd, firstSeq: seq, generation: meta.generation)
-                swap(&next.payload, &chunk.payload)
-                next.payload.removeAll(keepingCapacity: true)
-                chunk = next
+                meta.logEnd = try appender.writeAndContinue(&chunk, firstSeq: seq)
             }
             let start = chunk.payloadBytes
             var header = RecordHeader(kind: change.kind, fua: change.fua, timestamp: now, offset: change.offset,
@@ -196,7 +123,7 @@ public final class JournalWriter {
                 } else {
                     let at = chunk.appendZeros(bytes)
                     for (i, block) in stored.enumerated() {
-                        try fillBlock(slot: at + i * blockSize, block: block, change: change, cursor, staged, &chunk, &scratch)
+                        try fillBlock(slot: at + i * blockSize, block: block, change: change, &chunk, &scratch)
                     }
                     blockHashes = chunk.payload.withUnsafeBytes {
                         RewindCore.blockHashes(UnsafeRawBufferPointer(rebasing: $0[at..<at + bytes]), blockSize: blockSize)
@@ -206,79 +133,29 @@ public final class JournalWriter {
                 cumulative += UInt64(bytes)
                 header.cumulative = cumulative
             }
-            if let txn, let cursor {
-                try mirror.index(header, seq: seq, blockHashes: blockHashes, txn, cursor)
-            } else {
-                staged.add(header, seq: seq, blockHashes: blockHashes, blockSize: blockSize)
-                batch.records.append((header, seq, blockHashes))
-            }
+            try indexing.index(header, seq: seq, blockHashes: blockHashes, blocks: stored.count + zeroed.count)
             chunk.add(header)
         }
-        if chunk.count > 0 { meta.logEnd = try write(&chunk) }
-        swap(&spare, &chunk.payload)
-        if keepsLogOutOfCache && meta.logEnd > appendStart {
-            // Large appends are written back at once (pacing). A small one is left to the FLUSH
-            // that usually follows it: starting its writeback here costs the FLUSH ~100 µs
-            // before the source is even written.
-            let written = appendStart..<meta.logEnd, previous = writingBack
-            let startNow = meta.logEnd - appendStart >= Self.prewriteBelowBytes
-            if startNow || previous != nil {
-                cacheAdvice.async { [log] in
-                    if startNow { log.startWriteback(written) }
-                    if let previous { log.release(previous) }
-                }
-            }
-            writingBack = written
-        }
+        if chunk.count > 0 { meta.logEnd = try appender.write(&chunk) }
+        appender.recycle(&chunk)
+        appender.appended(from: appendStart, to: meta.logEnd)
         meta.lastSeq = seq
         meta.lastCumulative = cumulative
-        if let txn {
-            try journal.writeMeta(txn, meta)
-        } else if let committer {
-            (batch.lastSeq, batch.lastTime, batch.lastCumulative, batch.logEnd) = (seq, meta.lastTime, cumulative, meta.logEnd)
-            try committer.send(batch)
-            commitOwed = true
-        }
-        self.meta = meta
+        try indexing.finishAppend(meta, sourceSynced: sourceSynced)
         return firstSeq...max(seq, firstSeq)
-    }
-
-    /// Write a finished chunk to the log; returns the log's new end.
-    private func write(_ chunk: inout ChunkBuilder) throws -> UInt64 {
-        let header = chunk.header()
-        // Small chunks (a FLUSH after a few writes) land in zeroed, synced blocks, so their
-        // FLUSH syncs data only; large ones in fallocated blocks, written once.
-        let small = header.totalBytes < Self.prewriteBelowBytes
-        try log.reserve(chunk.start..<chunk.start + header.totalBytes,
-                        ahead: keepsLogOutOfCache ? (small ? min(Self.prewriteAheadBytes, log.reserveAhead) : log.reserveAhead) : 0,
-                        prewrite: keepsLogOutOfCache && small)
-        try header.encodedHeader().withUnsafeBytes { try log.write($0, at: chunk.start) }
-        var at = chunk.payloadStart
-        for part in chunk.parts {
-            switch part {
-            case let .copied(from, length):
-                try chunk.payload.withUnsafeBytes { try log.write(UnsafeRawBufferPointer(rebasing: $0[from..<from + length]), at: at) }
-                at += UInt64(length)
-            case let .direct(data):
-                try data.withUnsafeBytes { try log.write($0, at: at) }
-                at += UInt64(data.count)
-            }
-        }
-        try chunk.records.withUnsafeBytes { try log.write($0, at: at) }
-        return chunk.start + header.totalBytes
     }
 
     /// Build one stored block of an unaligned write, or a partial edge block of a zero/trim:
     /// the block's current content with the change's part applied. `slot` is where the block
     /// sits in `chunk.payload` (the copied bytes).
-    private func fillBlock(slot: Int, block: UInt64, change: Change, _ cursor: LMDBCursor?, _ staged: StagedBlocks,
-                           _ chunk: inout ChunkBuilder, _ scratch: inout [UInt8]) throws {
+    private func fillBlock(slot: Int, block: UInt64, change: Change, _ chunk: inout ChunkBuilder,
+                           _ scratch: inout [UInt8]) throws {
         let blockSize = mirror.blockSize
         let bs = UInt64(blockSize)
         let blockStart = block * bs
         let covered = max(blockStart, change.offset)..<min(blockStart + bs, change.offset + change.length)
         if covered.count < blockSize {
-            try scratch.withUnsafeMutableBytes { try currentContent(cursor, staged, chunk, block: block, into: $0) }
+            try scratch.withUnsafeMutableBytes { try currentContent(chunk, block: block, into: $0) }
             chunk.payload.replaceSubrange(slot..<slot + blockSize, with: scratch)
         }
         let at = slot + Int(covered.lowerBound - blockStart)
@@ -290,23 +167,13 @@ public final class JournalWriter {
         }
     }
 
-    /// The latest content of `block`: as the open transaction sees it (`cursor`), including
-    /// records staged earlier in the chunk being built (still in memory); or, with the index on
-    /// its own thread, as this append's earlier changes left it (`staged`), else the volume.
-    private func currentContent(_ cursor: LMDBCursor?, _ staged: StagedBlocks, _ chunk: ChunkBuilder, block: UInt64,
-                                into dst: UnsafeMutableRawBufferPointer) throws {
-        let found: (seq: UInt64, content: BlockContent)?
-        if let cursor {
-            found = try journal.lookup(cursor, block: block, atOrBefore: UInt64.max)
-        } else if let newest = staged.newest(block) {
-            found = newest
-        } else {
-            guard let readVolume else { throw RewindError.invalidArgument("no volume to merge a partial block with") }
-            try readVolume(block * UInt64(mirror.blockSize), dst)
-            return
-        }
-        guard let (seq, content) = found else {
-            try mirror.base.read(at: block * UInt64(mirror.blockSize), into: dst)
+    /// The latest content of `block`: its newest entry `indexing` can see — inline, as the open
+    /// transaction sees it; on the index thread, as this append's earlier changes left it — read
+    /// from the chunk being built (still in memory) or the log; else what lies beneath the
+    /// entries (base.img; the volume).
+    private func currentContent(_ chunk: ChunkBuilder, block: UInt64, into dst: UnsafeMutableRawBufferPointer) throws {
+        guard let (seq, content) = try indexing.newest(block) else {
+            try indexing.readUnindexed(block, into: dst)
             return
         }
         switch content {
@@ -316,7 +183,7 @@ public final class JournalWriter {
             if segment == chunk.payloadStart {
                 chunk.copy(from: Int(offset), into: dst)
             } else {
-                try journal.readBlock(seq: seq, block: block, segment: segment, offset: offset, hash: hash, into: dst)
+                try mirror.journal.readBlock(seq: seq, block: block, segment: segment, offset: offset, hash: hash, into: dst)
             }
         }
     }
@@ -325,9 +192,7 @@ public final class JournalWriter {
 
     /// Make every record appended so far durable (the NBD FLUSH): fdatasync of the log.
     public func syncLog() throws {
-        guard let end = meta?.logEnd, end > syncedTo else { return }
-        try log.sync()
-        logSynced(to: end)
+        try appender.syncLog(upTo: indexing.meta?.logEnd)
     }
 
     /// Like `syncLog()`, but lets `deviceFlush` — an `fdatasync` of a file whose device cache
@@ -336,30 +201,12 @@ public final class JournalWriter {
     /// costs one device cache flush. Returns whether `deviceFlush` ran; if not, nothing was
     /// synced and the caller syncs both the usual way.
     public func syncLog(sharingFlush deviceFlush: () throws -> Void) throws -> Bool {
-        guard let end = meta?.logEnd, end > syncedTo else { return false }
-        guard try log.sync(flushedBy: deviceFlush) else { return false }
-        logSynced(to: end)
-        return true
-    }
-
-    /// The log is durable up to `end`: what was being written back is clean, so it leaves the cache.
-    private func logSynced(to end: UInt64) {
-        syncedTo = end
-        if keepsLogOutOfCache, let pending = writingBack {
-            let clean = undropped.map { min($0.lowerBound, pending.lowerBound)..<max($0.upperBound, pending.upperBound) } ?? pending
-            writingBack = nil
-            if clean.count >= Self.dropBatchBytes {
-                cacheAdvice.async { [log] in log.dropFromCache(clean) }
-                undropped = nil
-            } else {
-                undropped = clean
-            }
-        }
+        try appender.syncLog(upTo: indexing.meta?.logEnd, sharingFlush: deviceFlush)
     }
 
     /// Whether an `fdatasync` of `file` flushes the device cache under the log too.
     public func logSharesDeviceFlush(with file: BlockFile) -> Bool {
-        file.fdatasyncFlushesDevice(of: log.directory)
+        appender.logSharesDeviceFlush(with: file)
     }
 
     /// Sync the log, then commit the index transaction (readers see the new records). If the
@@ -367,27 +214,12 @@ public final class JournalWriter {
     /// commit fails the transaction is gone, and `abort(keepLog: false)` can still cut the log.
     /// With the index on its own thread: wait until it has committed every append so far.
     public func commit() throws {
-        if let committer {
-            commitOwed = false
-            try committer.commitAndWait()
-            return
-        }
-        guard let txn else { return }
-        try syncLog()
-        self.txn = nil
-        meta = nil
-        do {
-            try txn.commit()
-        } catch let e as LMDBError {
-            throw RewindError.journal(e)
-        }
-        beganAtLogEnd = nil
+        try indexing.commit()
     }
 
     /// With the index on its own thread: have it commit every append so far, soon (not waiting).
     public func requestCommit() {
-        commitOwed = false
-        committer?.requestCommit()
+        indexing.requestCommit()
     }
 
     /// Abandon what is staged. With `keepLog` false, the log is cut back to where the
@@ -396,99 +228,6 @@ public final class JournalWriter {
     /// With the index on its own thread, it gives up its transaction and queue (whatever
     /// `keepLog` says: the log keeps them), and every later append is refused.
     public func abort(keepLog: Bool) {
-        if let committer {
-            committer.abandon()
-            indexGivenUp = true
-            return
-        }
-        // Cut the log while still holding LMDB's writer lock, so no other writer's chunk can
-        // have followed ours.
-        if !keepLog, let end = beganAtLogEnd { try? log.truncate(at: end) }
-        txn?.abort()
-        txn = nil
-        meta = nil
-        beganAtLogEnd = nil
-    }
-}
-
-/// The chunk being built for one group commit: its payload — bytes copied into `payload`,
-/// and large aligned writes kept as the caller's arrays — and its record headers.
-struct ChunkBuilder {
-    enum Part {
-        case copied(from: Int, length: Int)  // a run of `payload`
-        case direct([UInt8])
-    }
-    let start: UInt64
-    let firstSeq: UInt64
-    let generation: UInt64
-    /// The copied bytes (its capacity is reused between group commits).
-    var payload: [UInt8] = []
-    private(set) var parts: [Part] = []
-    /// Where each part starts in the chunk's payload.
-    private var partStarts: [Int] = []
-    private(set) var payloadBytes = 0
-    var records: [UInt8] = []
-    private(set) var count: UInt32 = 0
-
-    init(start: UInt64, firstSeq: UInt64, generation: UInt64) {
-        (self.start, self.firstSeq, self.generation) = (start, firstSeq, generation)
-    }
-
-    /// Stream position of the payload (what records and index entries call the segment).
-    var payloadStart: UInt64 { start + UInt64(LogChunk.headerSize) }
-
-    private mutating func grow(copied n: Int) {
-        if case let .copied(from, length)? = parts.last {
-            parts[parts.count - 1] = .copied(from: from, length: length + n)
-        } else {
-            parts.append(.copied(from: payload.count - n, length: n))
-            partStarts.append(payloadBytes)
-        }
-        payloadBytes += n
-    }
-
-    mutating func appendCopied(_ data: [UInt8]) {
-        payload.append(contentsOf: data)
-        grow(copied: data.count)
-    }
-
-    /// Append `n` zero bytes to the copied payload; returns where they start in `payload`.
-    mutating func appendZeros(_ n: Int) -> Int {
-        let at = payload.count
-        payload.append(contentsOf: repeatElement(0, count: n))
-        grow(copied: n)
-        return at
-    }
-
-    mutating func appendDirect(_ data: [UInt8]) {
-        parts.append(.direct(data))
-        partStarts.append(payloadBytes)
-        payloadBytes += data.count
-    }
-
-    /// Copy `dst.count` bytes from payload offset `offset` (within one part: a block).
-    func copy(from offset: Int, into dst: UnsafeMutableRawBufferPointer) {
-        var lo = 0, hi = partStarts.count - 1
-        while lo < hi {  // the last part starting at or before offset
-            let mid = (lo + hi + 1) / 2
-            if partStarts[mid] <= offset { lo = mid } else { hi = mid - 1 }
-        }
-        let inPart = offset - partStarts[lo]
-        switch parts[lo] {
-        case let .copied(from, _):
-            payload.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[from + inPart..<from + inPart + dst.count])) }
-        case let .direct(data):
-            data.withUnsafeBytes { dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: $0[inPart..<inPart + dst.count])) }
-        }
-    }
-
-    mutating func add(_ header: RecordHeader) {
-        records.append(contentsOf: header.encoded(seq: firstSeq + UInt64(count)))
-        count += 1
-    }
-
-    func header() -> LogChunk {
-        LogChunk(generation: generation, firstSeq: firstSeq, count: count, payloadBytes: UInt64(payloadBytes),
-                 recordsCheck: xxh3(records))
+        indexing.abort(keepLog: keepLog)
     }
 }
