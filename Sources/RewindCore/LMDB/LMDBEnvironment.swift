@@ -14,14 +14,35 @@ public final class LMDBEnvironment: @unchecked Sendable {
     let env: OpaquePointer
     let directory: String
 
-    /// Address space reserved for the map. It is not allocated on disk; the file grows as
-    /// pages are used. 1 TiB leaves room for any journal this machine class will hold.
-    public static let defaultMapSizeBytes = 1 << 40
+    /// Bounds of the map (address space, not disk: the file grows as pages are used).
+    static let minMapSizeBytes: UInt64 = 1 << 30
+    static let maxMapSizeBytes: UInt64 = 64 << 40
+    /// The map when the file system's size cannot be read.
+    static let fallbackMapSizeBytes = 1 << 40
+
+    /// The map for an environment in `directory`: the size of the file system that holds it,
+    /// in whole GiB, within [1 GiB, 64 TiB]. LMDB's map is a ceiling on the data file, and
+    /// growing it needs every transaction of the process closed — a served volume's readers
+    /// never are — so it is sized once per open to what the data file can ever reach: the
+    /// data file cannot outgrow its file system. It follows the file system: a file system
+    /// grown while a server runs is used from the next start (until then a full map is a full
+    /// journal, handled by the journal-full policy), and the map never stops a journal that
+    /// still has disk to grow into. (Until format 3 the map was a fixed 1 TiB.)
+    public static func mapSizeBytes(forDirectory directory: String) -> Int {
+        var fs = statvfs()
+        guard statvfs(directory, &fs) == 0 else { return fallbackMapSizeBytes }
+        let bytes = UInt64(fs.f_blocks).multipliedReportingOverflow(by: UInt64(fs.f_frsize))
+        guard !bytes.overflow else { return Int(maxMapSizeBytes) }
+        let gib = minMapSizeBytes
+        let rounded = bytes.partialValue / gib * gib + (bytes.partialValue % gib == 0 ? 0 : gib)
+        return Int(min(max(rounded, minMapSizeBytes), maxMapSizeBytes))
+    }
     static let maxNamedDatabases: UInt32 = 16
 
     /// `mustExist`: the environment is an existing one (a mirror's journal): a missing, empty
     /// or truncated data.mdb is reported as damage instead of being created or mapped.
-    public init(directory: String, mapSizeBytes: Int = defaultMapSizeBytes, syncEachCommit: Bool = true,
+    /// `mapSizeBytes`: nil sizes the map to the directory's file system (`mapSizeBytes(forDirectory:)`).
+    public init(directory: String, mapSizeBytes: Int? = nil, syncEachCommit: Bool = true,
                 mustExist: Bool = false) throws {
         self.directory = directory
         var handle: OpaquePointer?
@@ -31,7 +52,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         // From here a throw still runs deinit (the object is fully initialised), which closes env.
         _ = rewind_mdb_set_assert(env)  // a failed LMDB assertion in a guarded read is an error
         try check(mdb_env_set_maxdbs(env, Self.maxNamedDatabases), "mdb_env_set_maxdbs")
-        try check(mdb_env_set_mapsize(env, mapSizeBytes), "mdb_env_set_mapsize")
+        try check(mdb_env_set_mapsize(env, mapSizeBytes ?? Self.mapSizeBytes(forDirectory: directory)), "mdb_env_set_mapsize")
         try check(mdb_env_set_maxreaders(env, 256), "mdb_env_set_maxreaders")
         var flags = UInt32(MDB_NOTLS | MDB_NORDAHEAD)
         flags |= syncEachCommit ? UInt32(MDB_NOMETASYNC) : UInt32(MDB_NOSYNC)
@@ -146,6 +167,13 @@ public final class LMDBEnvironment: @unchecked Sendable {
             if range.count == 2, let a = Int(range[0], radix: 16), let b = Int(range[1], radix: 16) { return (a, b) }
         }
         return nil
+    }
+
+    /// The map's size in this process (`mdb_env_info`).
+    public func mapBytes() throws -> Int {
+        var info = MDB_envinfo()
+        try check(mdb_env_info(env, &info), "mdb_env_info")
+        return Int(info.me_mapsize)
     }
 
     /// Bytes the environment's data file spans (last used page × page size).

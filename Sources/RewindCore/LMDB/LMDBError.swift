@@ -16,6 +16,9 @@ public struct LMDBError: Error, CustomStringConvertible, Sendable {
             }
             return "the journal's index journal/data.mdb is damaged: LMDB \(operation) faulted (\(signal))"
         }
+        if code == MDB_MAP_RESIZED {
+            return "LMDB \(operation) failed: the journal's index grew past this process's map (its file system grew while this process ran): run the command again (\(code))"
+        }
         let text = String(cString: mdb_strerror(code))
         if isCorrupted { return "the journal's index journal/data.mdb is damaged: LMDB \(operation) failed: \(text) (\(code))" }
         return "LMDB \(operation) failed: \(text) (\(code))"

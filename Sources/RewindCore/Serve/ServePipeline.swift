@@ -116,7 +116,8 @@ public final class ServePipeline: @unchecked Sendable {
     private let journal: JournalWriter
     private let source: BlockFile
     private weak var observer: (any ServePipelineObserver)?
-    private let cond = NSCondition()
+    /// One mutex; each thread waits on a condition of its own (`PipelineLock`).
+    private let cond = PipelineLock()
     // Under `cond`:
     private var queue: [VolumeOp] = []       // not yet taken by the writer
     private var inCommit: [VolumeOp] = []    // taken, being journalled
@@ -150,6 +151,9 @@ public final class ServePipeline: @unchecked Sendable {
     private var firstQueuedAt: UInt64 = 0
     /// A wake of the writer at the group's deadline is pending (`submit`).
     private var wakeScheduled = false
+    /// The writer waits for the applier to take batches (a backlog bound, a drain): the
+    /// applier wakes it after each pass.
+    private var writerWaitsForApplier = false
     private var syncCounts = [SyncKind: Int]()
     // The writer thread's own:
     /// The `sourceSyncedSeq` last handed to the journal.
@@ -230,15 +234,15 @@ public final class ServePipeline: @unchecked Sendable {
             signal = wake
         }
         cond.unlock()
-        // A broadcast: the applier waits on the same condition, and a signal could wake it
-        // instead of the writer. After unlocking: woken under the lock, a thread would only block on it.
-        if signal { cond.broadcast() }
+        // After unlocking: woken under the lock, the writer would only block on it.
+        if signal { cond.wake(.writer) }
         if schedule, let scheduleWake {
             scheduleWake(tuning.commitIntervalNanoseconds) { [self] in
                 cond.lock()
                 wakeScheduled = false
-                if !queue.isEmpty { cond.broadcast() }
+                let wake = !queue.isEmpty
                 cond.unlock()
+                if wake { cond.wake(.writer) }
             }
         }
         if let refuse { op.completion?(refuse) }
@@ -292,8 +296,8 @@ public final class ServePipeline: @unchecked Sendable {
     public func stop() {
         cond.lock()
         stopping = true
-        cond.broadcast()
-        while !writerDone || !applierDone || !syncerDone || !sourceSyncerDone { cond.wait() }
+        cond.wakeAll()
+        while !writerDone || !applierDone || !syncerDone || !sourceSyncerDone { cond.wait(.stopper) }
         cond.unlock()
     }
 
@@ -308,10 +312,9 @@ public final class ServePipeline: @unchecked Sendable {
             }
             if queue.isEmpty && stopping { break }
             // Let a group gather, unless someone waits for a sync or the queue is large.
-            let due = firstQueuedAt + tuning.commitIntervalNanoseconds, now = monotonicNanoseconds()
-            let deadline = Date(timeIntervalSinceNow: Double(due > now ? due - now : 0) / 1e9)
-            while !syncWanted && !stopping && queuedBytes < tuning.ackedBytesMax / 2 {
-                if !cond.wait(until: deadline) { break }
+            let due = firstQueuedAt + tuning.commitIntervalNanoseconds
+            while !syncWanted && !stopping && queuedBytes < tuning.ackedBytesMax / 2 && monotonicNanoseconds() < due {
+                if !cond.wait(.writer, until: due) { break }
             }
             var take = 0, bytes = 0
             while take < queue.count && take < tuning.maxBatchOps && (take == 0 || bytes + queue[take].bytes <= tuning.maxBatchBytes) {
@@ -328,15 +331,15 @@ public final class ServePipeline: @unchecked Sendable {
             cond.lock()
             inCommit.removeAll()
             lastActiveAt = monotonicNanoseconds()
-            cond.broadcast()
+            if stopping { cond.wake(.applier) }  // it ends once nothing is queued or in commit
         }
         // Drained: the applier finishes, then the final syncs.
-        while !applying.isEmpty && fenced == nil { cond.wait() }
+        waitForApplier { !applying.isEmpty }
         cond.unlock()
         finalSync()
         cond.lock()
         writerDone = true
-        cond.broadcast()
+        cond.wakeAll()
         cond.unlock()
     }
 
@@ -345,12 +348,12 @@ public final class ServePipeline: @unchecked Sendable {
     private func idle() {
         let owed = journal.commitOwed || sourceDurableSeq > sentSourceSynced
         guard owed, fenced == nil else {
-            cond.wait()
+            cond.wait(.writer)
             return
         }
-        let due = lastActiveAt + tuning.indexCommitIdleNanoseconds, now = monotonicNanoseconds()
-        guard now >= due else {
-            _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+        let due = lastActiveAt + tuning.indexCommitIdleNanoseconds
+        guard monotonicNanoseconds() >= due else {
+            cond.wait(.writer, until: due)
             return
         }
         let durable = sourceDurableSeq
@@ -400,8 +403,8 @@ public final class ServePipeline: @unchecked Sendable {
         cond.lock()
         if !applying.isEmpty && applyingBytes + bytes > tuning.applyBacklogBytesMax {
             drainWanted = true
-            cond.broadcast()
-            while !applying.isEmpty && applyingBytes + bytes > tuning.applyBacklogBytesMax && fenced == nil { cond.wait() }
+            cond.wake(.logSyncer)
+            waitForApplier { !applying.isEmpty && applyingBytes + bytes > tuning.applyBacklogBytesMax }
             drainWanted = false
         }
         if fenced != nil {
@@ -411,12 +414,18 @@ public final class ServePipeline: @unchecked Sendable {
             return
         }
         // One step: overlay reads never miss the batch nor see it twice.
+        let pendingBefore = applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
         if needsSync { logDurableSeq = max(logDurableSeq, seqs.upperBound) }  // covers the batches before it too
         applying.append(Applied(ops: batch, lastSeq: seqs.upperBound, bytes: bytes, handedAt: monotonicNanoseconds()))
         applyingBytes += bytes
         inCommit.removeAll()
-        cond.broadcast()
+        // Wake only who has work: the applier when the batch may go to the source now; the log
+        // syncer when it waits for a first batch to time, or half the backlog now waits.
+        let half = tuning.applyBacklogBytesMax / 2
+        let wakeSyncer = !needsSync && (pendingBefore == 0 || pendingBefore < half && pendingBefore + bytes >= half)
         cond.unlock()
+        if needsSync { cond.wake(.applier) }
+        if wakeSyncer { cond.wake(.logSyncer) }
         answer(batch, nil)
     }
 
@@ -473,8 +482,8 @@ public final class ServePipeline: @unchecked Sendable {
     private func makeRoom(keepingFraction: Double, because reason: String) throws -> Bool {
         cond.lock()
         drainWanted = true
-        cond.broadcast()
-        while !applying.isEmpty && fenced == nil { cond.wait() }
+        cond.wake(.logSyncer)
+        waitForApplier { !applying.isEmpty }
         drainWanted = false
         let why = fenced
         cond.unlock()
@@ -545,11 +554,11 @@ public final class ServePipeline: @unchecked Sendable {
             if fenced != nil { break }
             if applying.isEmpty {
                 if writerDone || stopping && queue.isEmpty && inCommit.isEmpty { break }
-                cond.wait()
+                cond.wait(.applier)
                 continue
             }
             if applying[0].lastSeq > logDurableSeq {
-                cond.wait()  // for the log syncer (or a FLUSH) to make the next batch's chunk durable
+                cond.wait(.applier)  // for the log syncer (or a FLUSH) to make the next batch's chunk durable
                 continue
             }
             // Every batch whose log chunk is durable; they stay in `applying` (overlay reads see
@@ -569,14 +578,18 @@ public final class ServePipeline: @unchecked Sendable {
                 break
             }
             let bytes = taken.reduce(0) { $0 + $1.bytes }
+            let sourceWasCurrent = appliedSeq <= sourceDurableSeq
             applying.removeFirst(taken.count)
             applyingBytes -= bytes
             appliedBytesSinceSync += bytes
             appliedSeq = taken.last?.lastSeq ?? appliedSeq
-            cond.broadcast()
+            // The source syncer waits without a deadline while the source is current, and past
+            // its thresholds it syncs now; otherwise its timer stands.
+            if sourceWasCurrent || sourceSyncIsLarge { cond.wake(.sourceSyncer) }
+            if writerWaitsForApplier { cond.wake(.writer) }
         }
         applierDone = true
-        cond.broadcast()
+        cond.wakeAll()
         cond.unlock()
     }
 
@@ -592,13 +605,12 @@ public final class ServePipeline: @unchecked Sendable {
         cond.lock()
         while fenced == nil && !applierDone {
             guard appliedSeq > sourceDurableSeq else {
-                cond.wait()
+                cond.wait(.sourceSyncer)
                 continue
             }
-            let due = lastSync + tuning.sourceSyncIntervalNanoseconds, now = monotonicNanoseconds()
-            let large = appliedBytesSinceSync >= tuning.sourceSyncBytes || appliedSeq - sourceDurableSeq >= tuning.sourceSyncRecords
-            if now < due && !large {
-                _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+            let due = lastSync + tuning.sourceSyncIntervalNanoseconds
+            if monotonicNanoseconds() < due && !sourceSyncIsLarge {
+                cond.wait(.sourceSyncer, until: due)
                 continue
             }
             cond.unlock()
@@ -608,8 +620,22 @@ public final class ServePipeline: @unchecked Sendable {
             if !synced { break }
         }
         sourceSyncerDone = true
-        cond.broadcast()
+        cond.wake(.stopper)
         cond.unlock()
+    }
+
+    /// Under `cond`: so much went into the source since its last sync that it is synced now.
+    private var sourceSyncIsLarge: Bool {
+        appliedBytesSinceSync >= tuning.sourceSyncBytes
+            || appliedSeq > sourceDurableSeq && appliedSeq - sourceDurableSeq >= tuning.sourceSyncRecords
+    }
+
+    /// Under `cond`, on the writer: wait while `busy()` and the volume is not fenced, woken by
+    /// the applier after each pass.
+    private func waitForApplier(while busy: () -> Bool) {
+        writerWaitsForApplier = true
+        while busy() && fenced == nil { cond.wait(.writer) }
+        writerWaitsForApplier = false
     }
 
     /// fdatasync the source on the calling thread; returns the seq it is durable through.
@@ -628,8 +654,8 @@ public final class ServePipeline: @unchecked Sendable {
         counted(.source, since: started)
         cond.lock()
         sourceDurableSeq = max(sourceDurableSeq, target)
-        cond.broadcast()
         cond.unlock()
+        cond.wake(.writer)  // an idle writer records the new sourceSyncedSeq in the journal
         return target
     }
 
@@ -645,13 +671,13 @@ public final class ServePipeline: @unchecked Sendable {
         while fenced == nil && !applierDone {
             guard let target = applying.last?.lastSeq, target > logDurableSeq,
                   let oldest = applying.first(where: { $0.lastSeq > logDurableSeq }) else {
-                cond.wait()
+                cond.wait(.logSyncer)
                 continue
             }
             let waiting = applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
-            let due = oldest.handedAt + tuning.writeAheadIntervalNanoseconds, now = monotonicNanoseconds()
-            if now < due && waiting < tuning.applyBacklogBytesMax / 2 && !drainWanted && !stopping {
-                _ = cond.wait(until: Date(timeIntervalSinceNow: Double(due - now) / 1e9))
+            let due = oldest.handedAt + tuning.writeAheadIntervalNanoseconds
+            if monotonicNanoseconds() < due && waiting < tuning.applyBacklogBytesMax / 2 && !drainWanted && !stopping {
+                cond.wait(.logSyncer, until: due)
                 continue
             }
             cond.unlock()
@@ -669,10 +695,10 @@ public final class ServePipeline: @unchecked Sendable {
                 break
             }
             logDurableSeq = max(logDurableSeq, target)
-            cond.broadcast()
+            cond.wake(.applier)
         }
         syncerDone = true
-        cond.broadcast()
+        cond.wake(.stopper)
         cond.unlock()
     }
 
@@ -748,7 +774,7 @@ public final class ServePipeline: @unchecked Sendable {
     private func fenceLocked(_ why: String) {
         let first = fenced == nil
         if first { fenced = why }
-        cond.broadcast()
+        cond.wakeAll()
         guard first else { return }
         cond.unlock()
         announce(why)
@@ -762,7 +788,7 @@ public final class ServePipeline: @unchecked Sendable {
         defer { cond.unlock() }
         let first = fenced == nil
         if first { fenced = why }
-        cond.broadcast()
+        cond.wakeAll()
         return first
     }
 }
