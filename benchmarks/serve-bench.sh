@@ -6,12 +6,13 @@
 # usage: benchmarks/serve-bench.sh [DIR] [SECONDS-PER-JOB]
 # For A/B runs: JOBS="seqwrite randread1" runs only those jobs (keys: ALL_JOBS below),
 # REPEAT=N runs each N times, and
-# REWIND_BIN=PATH serves with that binary instead of building one; only the rows are printed.
+# REWIND_BIN=PATH serves with that binary instead of building one; only the rows are printed;
+# SIZE=8G (default 2G) sizes the volume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/rewind-serve-bench}
 RUNTIME=${2:-10}
-SIZE=2G
+SIZE=${SIZE:-2G}  # the volume; SIZE=8G puts the source past the page cache's dirty limits
 scripts/install-deps.sh test >/dev/null
 if [ -n "${REWIND_BIN:-}" ]; then REWIND=$REWIND_BIN; else
     swift build -c release --product rewind >/dev/null

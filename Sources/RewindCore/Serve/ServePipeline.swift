@@ -18,7 +18,7 @@ import Foundation
 ///   the journal could lose). Batches that a FLUSH's sync already covered go at once; for the
 ///   others the **log syncer** fdatasyncs the log, one sync for every batch waiting when it
 ///   starts, while the applier writes those already durable.
-///   A fourth thread fdatasyncs the source every few seconds (or after 1 GiB or 100,000
+///   A fourth thread fdatasyncs the source every 10 s (or after 4 GiB or 100,000
 ///   records), and that seq becomes the mirror's
 ///   `sourceSyncedSeq`: what a start after a crash must rewrite is the records after it
 ///   (`Mirror.rewriteBlocks(ofRecordsAfter:)`), seconds of writes, not the history.
@@ -68,14 +68,21 @@ public final class ServePipeline: @unchecked Sendable {
         /// device cache flush, which in a VM is the host's fsync of the disk image: back to back
         /// they cost random 4 KiB writes at QD 16 a third of their throughput.
         public var writeAheadIntervalNanoseconds: UInt64 = 50_000_000
+        /// Bytes of journalled batches waiting for their log sync that start it at once: half the
+        /// backlog bound (a quarter measured the same for sequential writes).
+        public var writeAheadBytes = 32 << 20
         /// How often the source is fdatasynced (`sourceSyncedSeq`: what a start after a crash
         /// rewrites is the records after it), at the latest — sooner once `sourceSyncBytes` or
         /// `sourceSyncRecords` were written to it since. Not every second: each sync writes back
         /// what the page cache would otherwise coalesce or write later, and at once a second
         /// random 4 KiB writes at QD 16 lost a third of their throughput here.
         public var sourceSyncIntervalNanoseconds: UInt64 = 10_000_000_000
-        /// Bytes written to the source since its last sync that call for the next one now.
-        public var sourceSyncBytes = 1 << 30
+        /// Bytes written to the source since its last sync that call for the next one now: what a
+        /// start after a crash may rewrite, at most (DRBD's default activity log covers 1,237
+        /// extents of 4 MiB, 4.8 GiB, for the same purpose). Not 1 GiB: each sync writes back
+        /// what the page cache would otherwise coalesce, and at one per GiB sequential 1 MiB
+        /// writes lost a quarter of their throughput here (docs/benchmarks.md).
+        public var sourceSyncBytes = 4 << 30
         /// Records written to the source since its last sync that call for the next one now
         /// (bounds the records a start after a crash reads).
         public var sourceSyncRecords: UInt64 = 100_000
@@ -421,7 +428,7 @@ public final class ServePipeline: @unchecked Sendable {
         inCommit.removeAll()
         // Wake only who has work: the applier when the batch may go to the source now; the log
         // syncer when it waits for a first batch to time, or half the backlog now waits.
-        let half = tuning.applyBacklogBytesMax / 2
+        let half = tuning.writeAheadBytes
         let wakeSyncer = !needsSync && (pendingBefore == 0 || pendingBefore < half && pendingBefore + bytes >= half)
         cond.unlock()
         if needsSync { cond.wake(.applier) }
@@ -488,13 +495,7 @@ public final class ServePipeline: @unchecked Sendable {
         let why = fenced
         cond.unlock()
         if let why { throw RewindError.invalidArgument("volume fenced: \(why)") }
-        let started = monotonicNanoseconds()
-        try source.dataSync()
-        counted(.source, since: started)
-        let synced = try journal.lastSeq ?? mirror.meta().lastSeq
-        cond.lock()
-        sourceDurableSeq = max(sourceDurableSeq, synced)
-        cond.unlock()
+        let synced = try syncSourceNow()  // drained: through the last journalled batch
         _ = try journal.append([], sourceSynced: synced)
         sentSourceSynced = synced
         try journal.commit()
@@ -676,7 +677,7 @@ public final class ServePipeline: @unchecked Sendable {
             }
             let waiting = applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
             let due = oldest.handedAt + tuning.writeAheadIntervalNanoseconds
-            if monotonicNanoseconds() < due && waiting < tuning.applyBacklogBytesMax / 2 && !drainWanted && !stopping {
+            if monotonicNanoseconds() < due && waiting < tuning.writeAheadBytes && !drainWanted && !stopping {
                 cond.wait(.logSyncer, until: due)
                 continue
             }
