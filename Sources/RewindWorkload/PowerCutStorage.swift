@@ -104,8 +104,13 @@ public final class PowerCutStorage: StorageFaults, @unchecked Sendable {
                 let size = fstat(fd, &st) == 0 ? UInt64(st.st_size) : 0
                 var file = s.files[path] ?? FileState(syncedSize: size)
                 let page = UInt64(Self.pageSize)
-                for p in range.lowerBound / page...(range.upperBound - 1) / page where file.pages[p] == nil {
-                    file.pages[p] = Self.readPage(fd, p, size: size)
+                // A hole punched over a hole changes nothing: only the data under a punch needs
+                // its pre-image (compaction punches a log file's whole dead prefix, up to 256 MiB).
+                let spans = operation.hasPrefix("fallocate(PUNCH_HOLE") ? Self.dataSpans(fd, range, size: size) : [range]
+                for span in spans where !span.isEmpty {
+                    for p in span.lowerBound / page...(span.upperBound - 1) / page where file.pages[p] == nil {
+                        file.pages[p] = Self.readPage(fd, p, size: size)
+                    }
                 }
                 s.files[path] = file
             }
@@ -150,6 +155,26 @@ public final class PowerCutStorage: StorageFaults, @unchecked Sendable {
         throw RewindError.io(path: path, operation: operation, errno: e)
     }
 
+    /// The parts of `range` that hold data (`SEEK_DATA` / `SEEK_HOLE`); all of it if the file
+    /// system cannot say.
+    static func dataSpans(_ fd: Int32, _ range: Range<UInt64>, size: UInt64) -> [Range<UInt64>] {
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // Linux's SEEK_DATA, SEEK_HOLE (_GNU_SOURCE: not in Glibc's module)
+        var spans: [Range<UInt64>] = []
+        var at = range.lowerBound
+        let end = min(range.upperBound, size)
+        while at < end {
+            let data = lseek(fd, off_t(at), seekData)
+            if data < 0 { return errno == ENXIO ? spans : [range] }  // ENXIO: only a hole follows
+            if UInt64(data) >= end { break }
+            let hole = lseek(fd, data, seekHole)
+            if hole < 0 { return [range] }
+            let span = UInt64(data)..<min(end, max(UInt64(data), UInt64(hole)))
+            if !span.isEmpty { spans.append(span) }
+            at = UInt64(hole)
+        }
+        return spans
+    }
+
     // MARK: reboot
 
     /// Put on the real files what the disk held at the cut (see the type's comment), and
@@ -184,8 +209,23 @@ public final class PowerCutStorage: StorageFaults, @unchecked Sendable {
                 for p in file.pages.keys.sorted() where p * page < size {
                     let old = file.pages[p] ?? [], new = newContent[p] ?? []
                     var bytes = [UInt8](repeating: 0, count: Int(min(page, size - p * page)))
+                    // Bytes r of `from` (zeros past its end) into `bytes`, clipped to its length.
                     func take(_ from: [UInt8], _ r: Range<Int>) {
-                        for i in r where i < bytes.count { bytes[i] = i < from.count ? from[i] : 0 }
+                        let r = r.clamped(to: 0..<bytes.count)
+                        guard !r.isEmpty else { return }
+                        let copied = r.clamped(to: 0..<from.count)
+                        bytes.withUnsafeMutableBytes { dst in
+                            if !copied.isEmpty {
+                                from.withUnsafeBytes { src in
+                                    dst.baseAddress!.advanced(by: copied.lowerBound)
+                                        .copyMemory(from: src.baseAddress!.advanced(by: copied.lowerBound), byteCount: copied.count)
+                                }
+                            }
+                            let zeroFrom = copied.isEmpty ? r.lowerBound : copied.upperBound
+                            if zeroFrom < r.upperBound {
+                                dst.baseAddress!.advanced(by: zeroFrom).initializeMemory(as: UInt8.self, repeating: 0, count: r.upperBound - zeroFrom)
+                            }
+                        }
                     }
                     switch Int.random(in: 0..<3, using: &rng) {
                     case 0:

@@ -37,6 +37,9 @@ public final class PayloadLog: @unchecked Sendable {
     /// sync that succeeds proves nothing about the bytes the failed one covered. So every
     /// sync after a failure throws that failure again; nothing is retried.
     private let failure = Mutex<Error?>(nil)
+    /// How far `punchDeadPrefix` has punched, as a stream position (this process only): each
+    /// compaction punches from there, not from the file's start again.
+    private let punched = Mutex<UInt64>(0)
 
     public init(directory: String) {
         self.directory = directory
@@ -392,15 +395,22 @@ public final class PayloadLog: @unchecked Sendable {
     /// there is live: compaction folded it), by punching a hole: a log file is 256 MiB, so
     /// deleting whole files alone frees nothing on a journal smaller than one. The size stays;
     /// the hole lies before the live part, where `Mirror.logGaps` does not look.
+    /// Only what was not punched before: a compaction every few seconds re-punching the whole
+    /// dead prefix of a 256 MiB file would walk its extents each time.
     public func punchDeadPrefix(before position: UInt64) {
         let page = UInt64(LMDBEnvironment.osPageSize)
-        let inFile = position % Self.fileBytes / page * page
-        guard inFile > 0 else { return }
-        _ = try? withFile(position / Self.fileBytes, create: false) { try $0.punchHole(at: 0, length: inFile) }
+        let fileStart = position / Self.fileBytes * Self.fileBytes
+        let end = fileStart + position % Self.fileBytes / page * page
+        let from = max(punched.withLock { $0 }, fileStart)
+        guard end > from else { return }
+        // Compactions run one at a time (the mirror's compaction lock): no two punch at once.
+        let done: Bool = (try? withFile(position / Self.fileBytes, create: false) { try $0.punchHole(at: from - fileStart, length: end - from) }) != nil
+        if done { punched.withLock { $0 = max($0, end) } }
     }
 
     /// Cut the stream at `position`: what follows is a torn or abandoned tail. Later files go.
     public func truncate(at position: UInt64) throws {
+        punched.withLock { $0 = min($0, position) }
         prepared.withLock { $0 = $0.clamped(to: 0..<position) }
         let keep = position / Self.fileBytes
         var unlinked = false
