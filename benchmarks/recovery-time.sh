@@ -16,6 +16,8 @@
 #   --cold: drop the page cache before the timed start (root), as after a power cut.
 #   REWIND=PATH TORTURE=PATH: the binaries (default .build/release/rewind, .build/release/rewind-torture;
 #            nothing is built here), e.g. an older build's for comparison.
+#   FILL_WRITES=1: a history of writes only (the stream's zeroes, trims and FLUSHes become
+#            one-block writes): its large zero ranges make a 1,000,000-record fill take hours.
 #   BENCH_DIR (/tmp): where the temporary folder goes. WRITES (2000), SETTLE (0.5 s), BATCH (1000,
 #   records per append), SEED (7), SIZE (1G), START_TIMEOUT (600 s: a start, a stop), FILL_TIMEOUT (3600 s).
 # The server syncs the source about once a second after it starts (sourceSyncedSeq), and a start
@@ -203,7 +205,7 @@ for H in "${LIST[@]}"; do
 
     # The history: H records through the library, no server; the mirror's sourceSyncedSeq stays at 0.
     t=$EPOCHREALTIME
-    run_bounded "$FILL_TIMEOUT" "rewind-torture append" "$TORTURE" append "$d/vol.img.rewind" "$SEED" "$H" "$BATCH" >/dev/null
+    run_bounded "$FILL_TIMEOUT" "rewind-torture append" "$TORTURE" append "$d/vol.img.rewind" "$SEED" "$H" "$BATCH" ${FILL_WRITES:+--writes} >/dev/null
     fill=$(since "$t")
     note "history $H: appended in $fill s; mirror $(du -sh "$d/vol.img.rewind" | cut -f1)"
 

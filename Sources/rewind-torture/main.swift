@@ -27,23 +27,32 @@ func hex16(_ n: UInt64) -> String {
 /// Other modes, for the CLI scripts:
 ///   rewind-torture pipeline MIRROR SOURCE SEED       serve's pipeline journalling stream SEED until killed
 ///   rewind-torture power-cuts SEED COUNT [--json]    the power-cut simulation (PowerCutTests), COUNT cuts
-///   rewind-torture append MIRROR SEED COUNT [BATCH]  append changes lastSeq+1... of stream SEED, then sync
+///   rewind-torture append MIRROR SEED COUNT [BATCH [--writes]]  append changes lastSeq+1... of stream SEED
+///                                                    (--writes: its zeroes, trims and FLUSHes as one-block writes), then sync
 ///   rewind-torture model SEED SIZE BLOCKSIZE K OUT   write the volume after change K of stream SEED
 ///   rewind-torture describe SEED SIZE BLOCKSIZE K    print change K's kind, offset and length
 ///   rewind-torture damage-log MIRROR SEED             leave a damaged chunk before an intact one past the index
 let args = CommandLine.arguments
 do {
     switch (args.count, args.count > 1 ? args[1] : "") {
-    case (5, "append"), (6, "append"):
-        guard let seed = UInt64(args[3]), let count = UInt64(args[4]) else { break }
-        let batchSize = args.count == 6 ? UInt64(args[5]) ?? 1 : 1
+    case (5, "append"), (6, "append"), (7, "append"):
+        guard let seed = UInt64(args[3]), let count = UInt64(args[4]), args.count < 7 || args[6] == "--writes" else { break }
+        let batchSize = args.count >= 6 ? UInt64(args[5]) ?? 1 : 1
+        // --writes: every change of the stream that is not a write becomes a one-block write at
+        // its offset (a history of writes only: zero and trim records of up to a quarter of the
+        // volume make the fill's indexing cost grow with the history, `Mirror.markZero`).
+        let writesOnly = args.count == 7
         let mirror = try Mirror.open(at: args[2], recover: true)
+        let bs = UInt64(mirror.blockSize)
         var done: UInt64 = 0
         while done < count {
             let last = try mirror.meta().lastSeq
             let n = min(batchSize, count - done)
             try mirror.append((1...n).map {
-                streamChange(seed: seed, index: last + $0, size: mirror.volumeSize, blockSize: mirror.blockSize)
+                let c = streamChange(seed: seed, index: last + $0, size: mirror.volumeSize, blockSize: mirror.blockSize)
+                guard writesOnly, c.kind != .write else { return c }
+                let offset = c.offset / bs * bs
+                return .write(offset, (0..<Int(bs)).map { UInt8(truncatingIfNeeded: Int(offset / bs) &+ $0 &* 7) })
             })
             done += n
         }
@@ -165,7 +174,7 @@ do {
     case (3, _):
         break
     default:
-        say("usage: rewind-torture MIRROR SEED | pipeline MIRROR SOURCE SEED | power-cuts SEED COUNT [--json] | append MIRROR SEED COUNT [BATCH] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
+        say("usage: rewind-torture MIRROR SEED | pipeline MIRROR SOURCE SEED | power-cuts SEED COUNT [--json] | append MIRROR SEED COUNT [BATCH [--writes]] | model SEED SIZE BLOCKSIZE K OUT | describe SEED SIZE BLOCKSIZE K | damage-log MIRROR SEED", fd: 2)
         exit(2)
     }
 } catch {
