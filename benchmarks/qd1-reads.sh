@@ -12,13 +12,9 @@ ARGS=()
 for a in "$@"; do if [ "$a" = --json ]; then JSON=1; else ARGS+=("$a"); fi; done
 DIR=${ARGS[0]:-/tmp/rewind-qd1}
 REQUESTS=${ARGS[1]:-150000}
-scripts/install-deps.sh test >/dev/null
-if [ -n "${REWIND_BIN:-}" ]; then REWIND=$REWIND_BIN; else
-    swift build -c release --product rewind >/dev/null
-    REWIND=$PWD/.build/release/rewind
-fi
 [ "$(nproc)" -ge 2 ] || { echo "qd1-reads: needs two CPUs" >&2; exit 2; }
-rm -rf "$DIR"; mkdir -p "$DIR"
+. benchmarks/common.sh
+bench_setup "$DIR"
 SOCK=$DIR/nbd.sock
 PID=
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }

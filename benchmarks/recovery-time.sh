@@ -20,8 +20,8 @@
 #            one-block writes): its large zero ranges make a 1,000,000-record fill take hours.
 #   BENCH_DIR (/tmp): where the temporary folder goes. WRITES (2000), SETTLE (0.5 s), BATCH (1000,
 #   records per append), SEED (7), SIZE (1G), START_TIMEOUT (600 s: a start, a stop), FILL_TIMEOUT (3600 s).
-# The server syncs the source about once a second after it starts (sourceSyncedSeq), and a start
-# replays only what came after that sync: the writes and SETTLE must end within that second, or
+# The server syncs the source every 10 s after it starts (sourceSyncedSeq), and a start
+# replays only what came after that sync: the writes and SETTLE must end within those 10 s, or
 # fewer records are replayed (the script says so; SETTLE=0.2 kills sooner).
 set -euo pipefail
 export LC_ALL=C
@@ -263,7 +263,7 @@ for H in "${LIST[@]}"; do
         note "history $H: the start replayed nothing (no 'replayed' line): the source was synced through the last record before the SIGKILL"
     fi
     if [ "$records" -lt "$WRITES" ]; then
-        note "history $H: replayed $records records, not the $WRITES written: the server synced the source (about once a second) before the SIGKILL, $killed s after it was ready; SETTLE=0.2 kills sooner"
+        note "history $H: replayed $records records, not the $WRITES written: the server synced the source (every 10 s) before the SIGKILL, $killed s after it was ready; SETTLE=0.2 kills sooner"
     elif [ "$records" -gt "$WRITES" ]; then
         note "history $H: replayed $records records, more than the $WRITES written"
     elif [ -n "$first" ] && [ "$first" != $((H + 1)) ]; then

@@ -13,12 +13,8 @@ cd "$(dirname "$0")/.."
 DIR=${1:-/tmp/rewind-serve-bench}
 RUNTIME=${2:-10}
 SIZE=${SIZE:-2G}  # the volume; SIZE=8G puts the source past the page cache's dirty limits
-scripts/install-deps.sh test >/dev/null
-if [ -n "${REWIND_BIN:-}" ]; then REWIND=$REWIND_BIN; else
-    swift build -c release --product rewind >/dev/null
-    REWIND=$PWD/.build/release/rewind
-fi
-rm -rf "$DIR"; mkdir -p "$DIR"
+. benchmarks/common.sh
+bench_setup "$DIR"
 SOCK=$DIR/nbd.sock
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }

@@ -5,7 +5,7 @@
 # and after each fio job, so the volume's fill is not counted:
 #   flush         the log, before a FLUSH or FUA write is answered
 #   before_apply  the log, before batches no FLUSH covered are written to the source
-#   source        the source, about once a second (what a start after a crash replays from)
+#   source        the source, every 10 s or after 4 GiB / 100,000 records (what a start after a crash replays from)
 # Jobs: random 4 KiB writes at QD 16 and QD 1 (no FLUSH), and QD 1 with a FLUSH after each
 # write (fio --fsync=1). A fresh, filled 2 GiB volume per job.
 # usage: benchmarks/write-syncs.sh [DIR] [SECONDS] [--json]
@@ -17,12 +17,8 @@ for a in "$@"; do case $a in --json) JSON=1 ;; *) ARGS+=("$a") ;; esac; done
 DIR=${ARGS[0]:-/tmp/rewind-write-syncs}
 RUNTIME=${ARGS[1]:-10}
 SIZE=2G
-scripts/install-deps.sh test >/dev/null
-if [ -n "${REWIND_BIN:-}" ]; then REWIND=$REWIND_BIN; else
-    swift build -c release --product rewind >/dev/null
-    REWIND=$PWD/.build/release/rewind
-fi
-rm -rf "$DIR"; mkdir -p "$DIR"
+. benchmarks/common.sh
+bench_setup "$DIR"
 SOCK=$DIR/nbd.sock
 SERVER_PID=
 cleanup() { [ -n "$SERVER_PID" ] && kill "$SERVER_PID" 2>/dev/null; wait 2>/dev/null; rm -rf "$DIR"; }

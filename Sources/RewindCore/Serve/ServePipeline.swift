@@ -188,20 +188,17 @@ public final class ServePipeline: @unchecked Sendable {
         }, readVolume: { [unowned self] offset, dst in try readVolume(at: offset, into: dst) })
     }
 
-    /// Start the writer and the applier.
+    /// Start the writer, the applier and the two syncers (the index thread runs already).
     public func start() {
-        let writer = Thread { [self] in runWriter() }
-        writer.name = "rewind-writer"
-        writer.start()
-        let applier = Thread { [self] in runApplier() }
-        applier.name = "rewind-apply"
-        applier.start()
-        let syncer = Thread { [self] in runLogSyncer() }
-        syncer.name = "rewind-logsync"
-        syncer.start()
-        let sourceSyncer = Thread { [self] in runSourceSyncer() }
-        sourceSyncer.name = "rewind-srcsync"
-        sourceSyncer.start()
+        let threads: [(String, @Sendable () -> Void)] = [
+            ("rewind-writer", { [self] in runWriter() }), ("rewind-apply", { [self] in runApplier() }),
+            ("rewind-logsync", { [self] in runLogSyncer() }), ("rewind-srcsync", { [self] in runSourceSyncer() }),
+        ]
+        for (name, body) in threads {
+            let thread = Thread(block: body)
+            thread.name = name
+            thread.start()
+        }
     }
 
     // MARK: requests
@@ -421,7 +418,7 @@ public final class ServePipeline: @unchecked Sendable {
             return
         }
         // One step: overlay reads never miss the batch nor see it twice.
-        let pendingBefore = applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
+        let pendingBefore = bytesAwaitingLogSync
         if needsSync { logDurableSeq = max(logDurableSeq, seqs.upperBound) }  // covers the batches before it too
         applying.append(Applied(ops: batch, lastSeq: seqs.upperBound, bytes: bytes, handedAt: monotonicNanoseconds()))
         applyingBytes += bytes
@@ -625,6 +622,11 @@ public final class ServePipeline: @unchecked Sendable {
         cond.unlock()
     }
 
+    /// Under `cond`: bytes of the batches at the applier whose log chunk is not yet durable.
+    private var bytesAwaitingLogSync: Int {
+        applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
+    }
+
     /// Under `cond`: so much went into the source since its last sync that it is synced now.
     private var sourceSyncIsLarge: Bool {
         appliedBytesSinceSync >= tuning.sourceSyncBytes
@@ -675,9 +677,8 @@ public final class ServePipeline: @unchecked Sendable {
                 cond.wait(.logSyncer)
                 continue
             }
-            let waiting = applying.reduce(0) { $0 + ($1.lastSeq > logDurableSeq ? $1.bytes : 0) }
             let due = oldest.handedAt + tuning.writeAheadIntervalNanoseconds
-            if monotonicNanoseconds() < due && waiting < tuning.writeAheadBytes && !drainWanted && !stopping {
+            if monotonicNanoseconds() < due && bytesAwaitingLogSync < tuning.writeAheadBytes && !drainWanted && !stopping {
                 cond.wait(.logSyncer, until: due)
                 continue
             }
