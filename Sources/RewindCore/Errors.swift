@@ -39,6 +39,8 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
     case sourceChanged(source: String, mirror: String, seq: UInt64, what: String, isBlockDevice: Bool)
     case journal(LMDBError)
     case mismatch(offset: UInt64, why: String)
+    /// A compaction to seq `target` would fold a point an export reads (`Pin`).
+    case pinned(target: UInt64, pin: Pin.Info)
 
     public var description: String {
         switch self {
@@ -89,6 +91,8 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
             return "\(source) changed since rewind serve stopped at seq:\(seq) (\(what)): something wrote it without rewind. To put back the mirror's version run `\(putBack)`; to keep the source as it is now, move the mirror aside (`mv \(m) \(shellWord(mirror + ".old"))`) and serve again, which starts a new mirror from it"
         case let .journal(error): return error.description
         case let .mismatch(offset, why): return "differs at offset \(offset): \(why)"
+        case let .pinned(target, pin):
+            return "seq:\(target) is after seq:\(pin.seq), a point in use by \(pin.holder) (pid \(pin.pid)); stop it, or compact to seq:\(pin.seq) at most"
         }
     }
 }

@@ -26,6 +26,16 @@ public struct MirrorStatus: Sendable, Codable {
     /// Why a server fenced the volume ("TIME REASON": which file, which errno), until a start
     /// recovers from it (`Mirror.fenceRecord`).
     public var fenced: String?
+    /// Points in use by exports (`Pin`), oldest first: no compaction folds past the first.
+    public var pins: [PinStatus]
+}
+
+/// A pin as `status` shows it.
+public struct PinStatus: Sendable, Codable {
+    public var seq: UInt64
+    public var pid: Int32
+    public var since: String
+    public var holder: String
 }
 
 extension Mirror {
@@ -44,6 +54,7 @@ extension Mirror {
                             generation: m.generation,
                             compactionPending: m.target > m.horizon ? m.target : nil,
                             rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,
-                            bookmarks: marks, logDamage: try logGaps().map(\.description), fenced: fenceRecord())
+                            bookmarks: marks, logDamage: try logGaps().map(\.description), fenced: fenceRecord(),
+                            pins: try livePins().map { PinStatus(seq: $0.seq, pid: $0.pid, since: formatRFC3339($0.since), holder: $0.holder) })
     }
 }

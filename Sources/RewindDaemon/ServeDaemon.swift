@@ -69,12 +69,18 @@ public enum ServeDaemon {
                                      canFastZero: probeZeroRange(near: options.source))
         let exportName = options.export ?? URL(fileURLWithPath: options.source).lastPathComponent
         let export = NBDExport(name: exportName, description: options.description ?? "rewind: \(options.source)", target: volume)
-        let server = NBDServer(export: export, group: group, maxConnections: options.maxConnections, observer: metrics,
+        let catalog = PointCatalog(primary: export, mirror: prepared.mirror, pool: pool, logger: logger) { [writer] in
+            _ = try? writer.durablePoint(timeoutSeconds: 5)
+        }
+        let server = NBDServer(catalog: catalog, group: group, maxConnections: options.maxConnections, observer: metrics,
                                logger: logger)
+        // Other processes (bookmark, timeline, restore, export) ask for the durable point here.
+        let control = startControlServer(prepared.mirror, writer: writer, logger: logger)
         let bound: [String]
         do {
             bound = try await server.start(addresses)
         } catch {
+            control?.stop()
             writer.stop()
             recordCleanStop(prepared, writer: writer, logger: logger)
             try? await group.shutdownGracefully()
@@ -103,6 +109,7 @@ public enum ServeDaemon {
         let group2 = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
                                                        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group2.run()
+        control?.stop()
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
@@ -117,6 +124,25 @@ public enum ServeDaemon {
         let syncs = writer.syncs
         logger.info("stopped cleanly; journal at seq:\(lastSeq); syncs: \(ServePipeline.SyncKind.allCases.map { "\($0.rawValue) \(syncs[$0] ?? 0)" }.joined(separator: ", "))")
         return true
+    }
+
+    /// The control socket (`ControlSocket`); a failure to bind it is logged, not fatal: other
+    /// commands then read the index as committed.
+    static func startControlServer(_ mirror: Mirror, writer: ServePipeline, logger: Logger) -> ControlServer? {
+        do {
+            return try ControlServer(mirror: mirror) { [writer] request in
+                guard request == "durable" else { return "error unknown request \"\(request.prefix(40))\"" }
+                do {
+                    let point = try writer.durablePoint()
+                    return "ok \(point.flushed) \(point.appended)"
+                } catch {
+                    return "error \(error)"
+                }
+            }
+        } catch {
+            logger.warning("no control socket (\(error)): bookmarks name the index's last commit, up to a second behind")
+            return nil
+        }
     }
 
     struct Prepared {

@@ -7,7 +7,8 @@ struct BookmarkCommand: ParsableCommand {
 
     @Argument(help: "The mirror directory.") var mirror: String
     @Argument(help: "The bookmark's name.") var name: String
-    @Option(help: "The point to name (default latest).", transform: parsePoint) var at: Point = .latest
+    @Option(help: "The point to name (default: while a server runs, the newest point a completed FLUSH made durable; else latest).", transform: parsePoint) var at: Point?
+    @Flag(help: "Snap the point back to the newest FLUSH point at or before it.") var consistent = false
     @Flag(help: "Move an existing bookmark of this name.") var force = false
     @Flag(help: "Remove the bookmark instead.") var delete = false
     @Flag(help: "Print the result as JSON.") var json = false
@@ -16,13 +17,14 @@ struct BookmarkCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try openMirror(mirror)
+            let (m, durable) = try openMirrorCaughtUp(mirror)
             if delete {
                 try m.deleteBookmark(name)
                 if !json { print("removed bookmark \(name)") }
                 return
             }
-            let seq = try m.setBookmark(name, at: at, replace: force)
+            let point = at ?? durable.map { .seq($0.flushed) } ?? .latest
+            let seq = try m.setBookmark(name, at: point.consistent(consistent), replace: force)
             if json { printJSON(Line(name: name, seq: seq)) } else { print("bookmark \(name) = seq:\(seq)") }
         }
     }

@@ -35,6 +35,19 @@ func openMirror(_ path: String, recover: Bool = false) throws -> Mirror {
     return m
 }
 
+/// Open a mirror and, when a server owns it, have that server bring the index up to its
+/// durable point first (`ControlSocket`): what the command reads then holds every record a
+/// completed FLUSH made durable. Returns the server's answer (nil: no server runs).
+func openMirrorCaughtUp(_ path: String) throws -> (Mirror, ControlSocket.DurablePoint?) {
+    let m = try openMirror(path)
+    do {
+        return (m, try ControlSocket.askDurable(m))
+    } catch {
+        printWarning("\(engineMessage(error) ?? "\(error)"); reading the index as committed (up to a second behind the server)")
+        return (m, nil)
+    }
+}
+
 func printError(_ message: String) {
     FileHandle.standardError.write(Data("rewind: error: \(message)\n".utf8))
 }

@@ -14,6 +14,8 @@ struct RestoreCommand: ParsableCommand {
     @Argument(help: "The mirror directory.") var mirror: String
     @Option(help: "The point: seq:N, time:RFC3339, bookmark:NAME, latest or oldest.", transform: parsePoint) var at: Point
     @Option(help: "The image to write: a new file, or with --force an existing file or block device.") var to: String
+    @Flag(help: "Snap the point back to the newest FLUSH point at or before it.") var consistent = false
+    @Option(help: "Lay this overlay (from `rewind export --overlay`, at the same point) over the point: the tested volume as an image.") var overlay: String?
     @Flag(help: "Replace IMAGE if it is a file, or overwrite its contents if it is a block device.") var force = false
     @Flag(help: "Print the result as JSON.") var json = false
 
@@ -23,9 +25,10 @@ struct RestoreCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try openMirror(mirror)
+            let (m, _) = try openMirrorCaughtUp(mirror)
             let device = Mirror.restoreTargetIsBlockDevice(to)
-            let r = try m.restore(at: at, to: to, force: force, progress: ProgressPrinter(command: "restore"))
+            let r = try m.restore(at: at.consistent(consistent), to: to, force: force, overlay: overlay,
+                                  progress: ProgressPrinter(command: "restore"))
             if json {
                 printJSON(Line(seq: r.seq, image: to, bytes: r.bytes, blocksFromJournal: device ? nil : r.blocksFromJournal,
                                device: device ? true : nil))

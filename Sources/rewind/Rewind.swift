@@ -10,7 +10,7 @@ struct Rewind: AsyncParsableCommand {
         abstract: "Continuous data protection for block volumes: a mirror (base image + LMDB journal) you can bring back to any moment.",
         version: "0.1.0",
         subcommands: [ServeCommand.self, InitCommand.self, TimelineCommand.self, BookmarkCommand.self, BookmarksCommand.self,
-                      RestoreCommand.self, RollbackCommand.self, CompactCommand.self, VerifyCommand.self,
+                      RestoreCommand.self, RollbackCommand.self, ExportCommand.self, CompactCommand.self, VerifyCommand.self,
                       StatusCommand.self])
 
     static func main() async {

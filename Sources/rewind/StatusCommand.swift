@@ -30,6 +30,8 @@ struct StatusCommand: ParsableCommand {
                 if let c = s.compactionPending { print("compaction   unfinished, to seq:\(c) (finished by the next compact or serve)") }
                 if let r = s.rollbackPending { print("rollback     unfinished, to seq:\(r) (run rollback again)") }
                 for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
+                for pin in s.pins { print("pin          seq:\(pin.seq) held by \(pin.holder) (pid \(pin.pid)) since \(pin.since)") }
+                if let oldest = s.pins.first { print("retention    stops at seq:\(oldest.seq) while it is pinned") }
                 for gap in s.logDamage { print("log          DAMAGED: \(gap)") }
                 if let f = s.fenced { print("fenced       \(f)") }
             }

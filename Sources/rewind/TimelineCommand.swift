@@ -22,7 +22,7 @@ struct TimelineCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try openMirror(mirror)
+            let (m, _) = try openMirrorCaughtUp(mirror)
             let meta = try m.meta()
             let first = max(try since.map { try m.resolve($0) } ?? 0, meta.oldestPoint + 1)
             let last = try until.map { try m.resolve($0) } ?? meta.lastSeq

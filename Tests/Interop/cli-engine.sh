@@ -50,7 +50,7 @@ expect_error 64 "Error: Missing expected argument '<mirror>'" "$REWIND" status
 cmp r0.img seed.img || fail "restore oldest differs from the seed"; ok
 expect_output "bookmark start = seq:0" "$REWIND" bookmark m start --at oldest
 expect_output '{"name":"start","seq":0,"time":"'"$("$REWIND" status m --json | sed 's/.*"oldestTime":"\([^"]*\)".*/\1/')"'"}' "$REWIND" bookmarks m --json
-expect_error 1 "rewind: error: bookmark \"start\" already exists" "$REWIND" bookmark m start
+expect_error 1 "rewind: error: bookmark \"start\" already exists (use --force to move it)" "$REWIND" bookmark m start
 expect_error 1 "rewind: error: r0.img already exists (use --force to overwrite)" "$REWIND" restore m --at latest --to r0.img
 expect_output "nothing to compact: every record is inside the window" "$REWIND" compact m --keep-age 1d
 expect_output "rolled back from seq:0 to seq:0: 0 records removed" "$REWIND" rollback m --at latest --yes

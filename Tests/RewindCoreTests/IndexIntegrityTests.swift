@@ -163,7 +163,7 @@ import Testing
         let m = try Mirror.open(at: path)
         try m.setBookmark("caf\u{E9}", at: .seq(2))  // é as one code point
         #expect(try m.resolve(Point(parsing: "bookmark:cafe\u{301}")) == 2)  // e + combining accent
-        expectError("bookmark \"caf\u{E9}\" already exists") { try m.setBookmark("cafe\u{301}") }
+        expectError("bookmark \"caf\u{E9}\" already exists (use --force to move it)") { try m.setBookmark("cafe\u{301}") }
         #expect(try m.bookmarks().map(\.name) == ["caf\u{E9}"])
         #expect(Array(try m.bookmarks()[0].name.utf8) == [0x63, 0x61, 0x66, 0xC3, 0xA9])
         try m.journal.env.write { txn in

@@ -54,7 +54,8 @@ struct Compactor {
         if current.target <= current.horizon, target > current.horizon {
             try checkIndex(from: current.horizon, upTo: target)
         }
-        let before = try journal.env.write { txn -> MirrorMeta in
+        // Under the pins' lock: no export pins a point below the target once it is recorded.
+        let before = try mirror.withPinsChecked(target: target) { try journal.env.write { txn -> MirrorMeta in
             var m = try journal.readMeta(txn)
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             guard target <= m.lastSeq else { throw RewindError.pointAfterLatest(point: "seq:\(target)", latest: m.lastSeq) }
@@ -65,7 +66,7 @@ struct Compactor {
             if let synced = sourceSyncedThrough, synced > m.sourceSyncedSeq { m.sourceSyncedSeq = min(synced, m.lastSeq) }
             try journal.writeMeta(txn, m)
             return m
-        }
+        } }
         try mirror.sync()
         CrashPoint.hit("compact.target-recorded")
         return try finish(target: before.target, progress: progress, lockHeld: true)
@@ -288,6 +289,11 @@ extension Mirror {
             guard floor > (try meta().oldestPoint) else { return nil }
             target = min(target, floor)
         }
+        // Retention stops at the oldest point in use (`retentionHeldBy` says so).
+        if let pin = try livePins().first, pin.seq < target {
+            guard pin.seq > (try meta().oldestPoint) else { return nil }
+            target = pin.seq
+        }
         return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough, progress: progress)
     }
 
@@ -305,6 +311,14 @@ extension Mirror {
         guard let owner = try? FileLock(path: ownerLockPath, kind: .exclusive, holder: "") else { return (m.sourceSyncedSeq, true) }
         owner.release()
         return (m.sourceSyncedSeq, false)
+    }
+
+    /// The oldest pin, when it holds retention back: the window would fold past it.
+    public func retentionHeldBy(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds()) throws -> Pin.Info? {
+        guard let pin = try livePins().first,
+              let target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now),
+              target > pin.seq else { return nil }
+        return pin
     }
 
     /// The newest seq that falls outside the window, or nil.

@@ -35,7 +35,8 @@ extension Mirror {
             try SourceLock.checkNotServed(reverting.path)
             if !resumed { try sourceIdentity()?.check(reverting.identity, mirror: path, given: reverting.path) }
         }
-        let before = try recordRollbackTarget(point, source: reverting)
+        // A point an export reads is never cut away under it (`Pin`).
+        let before = try withPinsChecked(rollbackTo: try resolve(point)) { try recordRollbackTarget(point, source: reverting) }
         try sync()
         CrashPoint.hit("rollback.target-recorded")
         let k = before.pendingRollback

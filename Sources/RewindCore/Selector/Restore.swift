@@ -22,11 +22,18 @@ extension Mirror {
     /// zeros included, since the device holds old content — then fsynced; bytes past the
     /// volume's size are left as they were. `blocksFromJournal` is then 0 (not counted).
     @discardableResult
-    public func restore(at point: Point, to path: String, force: Bool = false, progress: ProgressObserver? = nil) throws -> RestoreReport {
+    ///
+    /// `overlay`: an overlay of this mirror at the same point (`rewind export --overlay`),
+    /// laid over the point's image before it is put in place: the tested volume, as a new image.
+    public func restore(at point: Point, to path: String, force: Bool = false, overlay overlayPath: String? = nil,
+                        progress: ProgressObserver? = nil) throws -> RestoreReport {
         let target = try RestoreTarget.plan(path, force: force, volumeBytes: volumeSize)
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
+        let overlay = try overlayPath.map { try Overlay(path: $0, mirror: self, seq: snapshot.seq, create: false) }
         switch target {
+        case .device where overlay != nil:
+            throw RewindError.invalidArgument("--overlay restores to a file, not to the block device \(path): restore to a file, then copy it")
         case let .device(device):
             // A device cannot be put back: the index is checked whole before the first write.
             try snapshot.checkIndex()
@@ -38,7 +45,8 @@ extension Mirror {
                 // An existing target's lock is held until it is replaced: no `serve` can start
                 // on the file meanwhile.
                 let blocks = try withExtendedLifetime(lock) { () throws -> UInt64 in
-                    let blocks = try buildImage(snapshot, into: temporary.file, progress: progress)
+                    var blocks = try buildImage(snapshot, into: temporary.file, progress: progress)
+                    if let overlay { blocks += try overlay.apply(to: temporary.file, progress: progress) }
                     try RestoreTarget.install(temporary.path, at: resolved, given: path, replace: replace)
                     return blocks
                 }

@@ -162,6 +162,12 @@ public final class ServePipeline: @unchecked Sendable {
     /// applier wakes it after each pass.
     private var writerWaitsForApplier = false
     private var syncCounts = [SyncKind: Int]()
+    /// The seq of the newest FLUSH answered (at start: the journal's last record, all durable).
+    private var flushedSeq: UInt64 = 0
+    /// The last seq appended to the log.
+    private var appendedSeq: UInt64 = 0
+    /// Someone waits for the index to hold every record appended (`durablePoint`).
+    private var indexCommitWanted = false
     // The writer thread's own:
     /// The `sourceSyncedSeq` last handed to the journal.
     private var sentSourceSynced: UInt64
@@ -181,6 +187,8 @@ public final class ServePipeline: @unchecked Sendable {
         self.sentSourceSynced = sourceSyncedSeq
         self.logDurableSeq = sourceSyncedSeq
         self.appliedSeq = sourceSyncedSeq
+        let last = (try? mirror.meta().lastSeq) ?? sourceSyncedSeq
+        (flushedSeq, appendedSeq) = (last, last)
         journal = JournalWriter(mirror: mirror)
         journal.keepsLogOutOfCache = true
         journal.indexOnThread(policy: tuning.indexPolicy, onFailure: { [weak self] error in
@@ -305,6 +313,40 @@ public final class ServePipeline: @unchecked Sendable {
         cond.unlock()
     }
 
+    // MARK: the durable point
+
+    /// Under `cond`, on the writer: have the index thread commit now when `durablePoint` waits.
+    private func commitIndexIfWanted() {
+        guard indexCommitWanted else { return }
+        indexCommitWanted = false
+        cond.unlock()
+        journal.requestCommit()
+        cond.lock()
+    }
+
+    /// The newest point a completed FLUSH made durable, once the index holds every record up to
+    /// it — so `bookmark`, `timeline`, `restore` and `export`, which read the index, see it —
+    /// and the last record appended (durable or about to be). Waits at most `timeoutSeconds`
+    /// for the index thread; throws if the volume is fenced or the wait runs out.
+    public func durablePoint(timeoutSeconds: Double = 30) throws -> (flushed: UInt64, appended: UInt64) {
+        cond.lock()
+        if let why = fenced { cond.unlock(); throw RewindError.invalidArgument("volume fenced: \(why)") }
+        let point = (flushed: flushedSeq, appended: appendedSeq)
+        indexCommitWanted = true
+        cond.unlock()
+        cond.wake(.writer)
+        let deadline = monotonicNanoseconds() + UInt64(timeoutSeconds * 1e9)
+        var pause: UInt32 = 200
+        while try mirror.meta().lastSeq < point.flushed {
+            guard monotonicNanoseconds() < deadline else {
+                throw RewindError.invalidArgument("the index did not reach seq:\(point.flushed) within \(timeoutSeconds) s")
+            }
+            usleep(pause)
+            pause = min(pause * 2, 5_000)
+        }
+        return point
+    }
+
     // MARK: the writer
 
     private func runWriter() {
@@ -334,6 +376,7 @@ public final class ServePipeline: @unchecked Sendable {
             commit(batch)
             cond.lock()
             inCommit.removeAll()
+            commitIndexIfWanted()
             lastActiveAt = monotonicNanoseconds()
             if stopping { cond.wake(.applier) }  // it ends once nothing is queued or in commit
         }
@@ -350,6 +393,7 @@ public final class ServePipeline: @unchecked Sendable {
     /// Under `cond`, nothing queued: have the index committed once no request has come for a
     /// moment (with the source's newest sync, so a crash after it redoes little), else wait.
     private func idle() {
+        commitIndexIfWanted()
         let owed = journal.commitOwed || sourceDurableSeq > sentSourceSynced
         guard owed, fenced == nil else {
             cond.wait(.writer)
@@ -420,6 +464,10 @@ public final class ServePipeline: @unchecked Sendable {
         // One step: overlay reads never miss the batch nor see it twice.
         let pendingBefore = bytesAwaitingLogSync
         if needsSync { logDurableSeq = max(logDurableSeq, seqs.upperBound) }  // covers the batches before it too
+        appendedSeq = seqs.upperBound
+        if let i = batch.lastIndex(where: { $0.change.kind == .flush }) {
+            flushedSeq = max(flushedSeq, seqs.lowerBound + UInt64(i))  // one record per request, in order
+        }
         applying.append(Applied(ops: batch, lastSeq: seqs.upperBound, bytes: bytes, handedAt: monotonicNanoseconds()))
         applyingBytes += bytes
         inCommit.removeAll()

@@ -9,6 +9,16 @@ public enum Point: Equatable, Sendable, CustomStringConvertible {
     case bookmark(String)
     case latest
     case oldest
+    /// The newest FLUSH point at or before the inner point (`--consistent`): the record of
+    /// a FLUSH the host issued, so every write it completed before is in, as a crash-consistent
+    /// file system expects.
+    indirect case consistent(Point)
+
+    /// This point, snapped back to a FLUSH point when `consistent`.
+    public func consistent(_ yes: Bool) -> Point {
+        if case .consistent = self { return self }
+        return yes ? .consistent(self) : self
+    }
 
     public init(parsing text: String) throws {
         if text == "latest" { self = .latest; return }
@@ -34,6 +44,7 @@ public enum Point: Equatable, Sendable, CustomStringConvertible {
         case let .bookmark(name): "bookmark:\(name)"
         case .latest: "latest"
         case .oldest: "oldest"
+        case let .consistent(inner): "\(inner) --consistent"
         }
     }
 }
@@ -77,10 +88,23 @@ extension Mirror {
             seq = n
         case let .time(ns, text):
             seq = try seqAtTime(ns, text: text, meta: meta, txn)
+        case let .consistent(inner):
+            return try flushPoint(atOrBefore: try resolve(inner, txn), given: point, meta: meta, txn)
         }
         if seq < oldest { throw RewindError.pointBeforeHorizon(point: point.description, horizon: oldest) }
         if seq > meta.lastSeq { throw RewindError.pointAfterLatest(point: point.description, latest: meta.lastSeq) }
         return seq
+    }
+
+    /// The newest FLUSH record at or before `seq` (seq:0, a fresh mirror's empty base, counts).
+    private func flushPoint(atOrBefore seq: UInt64, given: Point, meta: MirrorMeta, _ txn: LMDBTransaction) throws -> UInt64 {
+        var s = seq
+        while s > meta.oldestPoint {
+            if try journal.header(txn, seq: s).kind == .flush { return s }
+            s -= 1
+        }
+        if s == 0 { return 0 }
+        throw RewindError.invalidArgument("no FLUSH point at or before \(given): none in seq:\(meta.oldestPoint + 1)...seq:\(seq), and the oldest point seq:\(meta.oldestPoint) is not known to be one")
     }
 
     /// The newest record at or before `ns`, by binary search (timestamps never decrease).

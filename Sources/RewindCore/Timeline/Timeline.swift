@@ -63,7 +63,7 @@ extension Mirror {
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             let seq = try resolve(point, txn)
             if !replace, try journal.bookmark(txn, name) != nil {
-                throw RewindError.invalidArgument("bookmark \"\(name)\" already exists")
+                throw RewindError.invalidArgument("bookmark \"\(name)\" already exists (use --force to move it)")
             }
             try txn.put(journal.bookmarks, Array(name.utf8), Journal.bookmarkValue(name: name, seq: seq))
             return seq

@@ -30,6 +30,12 @@ public protocol BlockTarget: AnyObject, Sendable {
     func flush(on loop: EventLoop) -> EventLoopFuture<Void>
     func cache(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<Void>
     func blockStatus(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[AllocationExtent]>
+    /// The connection that looked this target up is done with it (see `NBDExportCatalog`).
+    func detach()
+}
+
+extension BlockTarget {
+    public func detach() {}
 }
 
 /// Per-request observations for metrics, reported by the connection handler.

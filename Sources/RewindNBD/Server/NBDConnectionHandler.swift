@@ -35,7 +35,12 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         case closing
     }
 
-    private let export: NBDExport
+    private let catalog: any NBDExportCatalog
+    /// The export chosen by NBD_OPT_GO / NBD_OPT_EXPORT_NAME (set on entering transmission).
+    private var selected: NBDExport?
+    /// Exports looked up during the handshake, by requested name, so INFO then GO of one name
+    /// opens it once; all but the chosen one are detached when transmission starts.
+    private var lookedUp: [String: NBDExport] = [:]
     private let observer: (any NBDObserver)?
     private let logger: Logger
     private var phase = Phase.clientFlags
@@ -65,9 +70,14 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private var deadline: Scheduled<Void>?
 
     /// `budget`: payload in flight shared with the server's other connections.
-    public init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger,
+    public convenience init(export: NBDExport, observer: (any NBDObserver)?, logger: Logger,
+                            budget: InflightBudget = InflightBudget(limit: maxInflightBytes)) {
+        self.init(catalog: SingleExportCatalog(export), observer: observer, logger: logger, budget: budget)
+    }
+
+    public init(catalog: any NBDExportCatalog, observer: (any NBDObserver)?, logger: Logger,
                 budget: InflightBudget = InflightBudget(limit: maxInflightBytes)) {
-        self.export = export
+        self.catalog = catalog
         self.budget = budget
         self.observer = observer
         self.logger = logger
@@ -98,6 +108,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         deadline?.cancel()
         observer?.connectionClosed()
         phase = .closing
+        for e in lookedUp.values { e.target.detach() }
+        lookedUp.removeAll()
+        selected?.target.detach()
         context.fireChannelInactive()
     }
 
@@ -203,6 +216,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 guard input.readableBytes >= NBDRequestHeader.size else { break parsing }
                 var peek = input
                 guard let header = try NBDRequestHeader.read(from: &peek) else { break parsing }
+                guard let export = selected else { throw NBDProtocolError.abort }
                 let validated = validate(header, NBDValidationContext(
                     size: export.target.size, readOnly: export.target.readOnly,
                     structuredReplies: structuredReplies, metaContextNegotiated: metaContextSelected))
@@ -275,7 +289,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         switch option {
         case .exportName:
             var d = data
-            guard let name = d.readValidUTF8(length: d.readableBytes), export.answers(to: name) else {
+            guard let name = d.readValidUTF8(length: d.readableBytes), let export = lookup(name).export else {
                 throw NBDProtocolError.abort  // NBD_OPT_EXPORT_NAME has no error reply: close
             }
             var out = context.channel.allocator.buffer(capacity: 134)
@@ -283,7 +297,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             out.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
             if !noZeroes { out.writeRepeatingByte(0, count: 124) }
             context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-            enterTransmission()
+            enterTransmission(name)
         case .abort:
             replyOption(context, raw, .ack)
             context.close(promise: nil)
@@ -292,10 +306,13 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             guard data.readableBytes == 0 else {
                 replyOption(context, raw, .errInvalid, message: "NBD_OPT_LIST takes no data"); return
             }
-            var entry = ByteBuffer()
-            entry.writeInteger(UInt32(export.name.utf8.count))
-            entry.writeString(export.name)
-            replyOption(context, raw, .server, data: entry)
+            for (name, description) in catalog.list() {
+                var entry = ByteBuffer()
+                entry.writeInteger(UInt32(name.utf8.count))
+                entry.writeString(name)
+                entry.writeString(description)
+                replyOption(context, raw, .server, data: entry)
+            }
             replyOption(context, raw, .ack)
         case .startTLS:
             if data.readableBytes != 0 {
@@ -316,8 +333,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             guard let request = NBDInfoRequest.parse(data) else {
                 replyOption(context, raw, .errInvalid, message: "malformed NBD_OPT_INFO/GO request"); return
             }
-            guard export.answers(to: request.name) else {
-                replyOption(context, raw, .errUnknown, message: "no export named \"\(request.name)\""); return
+            let found = lookup(request.name)
+            guard let export = found.export else {
+                replyOption(context, raw, .errUnknown, message: found.message); return
             }
             var info = ByteBuffer()
             info.writeInteger(NBDInfo.export.rawValue)
@@ -339,7 +357,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 replyOption(context, raw, .info, data: b)
             }
             replyOption(context, raw, .ack)
-            if option == .go { enterTransmission() }
+            if option == .go { enterTransmission(request.name) }
         case .listMetaContext, .setMetaContext:
             guard let request = NBDMetaContextRequest.parse(data) else {
                 replyOption(context, raw, .errInvalid, message: "malformed meta context request"); return
@@ -347,8 +365,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             if option == .setMetaContext && !structuredReplies {
                 replyOption(context, raw, .errInvalid, message: "negotiate structured replies first"); return
             }
-            guard export.answers(to: request.exportName) else {
-                replyOption(context, raw, .errUnknown, message: "no export named \"\(request.exportName)\""); return
+            let found = lookup(request.exportName)
+            guard found.export != nil else {
+                replyOption(context, raw, .errUnknown, message: found.message); return
             }
             let matches: Bool
             if option == .listMetaContext {
@@ -367,7 +386,23 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    private func enterTransmission() {
+    /// The export `name` names, looked up once per connection.
+    private func lookup(_ name: String) -> (export: NBDExport?, message: String) {
+        if let e = lookedUp[name] { return (e, "") }
+        switch catalog.lookup(name) {
+        case let .found(e):
+            lookedUp[name] = e
+            return (e, "")
+        case let .unknown(message):
+            return (nil, message)
+        }
+    }
+
+    /// Start transmission on the export looked up as `name`; the others are let go.
+    private func enterTransmission(_ name: String) {
+        selected = lookedUp.removeValue(forKey: name)
+        for e in lookedUp.values { e.target.detach() }
+        lookedUp.removeAll()
         deadline?.cancel()
         deadline = nil
         phase = .transmission
@@ -409,7 +444,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     /// read from `input`.
     private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand,
                           payload received: [UInt8]? = nil) {
-        let target = export.target
+        guard let target = selected?.target else { return }
         let loop = context.eventLoop
         let started = NIODeadline.now()
         guard let kind = NBDCommand(rawValue: h.type) else { return }  // validate() refused unknown types already

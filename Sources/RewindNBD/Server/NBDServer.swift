@@ -214,9 +214,9 @@ final class ConnectionLimiter: ChannelInboundHandler, Sendable {
     }
 }
 
-/// The NBD server: one export on any number of listeners.
+/// The NBD server: a catalog of exports on any number of listeners.
 public final class NBDServer: Sendable {
-    public let export: NBDExport
+    public let catalog: any NBDExportCatalog
     let group: EventLoopGroup
     let logger: Logger
     let observer: (any NBDObserver)?
@@ -230,9 +230,15 @@ public final class NBDServer: Sendable {
     static let backlog: Int32 = 256
     private let connections = NIOLockedValueBox<[ObjectIdentifier: Channel]>([:])
 
-    public init(export: NBDExport, group: EventLoopGroup, maxConnections: Int = 128, observer: (any NBDObserver)? = nil,
-                logger: Logger) {
-        self.export = export
+    public convenience init(export: NBDExport, group: EventLoopGroup, maxConnections: Int = 128,
+                            observer: (any NBDObserver)? = nil, logger: Logger) {
+        self.init(catalog: SingleExportCatalog(export), group: group, maxConnections: maxConnections, observer: observer,
+                  logger: logger)
+    }
+
+    public init(catalog: any NBDExportCatalog, group: EventLoopGroup, maxConnections: Int = 128,
+                observer: (any NBDObserver)? = nil, logger: Logger) {
+        self.catalog = catalog
         self.group = group
         self.maxConnections = maxConnections
         self.observer = observer
@@ -270,7 +276,7 @@ public final class NBDServer: Sendable {
                 }
                 .childChannelOption(.socketOption(.tcp_nodelay), value: 1)
                 .childChannelOption(.maxMessagesPerRead, value: 16)
-                .childChannelInitializer { [export, observer, logger, connections, budget] channel in
+                .childChannelInitializer { [catalog, observer, logger, connections, budget] channel in
                     let id = ObjectIdentifier(channel)
                     connections.withLockedValue { $0[id] = channel }
                     channel.closeFuture.whenComplete { _ in _ = connections.withLockedValue { $0.removeValue(forKey: id) } }
@@ -278,7 +284,7 @@ public final class NBDServer: Sendable {
                     connLogger[metadataKey: "peer"] = "\(channel.remoteAddress?.description ?? "unix")"
                     return channel.eventLoop.makeCompletedFuture {
                         try channel.pipeline.syncOperations.addHandler(
-                            NBDConnectionHandler(export: export, observer: observer, logger: connLogger, budget: budget))
+                            NBDConnectionHandler(catalog: catalog, observer: observer, logger: connLogger, budget: budget))
                     }
                 }
             let channel: Channel

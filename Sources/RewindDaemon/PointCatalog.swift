@@ -1,0 +1,58 @@
+import Logging
+import NIOPosix
+import RewindCore
+import RewindNBD
+
+/// The exports of `serve` and `export`: the primary export (the live volume, or the exported
+/// point) under its name and "", and any point in time as `NAME@POINT` (CLI.md), read-only.
+/// Each `NAME@POINT` connection pins its point for as long as it stays connected.
+/// NBD_OPT_LIST lists the primary export and a `NAME@bookmark:B` for every bookmark.
+final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
+    let primary: NBDExport
+    let mirror: Mirror
+    private let pool: NIOThreadPool
+    private let logger: Logger
+    /// Brings the index up to the server's durable point before a point is resolved.
+    private let catchUp: @Sendable () -> Void
+
+    init(primary: NBDExport, mirror: Mirror, pool: NIOThreadPool, logger: Logger, catchUp: @escaping @Sendable () -> Void) {
+        self.primary = primary
+        self.mirror = mirror
+        self.pool = pool
+        self.logger = logger
+        self.catchUp = catchUp
+    }
+
+    func lookup(_ name: String) -> NBDExportLookup {
+        if primary.answers(to: name) { return .found(primary) }
+        let pointText: Substring
+        if name.hasPrefix(primary.name + "@") {
+            pointText = name.dropFirst(primary.name.count + 1)
+        } else if name.hasPrefix("@") {
+            pointText = name.dropFirst()
+        } else {
+            return .unknown("no export named \"\(name)\" (this server offers \"\(primary.name)\" and \"\(primary.name)@POINT\")")
+        }
+        do {
+            let point = try Point(parsing: String(pointText))
+            catchUp()
+            let reader = try PointReader(mirror: mirror, point: point, holder: "nbd export \(name)")
+            logger.info("export \"\(name)\": seq:\(reader.seq), read-only")
+            let description = "\(primary.name) as of seq:\(reader.seq) (read-only)"
+            return .found(NBDExport(name: name, description: description,
+                                    target: PointVolume(reader: reader, overlay: nil, pool: pool, logger: logger)))
+        } catch {
+            return .unknown("\(name): \(error)")
+        }
+    }
+
+    func list() -> [(name: String, description: String)] {
+        var out = [(primary.name, primary.description)]
+        if let marks = try? mirror.bookmarks() {
+            for b in marks {
+                out.append(("\(primary.name)@bookmark:\(b.name)", "\(primary.name) as of seq:\(b.seq), \(formatRFC3339(b.time)) (read-only)"))
+            }
+        }
+        return out
+    }
+}
