@@ -114,6 +114,18 @@ public final class PayloadLog: @unchecked Sendable {
         return true
     }
 
+    /// `read`, but only from the page cache (`BlockFile.readIfCached`): false when any part
+    /// would wait for the disk, or the log does not reach that far.
+    public func readIfCached(at position: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        for piece in Self.pieces(at: position, count: buffer.count) {
+            let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[piece.from..<piece.from + piece.length])
+            guard (try? withFile(piece.file, create: false, { $0.readIfCached(at: piece.offset, into: slice) })) == true else {
+                return false
+            }
+        }
+        return true
+    }
+
     // MARK: writing
 
     /// Write `bytes` at stream `position` (buffered; durable after `sync()`).

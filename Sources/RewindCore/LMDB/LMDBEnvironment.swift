@@ -2,6 +2,7 @@ import CLMDB
 import CLMDBGuard
 import Foundation
 import Glibc
+import Synchronization
 
 /// One LMDB environment (a `data.mdb` + `lock.mdb` directory).
 ///
@@ -13,6 +14,12 @@ import Glibc
 public final class LMDBEnvironment: @unchecked Sendable {
     let env: OpaquePointer
     let directory: String
+    /// Read transactions kept reset between `readPooled` calls (each keeps its reader slot).
+    private let idleReads = Mutex<[IdleRead]>([])
+    /// A reset read transaction; only ever used by one caller at a time.
+    private struct IdleRead: @unchecked Sendable { let txn: OpaquePointer }
+    /// At most this many are kept; more at once are begun and aborted as usual.
+    static let idleReadsMax = 16
 
     /// Bounds of the map (address space, not disk: the file grows as pages are used).
     static let minMapSizeBytes: UInt64 = 1 << 30
@@ -64,7 +71,10 @@ public final class LMDBEnvironment: @unchecked Sendable {
         _ = mdb_reader_check(env, &dead)  // clear reader slots left by killed processes
     }
 
-    deinit { mdb_env_close(env) }
+    deinit {
+        for idle in idleReads.withLock({ $0 }) { mdb_txn_abort(idle.txn) }
+        mdb_env_close(env)
+    }
 
     /// Flush every committed transaction to disk. The corresponding C function is `mdb_env_sync(env, 1)`.
     public func sync() throws {
@@ -186,6 +196,34 @@ public final class LMDBEnvironment: @unchecked Sendable {
     }
 
     /// Run `body` in a read-only transaction, aborted afterwards. Readers never block the writer.
+    /// `read` for callers that run many short reads (an export's requests): the transaction
+    /// is taken from a pool of reset ones and renewed (`mdb_txn_renew`: no allocation, the
+    /// reader slot kept), and reset again after — it holds no snapshot between calls.
+    public func readPooled<T>(_ body: (LMDBTransaction) throws -> T) throws -> T {
+        var txn: OpaquePointer
+        if let idle = idleReads.withLock({ $0.popLast() }) {
+            txn = idle.txn
+            let rc = mdb_txn_renew(txn)
+            guard rc == 0 else {
+                mdb_txn_abort(txn)
+                throw LMDBError(code: rc, operation: "mdb_txn_renew")
+            }
+        } else {
+            txn = try begin(readOnly: true).txn
+        }
+        defer {
+            mdb_txn_reset(txn)
+            let reset = IdleRead(txn: txn)
+            let kept = idleReads.withLock { idle -> Bool in
+                guard idle.count < Self.idleReadsMax else { return false }
+                idle.append(reset)
+                return true
+            }
+            if !kept { mdb_txn_abort(txn) }
+        }
+        return try body(LMDBTransaction(txn: txn, mapBounds: dataFileBounds()))
+    }
+
     public func read<T>(_ body: (LMDBTransaction) throws -> T) throws -> T {
         let txn = try begin(readOnly: true)
         defer { mdb_txn_abort(txn.txn) }

@@ -48,7 +48,16 @@ public final class PointReader: @unchecked Sendable {
         guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
             throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
         }
-        try retrying { try readOnce(at: offset, into: buffer) }
+        try retrying { _ = try readOnce(at: offset, into: buffer, cachedOnly: false) }
+    }
+
+    /// `read`, only if every byte comes from the page cache without waiting (`RWF_NOWAIT`) —
+    /// what an event loop may call. False when any part would wait, or on any failure: the
+    /// caller then reads on a thread pool. (The index is LMDB's map: a page of it not in
+    /// memory is the one wait this can still take.)
+    public func readIfCached(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
+        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else { return false }
+        return (try? readOnce(at: offset, into: buffer, cachedOnly: true)) == true
     }
 
     /// `range` cut into pieces by where their content comes from, in order, at most `limit`
@@ -79,7 +88,7 @@ public final class PointReader: @unchecked Sendable {
     /// holds, else one block at a time. One seek per changed block, none per unchanged one.
     private func walk(_ first: UInt64, _ end: UInt64, _ visit: (UInt64, UInt64, Source) throws -> Void) throws {
         let journal = mirror.journal
-        try journal.env.read { txn in
+        try journal.env.readPooled { txn in
             let horizon = try journal.readMeta(txn).horizon
             let cursor = try txn.cursor(journal.blocks)
             var b = first
@@ -111,27 +120,41 @@ public final class PointReader: @unchecked Sendable {
         }
     }
 
-    private func readOnce(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        guard !buffer.isEmpty else { return }
+    /// One try; with `cachedOnly`, false as soon as a piece is not in the page cache.
+    private func readOnce(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool) throws -> Bool {
+        guard !buffer.isEmpty else { return true }
         let bs = UInt64(mirror.blockSize)
         let end = offset + UInt64(buffer.count)
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: mirror.blockSize, alignment: 16)
         defer { scratch.deallocate() }
-        try walk(offset / bs, (end + bs - 1) / bs) { block, count, source in
-            // The part of these blocks the request covers.
-            let from = max(block * bs, offset), to = min((block + count) * bs, end)
-            let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(from - offset)..<Int(to - offset)])
-            switch source {
-            case .base:
-                try mirror.base.read(at: from, into: dst)
-            case .zero:
-                dst.initializeMemory(as: UInt8.self, repeating: 0)
-            case let .journal(s, segment, off, hash):
-                try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: scratch)
-                let inBlock = Int(from - block * bs)
-                dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[inBlock..<inBlock + dst.count]))
+        struct NotCached: Error {}
+        do {
+            try walk(offset / bs, (end + bs - 1) / bs) { block, count, source in
+                // The part of these blocks the request covers.
+                let from = max(block * bs, offset), to = min((block + count) * bs, end)
+                let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(from - offset)..<Int(to - offset)])
+                switch source {
+                case .base:
+                    if !cachedOnly { try mirror.base.read(at: from, into: dst) } else if !mirror.base.readIfCached(at: from, into: dst) {
+                        throw NotCached()
+                    }
+                case .zero:
+                    dst.initializeMemory(as: UInt8.self, repeating: 0)
+                case let .journal(s, segment, off, hash):
+                    if !cachedOnly {
+                        try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: scratch)
+                    } else {
+                        guard mirror.journal.log.readIfCached(at: segment + UInt64(off), into: scratch),
+                              xxh3(UnsafeRawBufferPointer(scratch)) == hash else { throw NotCached() }
+                    }
+                    let inBlock = Int(from - block * bs)
+                    dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[inBlock..<inBlock + dst.count]))
+                }
             }
+        } catch is NotCached {
+            return false
         }
+        return true
     }
 
     private func allocationOnce(_ range: Range<UInt64>, limit: Int) throws -> [(Range<UInt64>, Allocation)] {
