@@ -97,7 +97,8 @@ public enum ServeDaemon {
         let servingStatus = "serving \(options.source) on \(bound.joined(separator: ", "))"
         notifier?.notify([.ready, .status(servingStatus), .mainPID(getpid())])
 
-        var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger)]
+        var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
+                                       PinWatchService(mirror: prepared.mirror, options: options, metrics: metrics, logger: logger)]
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
             services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
         }
@@ -312,6 +313,35 @@ struct ServeService: Service {
         logger.info("shutting down: draining connections")
         await server.shutdown()
         writer.stop()
+    }
+}
+
+/// Every few seconds: the pins in the metrics, and a log line when they change — and when
+/// retention stops at one, which one.
+struct PinWatchService: Service {
+    let mirror: Mirror
+    let options: ServeOptions
+    let metrics: ServeMetrics
+    let logger: Logger
+
+    func run() async throws {
+        var seen: [Pin.Info] = []
+        var heldBy: Pin.Info?
+        while !Task.isShuttingDownGracefully {
+            if let pins = try? mirror.livePins() {
+                metrics.pins.record(Int64(pins.count))
+                metrics.oldestPin.record(pins.first.map { Int64($0.seq) } ?? -1)
+                for p in pins where !seen.contains(p) { logger.info("pin taken: \(p.summary)") }
+                for p in seen where !pins.contains(p) { logger.info("pin released: \(p.summary)") }
+                seen = pins
+            }
+            if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
+                let held = try? mirror.retentionHeldBy(keepAgeNanoseconds: options.keepAgeNanoseconds, keepBytes: options.keepBytes)
+                if let held, held != heldBy { logger.notice("retention stops at seq:\(held.seq), in use by \(held.holder) (pid \(held.pid))") }
+                heldBy = held
+            }
+            try? await cancelWhenGracefulShutdown { try await Task.sleep(nanoseconds: 5_000_000_000) }
+        }
     }
 }
 

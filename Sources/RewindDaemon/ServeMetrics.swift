@@ -26,6 +26,10 @@ final class ServeMetrics: NBDObserver, ServePipelineObserver, @unchecked Sendabl
     let journalPayload = Gauge(label: "rewind_journal_payload_bytes")
     /// Compactions a full journal forced (`--on-full=compact`).
     private let journalFullCompactions = Counter(label: "rewind_journal_full_compactions_total")
+    /// Points in use by exports and `NAME@POINT` connections (`Pin`), and the oldest of them
+    /// (-1: none): no compaction folds past it.
+    let pins = Gauge(label: "rewind_pins")
+    let oldestPin = Gauge(label: "rewind_pin_oldest_seq")
     /// 1 once a failed journal append, source write or sync has fenced the volume (writes fail).
     private let fencedGauge = Gauge(label: "rewind_volume_fenced")
     private let state = NIOLockedValueBox((inflight: 0, connections: 0))
