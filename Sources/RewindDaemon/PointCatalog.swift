@@ -35,7 +35,7 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
         }
         do {
             let point = try Point(parsing: String(pointText))
-            catchUp()
+            if needsCatchUp(point) { catchUp() }
             let reader = try PointReader(mirror: mirror, point: point, holder: "nbd export \(name)")
             logger.info("export \"\(name)\": seq:\(reader.seq), read-only")
             let description = "\(primary.name) as of seq:\(reader.seq) (read-only)"
@@ -43,6 +43,17 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
                                     target: PointVolume(reader: reader, overlay: nil, pool: pool, logger: logger)))
         } catch {
             return .unknown("\(name): \(error)")
+        }
+    }
+
+    /// Whether `point` may name records the index does not hold yet: the handshake then waits
+    /// for the server's durable point (on the event loop: asked only when it matters). A
+    /// bookmark was named from the index, and a seq it holds resolves the same either way.
+    private func needsCatchUp(_ point: Point) -> Bool {
+        switch point {
+        case .bookmark, .oldest: return false
+        case let .seq(n): return n > ((try? mirror.meta().lastSeq) ?? 0)
+        case .latest, .time, .consistent: return true
         }
     }
 

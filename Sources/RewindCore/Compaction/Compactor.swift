@@ -294,7 +294,11 @@ extension Mirror {
             guard pin.seq > (try meta().oldestPoint) else { return nil }
             target = pin.seq
         }
-        return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough, progress: progress)
+        do {
+            return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough, progress: progress)
+        } catch RewindError.pinned {
+            return nil  // a point pinned since the look above: the next pass stops at it
+        }
     }
 
     /// The seq up to which the served source is known fdatasynced, when records follow it:

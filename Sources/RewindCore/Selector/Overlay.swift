@@ -166,6 +166,8 @@ public final class Overlay: @unchecked Sendable {
 
     /// Write `data` at `offset`. Blocks it covers in part are first filled from `point`.
     public func write(at offset: UInt64, _ data: UnsafeRawBufferPointer, point: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) throws {
+        guard !data.isEmpty else { return }
+        try checkRange(offset, UInt64(data.count))
         try writeLock.withLock { _ in
             try writeBlocks(at: offset, length: UInt64(data.count), point: point) { from, dst in
                 dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: data[Int(from - offset)..<Int(from - offset) + dst.count]))
@@ -177,6 +179,7 @@ public final class Overlay: @unchecked Sendable {
     /// and their data a hole; blocks covered in part are written.
     public func zero(at offset: UInt64, length: UInt64, point: (UInt64, UnsafeMutableRawBufferPointer) throws -> Void) throws {
         guard length > 0 else { return }
+        try checkRange(offset, length)
         try writeLock.withLock { _ in
             let bs = UInt64(blockSize), end = offset + length
             let firstWhole = (offset + bs - 1) / bs, endWhole = end / bs
@@ -191,6 +194,13 @@ public final class Overlay: @unchecked Sendable {
                 if offset < firstWhole * bs { try writeBlocks(at: offset, length: firstWhole * bs - offset, point: point, fill: zeroFill) }
                 if end > endWhole * bs { try writeBlocks(at: endWhole * bs, length: end - endWhole * bs, point: point, fill: zeroFill) }
             }
+        }
+    }
+
+    private func checkRange(_ offset: UInt64, _ length: UInt64) throws {
+        let size = blockCount * UInt64(blockSize)
+        guard offset <= size, length <= size - offset else {
+            throw RewindError.outOfRange(offset: offset, length: length, size: size)
         }
     }
 

@@ -68,18 +68,20 @@ extension Mirror {
         if mkdir(pinsDirectory, 0o755) != 0 && errno != EEXIST {
             throw RewindError.io(path: pinsDirectory, operation: "mkdir", errno: errno)
         }
-        let name = String(format: "%020llu-%d-%08x.pin", seq, getpid(), UInt32.random(in: 0...UInt32.max))
-        let path = pinsDirectory + "/" + name
-        let fd = Glibc.open(path, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw RewindError.io(path: path, operation: "open", errno: errno) }
-        guard flock(fd, LOCK_EX | LOCK_NB) == 0 else {
-            let e = errno
-            close(fd); unlink(path)
-            throw RewindError.io(path: path, operation: "flock", errno: e)
-        }
+        let name = String(format: "%020llu-%d-%08x", seq, getpid(), UInt32.random(in: 0...UInt32.max))
+        // Created under a name `livePins` ignores, locked and written, then renamed into place:
+        // a `.pin` file is never seen unlocked while its holder lives.
+        let staging = pinsDirectory + "/." + name + ".new", path = pinsDirectory + "/" + name + ".pin"
+        let fd = Glibc.open(staging, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw RewindError.io(path: staging, operation: "open", errno: errno) }
         let info = Pin.Info(seq: seq, pid: getpid(), since: wallClockNanoseconds(), holder: holder)
         let body = (try? JSONEncoder().encode(info)) ?? Data()
         _ = body.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard flock(fd, LOCK_EX | LOCK_NB) == 0, rename(staging, path) == 0 else {
+            let e = errno
+            close(fd); unlink(staging)
+            throw RewindError.io(path: path, operation: "pin", errno: e)
+        }
         return Pin(seq: seq, path: path, fd: fd)
     }
 
