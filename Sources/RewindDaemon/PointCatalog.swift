@@ -31,7 +31,8 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
         } else if name.hasPrefix("@") {
             pointText = name.dropFirst()
         } else {
-            return .unknown("no export named \"\(name)\" (this server offers \"\(primary.name)\" and \"\(primary.name)@POINT\")")
+            let shown = name.count > 100 ? name.prefix(100) + "…" : Substring(name)
+            return .unknown("no export named \"\(shown)\" (this server offers \"\(primary.name)\" and \"\(primary.name)@POINT\")")
         }
         do {
             let point = try Point(parsing: String(pointText))
@@ -42,7 +43,8 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
             return .found(NBDExport(name: name, description: description,
                                     target: PointVolume(reader: reader, overlay: nil, pool: pool, logger: logger)))
         } catch {
-            return .unknown("\(name): \(error)")
+            let shown = name.count > 100 ? name.prefix(100) + "…" : Substring(name)
+            return .unknown("\(shown): \(error)")
         }
     }
 

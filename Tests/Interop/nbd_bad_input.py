@@ -97,7 +97,15 @@ option(s, 8, b"junk"); expect_reply(s, 8, ERR_INVALID)
 option(s, 5, b"junk"); expect_reply(s, 5, ERR_INVALID)
 option(s, 5); expect_reply(s, 5, ERR_UNSUP)
 # LIST lists the export
-option(s, 3); _, typ, data = reply(s); assert typ == SERVER and data[4:] == NAME, data; ok(); expect_reply(s, 3, ACK)
+# NBD_REP_SERVER: u32 name length, the name, then its description
+option(s, 3); _, typ, data = reply(s)
+n = struct.unpack(">I", data[:4])[0]
+assert typ == SERVER and data[4:4 + n] == NAME and n == len(NAME), data; ok()
+while True:  # then the point exports (one per bookmark) and the ACK
+    _, typ, data = reply(s)
+    if typ == ACK: break
+    assert typ == SERVER and data[4:4 + len(NAME) + 1] == NAME + b"@", data
+ok()
 # INFO/GO with namelen > optlen-6 (CVE-2022-26496) and 0xFFFFFFFF (CVE-2022-26495)
 option(s, 6, struct.pack(">I", 100) + b"abc" + struct.pack(">H", 0)); expect_reply(s, 6, ERR_INVALID)
 option(s, 7, struct.pack(">I", 0xFFFFFFFF) + b"abc" + struct.pack(">H", 0)); expect_reply(s, 7, ERR_INVALID)

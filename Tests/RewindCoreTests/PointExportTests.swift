@@ -421,7 +421,8 @@ private func expectFailure(_ message: String, sourceLocation: SourceLocation = #
         }
         #expect(try Self.readRange(reader, 0..<size) == states[at])
 
-        // restore --overlay: the point with the writes.
+        // restore --overlay: the point with the writes (once the writer has let the file go).
+        overlay.close()
         let report = try m.restore(at: .seq(at), to: dir.file("tested.img"), overlay: path)
         #expect(report.seq == at)
         #expect(firstDifference(fileBytes(dir.file("tested.img")), model) == nil, "restore --overlay differs from the model")

@@ -28,6 +28,9 @@ public final class Overlay: @unchecked Sendable {
     let dataStart: UInt64
     /// Writes are read-modify-write of whole blocks: one at a time.
     private let writeLock = Mutex(())
+    /// One writer per overlay across processes (an exclusive `flock` on the file), and no
+    /// reader (`restore --overlay`, shared) while it writes.
+    private let fileLock: FileLock
 
     static let magic: [UInt8] = Array("REWINDOV".utf8)
     static let format: UInt32 = 1
@@ -39,7 +42,8 @@ public final class Overlay: @unchecked Sendable {
 
     /// Open `path` as the overlay of `mirror` at `seq`, creating it (sparse) when it does not
     /// exist and `create` allows. An existing file must be that mirror's overlay at that seq.
-    public init(path: String, mirror: Mirror, seq: UInt64, create: Bool = true) throws {
+    /// `forWriting`: an export's (the lock exclusive); else a restore's (shared).
+    public init(path: String, mirror: Mirror, seq: UInt64, create: Bool = true, forWriting: Bool = true) throws {
         self.path = path
         self.seq = seq
         blockSize = mirror.blockSize
@@ -50,9 +54,14 @@ public final class Overlay: @unchecked Sendable {
             file = try Self.create(path: path, mirror: mirror, seq: seq, dataStart: dataStart)
         } else {
             file = try BlockFile(path: path, mode: .readWrite)
-            try Self.check(file, path: path, mirror: mirror, seq: seq)
         }
+        try Self.check(file, path: path, mirror: mirror, seq: seq)
+        fileLock = try FileLock(path: path, kind: forWriting ? .exclusive : .shared, waitSeconds: 0,
+                                holder: "another rewind export writes this overlay (an overlay has one writer); stop it first")
     }
+
+    /// Let another process open the overlay (also at deinit).
+    public func close() { fileLock.release() }
 
     private static func header(mirror: Mirror, seq: UInt64) -> [UInt8] {
         var h = magic

@@ -30,7 +30,7 @@ extension Mirror {
         let target = try RestoreTarget.plan(path, force: force, volumeBytes: volumeSize)
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
-        let overlay = try overlayPath.map { try Overlay(path: $0, mirror: self, seq: snapshot.seq, create: false) }
+        let overlay = try overlayPath.map { try Overlay(path: $0, mirror: self, seq: snapshot.seq, create: false, forWriting: false) }
         switch target {
         case .device where overlay != nil:
             throw RewindError.invalidArgument("--overlay restores to a file, not to the block device \(path): restore to a file, then copy it")

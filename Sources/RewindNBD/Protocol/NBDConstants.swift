@@ -19,6 +19,8 @@ public enum NBD {
     /// Largest option payload we read (names ≤ 4096 bytes plus a few queries); larger ones
     /// are discarded without buffering and answered ERR_TOO_BIG.
     public static let maxOptionBytes = 64 * 1024
+    /// Longest message in an option error reply, in bytes (`writeOptionError`).
+    public static let optionErrorMessageBytesMax = 1024
     /// Options per handshake before we give up on the client (hostile or broken).
     public static let maxOptions = 128
     public static let maxStringBytes = 4096

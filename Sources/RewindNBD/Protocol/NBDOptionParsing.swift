@@ -77,9 +77,17 @@ extension ByteBuffer {
         if var data { writeBuffer(&data) }
     }
 
+    /// The message is cut to `optionErrorMessageBytesMax` bytes (on a character boundary):
+    /// it may quote what the client sent, and clients refuse long ones (libnbd: over 4 KiB).
     mutating func writeOptionError(option: UInt32, type: NBDOptionReply, message: String) {
         var data = ByteBuffer()
-        data.writeString(message)
+        var text = message
+        if text.utf8.count > NBD.optionErrorMessageBytesMax {
+            text = String(decoding: message.utf8.prefix(NBD.optionErrorMessageBytesMax - 3), as: UTF8.self)
+            if text.last == "\u{FFFD}" { text.removeLast() }  // a character cut in two
+            text += "…"
+        }
+        data.writeString(text)
         writeOptionReply(option: option, type: type, data: data)
     }
 
