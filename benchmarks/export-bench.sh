@@ -80,6 +80,14 @@ start_server() {  # start_server CMD...: run an NBD server on $SOCK in the backg
     [ -S "$SOCK" ] || { echo "server did not start: $*" >&2; exit 1; }
 }
 stop_server() { kill "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true; SERVER_PID=; }
+sample_anon() {  # the largest anonymous (private) resident size of $1, KiB, into $DIR/anon.max until it exits
+    local pid=$1 max=0 v
+    while kill -0 "$pid" 2>/dev/null; do
+        v=$(awk '/RssAnon/ {print $2}' /proc/$pid/status 2>/dev/null || echo 0)
+        [ "${v:-0}" -gt "$max" ] && max=$v && echo "$max" > "$DIR/anon.max"
+        sleep 0.2
+    done
+}
 
 echo "# rewind export benchmark: $(date -u +%FT%TZ), $(nproc) CPUs, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -r), records $RECORDS"
 for SIZE in $SIZES; do
@@ -114,9 +122,12 @@ for SIZE in $SIZES; do
         for job in "randread16 randread 4k 16" "seqread read 1M 8"; do
             set -- $job
             start_server "$REWIND" export "$M" --at latest --listen "unix:$SOCK" --log-level warning
+            rm -f "$DIR/anon.max"; sample_anon "$SERVER_PID" & sampler=$!
             R[rewind,$1]=$(fio_job "$1-rewind" "$2" "$3" "$4")
             hwm=$(awk '/VmHWM/ {print $2}' "/proc/$SERVER_PID/status")
             stop_server
+            wait "$sampler" 2>/dev/null || true
+            R[anon,$1]=$(cat "$DIR/anon.max" 2>/dev/null || echo 0)
             start_server nbdkit -f -U "$SOCK" file "$DIR/copy.img"
             R[nbdkit,$1]=$(fio_job "$1-nbdkit" "$2" "$3" "$4")
             stop_server
@@ -135,7 +146,7 @@ for SIZE in $SIZES; do
             fi
         done
         echo
-        echo "Peak RSS of the export (VmHWM): $(( (R[rss,randread16] > R[rss,seqread] ? R[rss,randread16] : R[rss,seqread]) / 1024 )) MiB (target ≤ 128 MiB)"
+        echo "Peak RSS of the export (VmHWM): $(( (R[rss,randread16] > R[rss,seqread] ? R[rss,randread16] : R[rss,seqread]) / 1024 )) MiB, of which anonymous (RssAnon, sampled every 0.2 s) at most $(( (R[anon,randread16] > R[anon,seqread] ? R[anon,randread16] : R[anon,seqread]) / 1024 )) MiB; the rest is the index's pages of data.mdb ($(du -m "$M/journal/data.mdb" | cut -f1) MiB) mapped by LMDB (target ≤ 128 MiB)"
         rm -f "$DIR/copy.img"
     fi
     rm -rf "$M"

@@ -65,19 +65,41 @@ final class PointVolume: BlockTarget, @unchecked Sendable {
         }
         return run("read", on: loop) { [self] in
             let range = offset..<offset + UInt64(length)
-            // A large read sends its holes and zero blocks as holes (no bytes on the wire).
-            let pieces = length >= Self.holeDetectionMinBytes ? try allocation(range, limit: 64) : [(range, PointReader.Allocation.data)]
+            guard overlay == nil else {
+                // With an overlay: its runs over the point's allocation, then the bytes.
+                let pieces = length >= Self.holeDetectionMinBytes ? try allocation(range, limit: 64) : [(range, PointReader.Allocation.data)]
+                var out: [ReadExtent] = []
+                var at = offset
+                for (piece, kind) in pieces {
+                    out.append(kind == .data ? .data(offset: piece.lowerBound, bytes: try readBuffer(piece))
+                                             : .hole(offset: piece.lowerBound, length: UInt32(piece.count)))
+                    at = piece.upperBound
+                }
+                if at < range.upperBound { out.append(.data(offset: at, bytes: try readBuffer(at..<range.upperBound))) }
+                return out
+            }
+            // One walk: the bytes, and the holes, of which those of 64 KiB or more go out as holes.
+            let n = Int(length)
+            var buffer = ByteBufferAllocator().buffer(capacity: n)
+            var holes: [Range<UInt64>] = []
+            try buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
+                holes = try reader.readFindingHoles(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]))
+                return n
+            }
+            holes.removeAll { $0.count < Int(Self.holeDetectionMinBytes) }
+            guard !holes.isEmpty else { return [.data(offset: offset, bytes: buffer)] }
             var out: [ReadExtent] = []
             var at = offset
-            for (piece, kind) in pieces {
-                if kind == .data {
-                    out.append(.data(offset: piece.lowerBound, bytes: try readBuffer(piece)))
-                } else {
-                    out.append(.hole(offset: piece.lowerBound, length: UInt32(piece.count)))
+            for h in holes {
+                if h.lowerBound > at, let slice = buffer.getSlice(at: Int(at - offset), length: Int(h.lowerBound - at)) {
+                    out.append(.data(offset: at, bytes: slice))
                 }
-                at = piece.upperBound
+                out.append(.hole(offset: h.lowerBound, length: UInt32(h.count)))
+                at = h.upperBound
             }
-            if at < range.upperBound { out.append(.data(offset: at, bytes: try readBuffer(at..<range.upperBound))) }
+            if at < range.upperBound, let slice = buffer.getSlice(at: Int(at - offset), length: Int(range.upperBound - at)) {
+                out.append(.data(offset: at, bytes: slice))
+            }
             return out
         }
     }

@@ -717,6 +717,15 @@ private func expectFailure(_ message: String, sourceLocation: SourceLocation = #
                 if let d = firstDifference(got, Array(want[Int(lo)..<Int(hi)])) {
                     out.append("seq:\(reader.seq): a read of \(lo)..<\(hi) differs at byte \(lo + UInt64(d))")
                 }
+                // The large-read path: the same bytes, and every hole it names zero in the model.
+                var found = [UInt8](repeating: 0xEE, count: Int(hi - lo))
+                let holes = try found.withUnsafeMutableBytes { try reader.readFindingHoles(at: lo, into: $0) }
+                if let d = firstDifference(found, Array(want[Int(lo)..<Int(hi)])) {
+                    out.append("seq:\(reader.seq): readFindingHoles of \(lo)..<\(hi) differs at byte \(lo + UInt64(d))")
+                }
+                for h in holes where !(lo..<hi).contains(h.lowerBound) || h.upperBound > hi || want[Int(h.lowerBound)..<Int(h.upperBound)].contains(where: { $0 != 0 }) {
+                    out.append("seq:\(reader.seq): readFindingHoles of \(lo)..<\(hi) names \(h) a hole, which holds data")
+                }
             }
         } catch {
             out.append("seq:\(reader.seq): \(error)")

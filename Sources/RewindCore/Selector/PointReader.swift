@@ -48,7 +48,18 @@ public final class PointReader: @unchecked Sendable {
         guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
             throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
         }
-        try retrying { _ = try readOnce(at: offset, into: buffer, cachedOnly: false) }
+        try retrying { _ = try readOnce(at: offset, into: buffer, cachedOnly: false, findHoles: false) }
+    }
+
+    /// `read`, also saying which parts hold no data at the point — base.img's holes, zero and
+    /// trim records — in order and merged. Those parts are zero-filled, and base.img's holes
+    /// are not read (no page cache filled with zeros). One walk over the index, where a read
+    /// plus `allocation` take two.
+    public func readFindingHoles(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> [Range<UInt64>] {
+        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
+            throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
+        }
+        return try retrying { try readOnce(at: offset, into: buffer, cachedOnly: false, findHoles: true) ?? [] }
     }
 
     /// `read`, only if every byte comes from the page cache without waiting (`RWF_NOWAIT`) —
@@ -57,7 +68,7 @@ public final class PointReader: @unchecked Sendable {
     /// memory is the one wait this can still take.)
     public func readIfCached(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
         guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else { return false }
-        return (try? readOnce(at: offset, into: buffer, cachedOnly: true)) == true
+        return (try? readOnce(at: offset, into: buffer, cachedOnly: true, findHoles: false)) != nil
     }
 
     /// `range` cut into pieces by where their content comes from, in order, at most `limit`
@@ -120,9 +131,17 @@ public final class PointReader: @unchecked Sendable {
         }
     }
 
-    /// One try; with `cachedOnly`, false as soon as a piece is not in the page cache.
-    private func readOnce(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool) throws -> Bool {
-        guard !buffer.isEmpty else { return true }
+    /// One try; with `cachedOnly`, nil as soon as a piece is not in the page cache. Returns
+    /// the holes found when `findHoles` (else none).
+    private func readOnce(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer, cachedOnly: Bool,
+                          findHoles: Bool) throws -> [Range<UInt64>]? {
+        guard !buffer.isEmpty else { return [] }
+        var holes: [Range<UInt64>] = []
+        func hole(_ r: Range<UInt64>, _ dst: UnsafeMutableRawBufferPointer) {
+            dst.initializeMemory(as: UInt8.self, repeating: 0)
+            guard findHoles, !r.isEmpty else { return }
+            if let last = holes.last, last.upperBound == r.lowerBound { holes[holes.count - 1] = last.lowerBound..<r.upperBound } else { holes.append(r) }
+        }
         let bs = UInt64(mirror.blockSize)
         let end = offset + UInt64(buffer.count)
         let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: mirror.blockSize, alignment: 16)
@@ -134,27 +153,41 @@ public final class PointReader: @unchecked Sendable {
                 let from = max(block * bs, offset), to = min((block + count) * bs, end)
                 let dst = UnsafeMutableRawBufferPointer(rebasing: buffer[Int(from - offset)..<Int(to - offset)])
                 switch source {
+                case .base where findHoles:
+                    var at = from
+                    for data in try mirror.base.dataExtents(size: to, from: from) {
+                        hole(at..<data.lowerBound, UnsafeMutableRawBufferPointer(rebasing: buffer[Int(at - offset)..<Int(data.lowerBound - offset)]))
+                        try mirror.base.read(at: data.lowerBound, into: UnsafeMutableRawBufferPointer(
+                            rebasing: buffer[Int(data.lowerBound - offset)..<Int(data.upperBound - offset)]))
+                        at = data.upperBound
+                    }
+                    hole(at..<to, UnsafeMutableRawBufferPointer(rebasing: buffer[Int(at - offset)..<Int(to - offset)]))
                 case .base:
                     if !cachedOnly { try mirror.base.read(at: from, into: dst) } else if !mirror.base.readIfCached(at: from, into: dst) {
                         throw NotCached()
                     }
                 case .zero:
-                    dst.initializeMemory(as: UInt8.self, repeating: 0)
+                    hole(from..<to, dst)
                 case let .journal(s, segment, off, hash):
+                    // A whole block goes straight into the buffer; a part goes through `scratch`.
+                    let whole = dst.count == mirror.blockSize
+                    let into = whole ? dst : scratch
                     if !cachedOnly {
-                        try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: scratch)
+                        try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: into)
                     } else {
-                        guard mirror.journal.log.readIfCached(at: segment + UInt64(off), into: scratch),
-                              xxh3(UnsafeRawBufferPointer(scratch)) == hash else { throw NotCached() }
+                        guard mirror.journal.log.readIfCached(at: segment + UInt64(off), into: into),
+                              xxh3(UnsafeRawBufferPointer(into)) == hash else { throw NotCached() }
                     }
-                    let inBlock = Int(from - block * bs)
-                    dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[inBlock..<inBlock + dst.count]))
+                    if !whole {
+                        let inBlock = Int(from - block * bs)
+                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[inBlock..<inBlock + dst.count]))
+                    }
                 }
             }
         } catch is NotCached {
-            return false
+            return nil
         }
-        return true
+        return holes
     }
 
     private func allocationOnce(_ range: Range<UInt64>, limit: Int) throws -> [(Range<UInt64>, Allocation)] {
