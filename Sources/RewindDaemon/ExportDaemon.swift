@@ -35,19 +35,9 @@ public struct ExportOptions: Sendable {
 /// is pinned for the process's life (`Pin`); `NAME@POINT` reaches other points read-only.
 public enum ExportDaemon {
     public static func run(_ options: ExportOptions) async throws {
-        let level = Logger.Level(rawValue: options.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        DaemonSupport.bootstrapLogging(level: options.logLevel)
         let logger = Logger(label: "rewind.export")
-        let addresses = options.listen.isEmpty ? [ListenAddress.tcp(host: "127.0.0.1", port: NBD.defaultPort)] : options.listen
-        do {
-            try NBDServer.checkUnixSocketPaths(addresses)
-        } catch let e as ListenError {
-            throw RewindError.invalidArgument(e.description)
-        }
+        let addresses = try DaemonSupport.listenAddresses(options.listen)
         let mirror = try Mirror.open(at: options.mirror)
         if let damage = mirror.logDamage { logger.warning("\(damage)") }
         // A running server's newest durable records are in the index before the point resolves.

@@ -53,15 +53,9 @@ final class PointVolume: BlockTarget, @unchecked Sendable {
         guard length > 0 else { return loop.makeSucceededFuture([]) }
         // A small read of cached pages is answered on the event loop: the thread pool's round
         // trip (two wake-ups) costs more than the read.
-        if overlay == nil && length < Self.holeDetectionMinBytes {
-            let n = Int(length)
-            var buffer = ByteBufferAllocator().buffer(capacity: n)
-            var hit = false
-            buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
-                hit = reader.readIfCached(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]))
-                return hit ? n : 0
-            }
-            if hit { return loop.makeSucceededFuture([.data(offset: offset, bytes: buffer)]) }
+        if overlay == nil && length < Self.holeDetectionMinBytes,
+           let buffer = ByteBuffer.filled(count: Int(length), { reader.readIfCached(at: offset, into: $0) }) {
+            return loop.makeSucceededFuture([.data(offset: offset, bytes: buffer)])
         }
         return run("read", on: loop) { [self] in
             let range = offset..<offset + UInt64(length)

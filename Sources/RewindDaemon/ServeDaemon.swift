@@ -32,12 +32,7 @@ public enum ServeDaemon {
     }
 
     static func serve(_ options: ServeOptions, progress: ProgressObserver?, notifier: SystemdNotifier?) async throws -> Bool {
-        let level = Logger.Level(rawValue: options.logLevel) ?? .info
-        LoggingSystem.bootstrap { label in
-            var h = StreamLogHandler.standardError(label: label)
-            h.logLevel = level
-            return h
-        }
+        DaemonSupport.bootstrapLogging(level: options.logLevel)
         let logger = Logger(label: "rewind.serve")
         var registry: PrometheusCollectorRegistry?
         if options.metrics != nil {
@@ -47,14 +42,7 @@ public enum ServeDaemon {
         }
         let metrics = ServeMetrics()
 
-        // A Unix socket path a live server answers on is refused before anything is created
-        // or opened (`start` checks again when it binds).
-        let addresses = options.listen.isEmpty ? [ListenAddress.tcp(host: "127.0.0.1", port: NBD.defaultPort)] : options.listen
-        do {
-            try NBDServer.checkUnixSocketPaths(addresses)
-        } catch let e as ListenError {
-            throw RewindError.invalidArgument(e.description)
-        }
+        let addresses = try DaemonSupport.listenAddresses(options.listen)
 
         // The volume: source, mirror, ownership, recovery.
         let prepared = try prepare(options, logger: logger, progress: progress)

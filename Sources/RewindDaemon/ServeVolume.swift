@@ -103,14 +103,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
     /// blocks go out as holes (the page cache cannot say which were holes on disk).
     private func readIfCached(offset: UInt64, length: UInt32) -> [ReadExtent]? {
         guard length <= Self.inlineReadMaxBytes, !writer.overlaps(offset..<offset + UInt64(length)) else { return nil }
-        let n = Int(length)
-        var buffer = ByteBufferAllocator().buffer(capacity: n)
-        var hit = false
-        buffer.writeWithUnsafeMutableBytes(minimumWritableBytes: n) { raw in
-            hit = source.readIfCached(at: offset, into: UnsafeMutableRawBufferPointer(rebasing: raw[0..<n]))
-            return hit ? n : 0
-        }
-        guard hit else { return nil }
+        guard let buffer = ByteBuffer.filled(count: Int(length), { source.readIfCached(at: offset, into: $0) }) else { return nil }
         if length <= Self.holeDetectionMinBytes { return [.data(offset: offset, bytes: buffer)] }
         return Self.splitZeroRuns(buffer, at: offset)
     }

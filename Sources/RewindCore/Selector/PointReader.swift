@@ -144,8 +144,15 @@ public final class PointReader: @unchecked Sendable {
         }
         let bs = UInt64(mirror.blockSize)
         let end = offset + UInt64(buffer.count)
-        let scratch = UnsafeMutableRawBufferPointer.allocate(byteCount: mirror.blockSize, alignment: 16)
-        defer { scratch.deallocate() }
+        // For parts of journal blocks only (a whole block is read straight into `buffer`).
+        var scratchBlock: UnsafeMutableRawBufferPointer?
+        defer { scratchBlock?.deallocate() }
+        func scratch() -> UnsafeMutableRawBufferPointer {
+            if let s = scratchBlock { return s }
+            let s = UnsafeMutableRawBufferPointer.allocate(byteCount: mirror.blockSize, alignment: 16)
+            scratchBlock = s
+            return s
+        }
         struct NotCached: Error {}
         do {
             try walk(offset / bs, (end + bs - 1) / bs) { block, count, source in
@@ -171,7 +178,7 @@ public final class PointReader: @unchecked Sendable {
                 case let .journal(s, segment, off, hash):
                     // A whole block goes straight into the buffer; a part goes through `scratch`.
                     let whole = dst.count == mirror.blockSize
-                    let into = whole ? dst : scratch
+                    let into = whole ? dst : scratch()
                     if !cachedOnly {
                         try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: into)
                     } else {
@@ -180,7 +187,7 @@ public final class PointReader: @unchecked Sendable {
                     }
                     if !whole {
                         let inBlock = Int(from - block * bs)
-                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: scratch[inBlock..<inBlock + dst.count]))
+                        dst.copyMemory(from: UnsafeRawBufferPointer(rebasing: into[inBlock..<inBlock + dst.count]))
                     }
                 }
             }

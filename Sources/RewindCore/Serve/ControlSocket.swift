@@ -119,7 +119,7 @@ public final class ControlServer: @unchecked Sendable {
             guard poll(&p, 1, 200) > 0 else { continue }
             let client = accept(fd, nil, nil)
             guard client >= 0 else { continue }
-            var tv = timeval(tv_sec: 5, tv_usec: 0)
+            var tv = timeval(tv_sec: 2, tv_usec: 0)  // a silent client holds the others up this long at most
             setsockopt(client, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             setsockopt(client, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
             let reply = Array((answer(ControlSocket.readLine(client)) + "\n").utf8)
