@@ -32,6 +32,17 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // The replication link's wire protocol: frames, messages (docs/formats.md).
+        .target(name: "RewindLink", dependencies: [
+            "CXXHash",
+            .product(name: "NIOCore", package: "swift-nio"),
+        ]),
+        .testTarget(name: "RewindLinkTests", dependencies: [
+            "RewindLink",
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "NIOTestUtils", package: "swift-nio"),
+        ]),
         .target(name: "RewindDaemon", dependencies: [
             "RewindCore", "RewindNBD",
             .product(name: "NIOCore", package: "swift-nio"),

@@ -104,9 +104,12 @@ public final class PointReader: @unchecked Sendable {
             let cursor = try txn.cursor(journal.blocks)
             var b = first
             while b < end {
-                // The next block at or after b with any entry.
+                // The next block at or after b with any entry (for one block, `lookup` alone
+                // says: one B-tree descent instead of two).
                 var next = end
-                if let e = try cursor.seek(atLeast: blockKey(b, 0)) {
+                if end - b == 1 {
+                    next = b
+                } else if let e = try cursor.seek(atLeast: blockKey(b, 0)) {
                     guard let key = decodeBlockKey(e.key) else {
                         throw RewindError.damagedMirror(path: mirror.path, why: "an index key is \(e.key.count) bytes (journal/data.mdb is damaged)")
                     }

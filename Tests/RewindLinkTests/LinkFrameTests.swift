@@ -1,0 +1,101 @@
+import NIOCore
+import NIOEmbedded
+import NIOTestUtils
+import Testing
+@testable import RewindLink
+
+@Suite struct LinkFrameTests {
+    static let frames: [LinkFrame] = [
+        LinkHello(volumeUUID: Array(1...16), volumeSize: 1 << 30, blockSize: 4096, generation: 3, lastSeq: 1_000_000).frame,
+        LinkSeq(.welcome, seq: 42).frame,
+        LinkSeq(.ack, seq: 43).frame,
+        LinkRefusal("unknown identity 0123abcd").frame,
+        LinkFrame(.keepalive),
+        LinkFrame(.records, body: ByteBuffer(bytes: (0..<70_000).map { UInt8(truncatingIfNeeded: $0 &* 31) })),
+    ]
+
+    static func encoded(_ frames: [LinkFrame]) -> ByteBuffer {
+        var b = ByteBuffer()
+        for f in frames { b.writeLinkFrame(f) }
+        return b
+    }
+
+    /// The layout of docs/formats.md, byte for byte, for a keep-alive.
+    @Test func aKeepaliveIsSixteenBytesAsDocumented() {
+        var b = ByteBuffer()
+        b.writeLinkFrame(LinkFrame(.keepalive))
+        let bytes = b.readBytes(length: b.readableBytes) ?? []
+        #expect(bytes.count == 16)
+        #expect(Array(bytes[0..<8]) == [0, 0, 0, 12, 1, 6, 0, 0])
+        let sum = [UInt8](bytes[4..<8]).withUnsafeBytes { linkChecksum($0) }
+        #expect(Array(bytes[8..<16]) == (0..<8).map { UInt8(truncatingIfNeeded: sum >> (8 * $0)) })
+    }
+
+    /// NIO's own check of a decoder: whole, byte by byte, and in random pieces, the same frames.
+    @Test func theDecoderPassesNIOsVerifier() throws {
+        // Byte by byte costs the verifier time in the square of a frame's size: small ones.
+        let small = Self.frames.filter { $0.body.readableBytes < 4096 } + [LinkFrame(.records, body: ByteBuffer(bytes: Array(repeating: 7, count: 3000)))]
+        let cases = small.map { f -> (ByteBuffer, [LinkFrame]) in (Self.encoded([f]), [f]) }
+        try ByteToMessageDecoderVerifier.verifyDecoder(inputOutputPairs: cases) { LinkFrameDecoder() }
+    }
+
+    @Test func messagesRoundTrip() throws {
+        var b = Self.encoded(Self.frames)
+        var out: [LinkFrame] = []
+        while let f = try b.readLinkFrame() { out.append(f) }
+        #expect(out == Self.frames)
+        #expect(try LinkHello(out[0]) == LinkHello(volumeUUID: Array(1...16), volumeSize: 1 << 30, blockSize: 4096, generation: 3, lastSeq: 1_000_000))
+        #expect(try LinkSeq(out[1]) == LinkSeq(.welcome, seq: 42))
+        #expect(try LinkRefusal(out[3]).reason == "unknown identity 0123abcd")
+    }
+
+    /// Every single-bit flip of an encoded frame is refused — by the length check, or the
+    /// checksum (a flip in the length makes the frame end elsewhere: the checksum then covers
+    /// other bytes, or more are awaited) — never decoded as another frame.
+    @Test func everyBitFlipIsFound() throws {
+        let original = Self.encoded([LinkSeq(.ack, seq: 0x0102_0304_0506_0708).frame])
+        let bytes = original.getBytes(at: 0, length: original.readableBytes) ?? []
+        for i in 0..<bytes.count * 8 {
+            var damaged = bytes
+            damaged[i / 8] ^= 1 << (i % 8)
+            var b = ByteBuffer(bytes: damaged)
+            do {
+                if let f = try b.readLinkFrame() { Issue.record("bit \(i): decoded as \(f.kind)") }
+            } catch is LinkFrameError {}
+        }
+    }
+
+    @Test func badFramesAreNamed() throws {
+        func error(_ bytes: [UInt8]) -> String {
+            var b = ByteBuffer(bytes: bytes)
+            do { _ = try b.readLinkFrame(); return "no error" } catch { return "\(error)" }
+        }
+        #expect(error([0xFF, 0xFF, 0xFF, 0xFF]) == "a frame of 4294967295 bytes, more than the \(LinkFrame.maxBodyBytes + 12) allowed")
+        #expect(error([0, 0, 0, 3, 1, 2, 3]) == "a frame of 3 bytes, shorter than its header and checksum")
+        // Well-formed except for one field each (checksums recomputed so only that field is wrong).
+        func frame(version: UInt8 = 1, kind: UInt8 = 6, flags: UInt16 = 0) -> [UInt8] {
+            var inner = [version, kind, UInt8(flags >> 8), UInt8(flags & 0xFF)]
+            let sum = inner.withUnsafeBytes { linkChecksum($0) }
+            inner += (0..<8).map { UInt8(truncatingIfNeeded: sum >> (8 * $0)) }
+            return [0, 0, 0, 12] + inner
+        }
+        #expect(error(frame(version: 2)) == "frame version 2, this rewind speaks version 1")
+        #expect(error(frame(kind: 99)) == "unknown frame type 99")
+        #expect(error(frame(flags: 0x10)) == "frame flags 0x10 set, none are defined")
+        #expect(error(Array(frame().dropLast())) == "no error")  // incomplete: more bytes awaited
+        #expect(throws: LinkMessageError.malformed(.hello, bytes: 3)) { try LinkHello(LinkFrame(.hello, body: ByteBuffer(bytes: [1, 2, 3]))) }
+        #expect(throws: LinkMessageError.unexpected(.ack, expected: .hello)) { try LinkHello(LinkSeq(.ack, seq: 1).frame) }
+        #expect(throws: LinkMessageError.malformed(.refuse, bytes: 1)) { try LinkRefusal(LinkFrame(.refuse, body: ByteBuffer(bytes: [0xFF]))) }
+    }
+
+    /// Random bytes never crash the decoder nor make it buffer past its limit.
+    @Test func randomBytesNeverCrash() {
+        var state: UInt64 = 0x9E37_79B9_7F4A_7C15
+        for _ in 0..<2000 {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            let n = Int(state % 64)
+            var b = ByteBuffer(bytes: (0..<n).map { _ in state ^= state << 13; state ^= state >> 7; state ^= state << 17; return UInt8(truncatingIfNeeded: state) })
+            _ = try? b.readLinkFrame()
+        }
+    }
+}
