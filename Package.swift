@@ -16,6 +16,9 @@ let package = Package(
         .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.4.1"),
         .package(url: "https://github.com/swift-server/swift-service-lifecycle", from: "2.13.0"),
         .package(url: "https://github.com/LebJe/TOMLKit", from: "0.6.0"),
+        // A unit's key pair and self-signed certificate (`rewind id`), for the link's mutual TLS.
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
+        .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", path: "Sources/CLMDB",
@@ -36,9 +39,13 @@ let package = Package(
         .target(name: "RewindLink", dependencies: [
             "CXXHash",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "X509", package: "swift-certificates"),
         ]),
         .testTarget(name: "RewindLinkTests", dependencies: [
             "RewindLink",
+            .product(name: "Crypto", package: "swift-crypto"),
+            .product(name: "X509", package: "swift-certificates"),
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
             .product(name: "NIOTestUtils", package: "swift-nio"),
@@ -56,7 +63,7 @@ let package = Package(
             .product(name: "TOMLKit", package: "TOMLKit"),
         ]),
         .executableTarget(name: "rewind", dependencies: [
-            "RewindCore", "RewindDaemon",
+            "RewindCore", "RewindDaemon", "RewindLink",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // Test helper: a deterministic append/compact workload that crash tests SIGKILL.

@@ -124,4 +124,17 @@ want="rewind: warning: the journal's log is damaged at byte $at (seq:$seq failed
 err=$("$REWIND" verify d 2>&1 >/dev/null) || fail "verify after the damage was cut: $err"
 [ -z "$err" ] || fail "a second open warned again: [$err]"; ok
 
+# rewind id: made once, stable, the SHA-256 of the public key's SubjectPublicKeyInfo.
+id1=$("$REWIND" id --home "$T/home")
+[ "$("$REWIND" id --home "$T/home")" = "$id1" ] || fail "rewind id changed on the second run"; ok
+[ "$(REWIND_HOME="$T/home" "$REWIND" id)" = "$id1" ] || fail "REWIND_HOME was not used"; ok
+[ "$(stat -c %a "$T/home" "$T/home/key.pem" | tr '\n' ' ')" = "700 600 " ] || fail "the home or the key is readable by others"; ok
+if command -v openssl >/dev/null; then
+    spki=$(openssl pkey -in "$T/home/key.pem" -pubout -outform DER | sha256sum | cut -d' ' -f1)
+    [ "$spki" = "$id1" ] || fail "the ID $id1 is not the SHA-256 of the public key's SPKI ($spki)"; ok
+    openssl x509 -in "$T/home/cert.pem" -noout -subject | grep -qx "subject=CN = $id1" || fail "the certificate's CN is not the ID"; ok
+fi
+echo garbage > "$T/home/key.pem"
+expect_error 1 "rewind: error: $T/home/key.pem is not a P-256 private key in PEM (invalidPEMDocument)" "$REWIND" id --home "$T/home"
+
 finish

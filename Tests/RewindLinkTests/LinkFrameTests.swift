@@ -99,3 +99,31 @@ import Testing
         }
     }
 }
+
+@Suite struct LinkAdmissionTests {
+    let uuid = Array(UInt8(0x10)...UInt8(0x1F))
+    var local: LinkVolume { LinkVolume(uuid: uuid, size: 1 << 30, blockSize: 4096, generation: 2, durableSeq: 500) }
+    func hello(uuid: [UInt8]? = nil, size: UInt64 = 1 << 30, blockSize: UInt32 = 4096, generation: UInt64 = 2, lastSeq: UInt64 = 900) -> LinkHello {
+        LinkHello(volumeUUID: uuid ?? self.uuid, volumeSize: size, blockSize: blockSize, generation: generation, lastSeq: lastSeq)
+    }
+    func refusal(_ frame: LinkFrame) -> String? { (try? LinkRefusal(frame))?.reason }
+
+    @Test func theSameVolumeResumesAfterTheDurableSeq() throws {
+        #expect(try LinkSeq(LinkAdmission.answer(hello(), local: local)) == LinkSeq(.welcome, seq: 500))
+        #expect(try LinkSeq(LinkAdmission.answer(hello(generation: 3, lastSeq: 10), local: local)) == LinkSeq(.welcome, seq: 500))
+        #expect(try LinkSeq(LinkAdmission.answer(hello(), local: nil)) == LinkSeq(.welcome, seq: 0))
+    }
+
+    @Test func everyMismatchIsRefusedWithItsReason() {
+        #expect(refusal(LinkAdmission.answer(hello(uuid: Array(repeating: 0xAB, count: 16)), local: local))
+                == "the sender offers volume abababab-abab-abab-abab-abababababab, this mirror holds 10111213-1415-1617-1819-1a1b1c1d1e1f")
+        #expect(refusal(LinkAdmission.answer(hello(size: 1 << 20), local: local))
+                == "the sender's volume is 1048576 bytes in blocks of 4096, this mirror's 1073741824 in blocks of 4096")
+        #expect(refusal(LinkAdmission.answer(hello(blockSize: 512), local: local))
+                == "the sender's volume is 1073741824 bytes in blocks of 512, this mirror's 1073741824 in blocks of 4096")
+        #expect(refusal(LinkAdmission.answer(hello(generation: 1), local: local))
+                == "the sender is at generation 1, this mirror at 2: it is a former origin (a failover happened since); make it a receiver of the new origin")
+        #expect(refusal(LinkAdmission.answer(hello(lastSeq: 499), local: local))
+                == "the sender's journal ends at seq:499, before this mirror's seq:500: they have diverged")
+    }
+}

@@ -1,0 +1,52 @@
+/// What a receiver holds of a volume, as far as admitting a sender goes.
+public struct LinkVolume: Sendable, Equatable {
+    public var uuid: [UInt8]
+    public var size: UInt64
+    public var blockSize: UInt32
+    public var generation: UInt64
+    /// The newest seq the receiver holds durably: the sender resumes after it.
+    public var durableSeq: UInt64
+
+    public init(uuid: [UInt8], size: UInt64, blockSize: UInt32, generation: UInt64, durableSeq: UInt64) {
+        self.uuid = uuid
+        self.size = size
+        self.blockSize = blockSize
+        self.generation = generation
+        self.durableSeq = durableSeq
+    }
+}
+
+/// The receiver's answer to a sender's `hello`, decided before anything is written: `welcome`
+/// with its durable seq, or `refuse` with the one line it also logs. `local` nil: no mirror
+/// yet, so the sender seeds one from seq 0.
+public enum LinkAdmission {
+    public static func answer(_ hello: LinkHello, local: LinkVolume?) -> LinkFrame {
+        guard let local else { return LinkSeq(.welcome, seq: 0).frame }
+        if let why = refusal(hello, local) { return LinkRefusal(why).frame }
+        return LinkSeq(.welcome, seq: local.durableSeq).frame
+    }
+
+    static func refusal(_ hello: LinkHello, _ local: LinkVolume) -> String? {
+        if hello.volumeUUID != local.uuid {
+            return "the sender offers volume \(hex(hello.volumeUUID)), this mirror holds \(hex(local.uuid))"
+        }
+        if hello.volumeSize != local.size || hello.blockSize != local.blockSize {
+            return "the sender's volume is \(hello.volumeSize) bytes in blocks of \(hello.blockSize), this mirror's \(local.size) in blocks of \(local.blockSize)"
+        }
+        if hello.generation < local.generation {
+            return "the sender is at generation \(hello.generation), this mirror at \(local.generation): it is a former origin (a failover happened since); make it a receiver of the new origin"
+        }
+        if hello.generation == local.generation && hello.lastSeq < local.durableSeq {
+            return "the sender's journal ends at seq:\(hello.lastSeq), before this mirror's seq:\(local.durableSeq): they have diverged"
+        }
+        return nil
+    }
+
+    /// A UUID as 8-4-4-4-12 lowercase hex (other lengths: plain hex).
+    static func hex(_ bytes: [UInt8]) -> String {
+        let h = bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
+        guard bytes.count == 16 else { return h }
+        let c = Array(h)
+        return [c[0..<8], c[8..<12], c[12..<16], c[16..<20], c[20..<32]].map { String($0) }.joined(separator: "-")
+    }
+}
