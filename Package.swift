@@ -37,13 +37,13 @@ let package = Package(
         ]),
         // The replication link's wire protocol: frames, messages (docs/formats.md).
         .target(name: "RewindLink", dependencies: [
-            "CXXHash",
+            "RewindCore",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
         ]),
         .testTarget(name: "RewindLinkTests", dependencies: [
-            "RewindLink",
+            "RewindLink", "RewindCore",
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "NIOCore", package: "swift-nio"),

@@ -31,8 +31,7 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
         } else if name.hasPrefix("@") {
             pointText = name.dropFirst()
         } else {
-            let shown = name.count > 100 ? name.prefix(100) + "…" : Substring(name)
-            return .unknown("no export named \"\(shown)\" (this server offers \"\(primary.name)\" and \"\(primary.name)@POINT\")")
+            return .unknown("no export named \"\(Self.shown(name))\" (this server offers \"\(primary.name)\" and \"\(primary.name)@POINT\")")
         }
         do {
             let point = try Point(parsing: String(pointText))
@@ -43,9 +42,14 @@ final class PointCatalog: NBDExportCatalog, @unchecked Sendable {
             return .found(NBDExport(name: name, description: description,
                                     target: PointVolume(reader: reader, overlay: nil, pool: pool, logger: logger)))
         } catch {
-            let shown = name.count > 100 ? name.prefix(100) + "…" : Substring(name)
-            return .unknown("\(shown): \(error)")
+            return .unknown("\(Self.shown(name)): \(error)")
         }
+    }
+
+    /// A requested name as a message quotes it: its first 100 characters, so the reason after
+    /// it survives the reply's 1 KiB cut (`NBD.optionErrorMessageBytesMax`).
+    static func shown(_ name: String) -> Substring {
+        name.count > 100 ? name.prefix(100) + "…" : Substring(name)
     }
 
     /// Whether `point` may name records the index does not hold yet: the handshake then waits

@@ -1,3 +1,5 @@
+import RewindCore
+
 /// What a receiver holds of a volume, as far as admitting a sender goes.
 public struct LinkVolume: Sendable, Equatable {
     public var uuid: [UInt8]
@@ -28,7 +30,7 @@ public enum LinkAdmission {
 
     static func refusal(_ hello: LinkHello, _ local: LinkVolume) -> String? {
         if hello.volumeUUID != local.uuid {
-            return "the sender offers volume \(hex(hello.volumeUUID)), this mirror holds \(hex(local.uuid))"
+            return "the sender offers volume \(formatUUID(hello.volumeUUID)), this mirror holds \(formatUUID(local.uuid))"
         }
         if hello.volumeSize != local.size || hello.blockSize != local.blockSize {
             return "the sender's volume is \(hello.volumeSize) bytes in blocks of \(hello.blockSize), this mirror's \(local.size) in blocks of \(local.blockSize)"
@@ -40,13 +42,5 @@ public enum LinkAdmission {
             return "the sender's journal ends at seq:\(hello.lastSeq), before this mirror's seq:\(local.durableSeq): they have diverged"
         }
         return nil
-    }
-
-    /// A UUID as 8-4-4-4-12 lowercase hex (other lengths: plain hex).
-    static func hex(_ bytes: [UInt8]) -> String {
-        let h = bytes.map { ($0 < 16 ? "0" : "") + String($0, radix: 16) }.joined()
-        guard bytes.count == 16 else { return h }
-        let c = Array(h)
-        return [c[0..<8], c[8..<12], c[12..<16], c[16..<20], c[20..<32]].map { String($0) }.joined(separator: "-")
     }
 }

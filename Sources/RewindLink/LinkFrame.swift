@@ -1,4 +1,5 @@
 import NIOCore
+import RewindCore
 
 /// One frame of the replication link (docs/formats.md, "Replication link"): length-prefixed,
 /// typed, versioned and checksummed, so a corrupted byte anywhere is found and the link reset.
@@ -74,7 +75,7 @@ extension ByteBuffer {
         writeInteger(UInt16(0))
         var body = frame.body
         writeBuffer(&body)
-        let sum = withUnsafeReadableBytes { raw in linkChecksum(UnsafeRawBufferPointer(rebasing: raw[(start - readerIndex)...])) }
+        let sum = withUnsafeReadableBytes { raw in xxh3(UnsafeRawBufferPointer(rebasing: raw[(start - readerIndex)...])) }
         writeInteger(sum, endianness: .little)
     }
 
@@ -86,7 +87,7 @@ extension ByteBuffer {
         guard Int(length) >= LinkFrame.overheadBytes - 4 else { throw LinkFrameError.tooShort(length) }
         guard readableBytes >= 4 + Int(length) else { return nil }
         let start = readerIndex + 4, checked = Int(length) - 8
-        let expected = withUnsafeReadableBytes { raw in linkChecksum(UnsafeRawBufferPointer(rebasing: raw[4..<4 + checked])) }
+        let expected = withUnsafeReadableBytes { raw in xxh3(UnsafeRawBufferPointer(rebasing: raw[4..<4 + checked])) }
         let found: UInt64 = getInteger(at: start + checked, endianness: .little) ?? 0
         guard expected == found else { throw LinkFrameError.checksumMismatch(expected: expected, found: found) }
         let version: UInt8 = getInteger(at: start) ?? 0

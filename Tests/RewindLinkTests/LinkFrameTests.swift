@@ -1,6 +1,7 @@
 import NIOCore
 import NIOEmbedded
 import NIOTestUtils
+import RewindCore
 import Testing
 @testable import RewindLink
 
@@ -27,7 +28,7 @@ import Testing
         let bytes = b.readBytes(length: b.readableBytes) ?? []
         #expect(bytes.count == 16)
         #expect(Array(bytes[0..<8]) == [0, 0, 0, 12, 1, 6, 0, 0])
-        let sum = [UInt8](bytes[4..<8]).withUnsafeBytes { linkChecksum($0) }
+        let sum = [UInt8](bytes[4..<8]).withUnsafeBytes { xxh3($0) }
         #expect(Array(bytes[8..<16]) == (0..<8).map { UInt8(truncatingIfNeeded: sum >> (8 * $0)) })
     }
 
@@ -75,7 +76,7 @@ import Testing
         // Well-formed except for one field each (checksums recomputed so only that field is wrong).
         func frame(version: UInt8 = 1, kind: UInt8 = 6, flags: UInt16 = 0) -> [UInt8] {
             var inner = [version, kind, UInt8(flags >> 8), UInt8(flags & 0xFF)]
-            let sum = inner.withUnsafeBytes { linkChecksum($0) }
+            let sum = inner.withUnsafeBytes { xxh3($0) }
             inner += (0..<8).map { UInt8(truncatingIfNeeded: sum >> (8 * $0)) }
             return [0, 0, 0, 12] + inner
         }

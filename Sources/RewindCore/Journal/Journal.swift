@@ -164,6 +164,12 @@ public final class Journal: @unchecked Sendable {
         }
     }
 
+    /// `readBlock` from the page cache only (`PayloadLog.readIfCached`): false when any part
+    /// would wait for the disk, or the payload does not match its checksum.
+    func readBlockIfCached(segment: UInt64, offset: UInt32, hash: UInt64, into dst: UnsafeMutableRawBufferPointer) -> Bool {
+        log.readIfCached(at: segment + UInt64(offset), into: dst) && xxh3(UnsafeRawBufferPointer(dst)) == hash
+    }
+
     /// The newest index entry of `block` with seq <= `seq`, or nil (then base.img holds it).
     func lookup(_ cursor: LMDBCursor, block: UInt64, atOrBefore seq: UInt64) throws -> (seq: UInt64, content: BlockContent)? {
         let probe = seq == UInt64.max ? blockKey(block &+ 1, 0) : blockKey(block, seq + 1)

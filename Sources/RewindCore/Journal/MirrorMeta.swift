@@ -121,7 +121,7 @@ public struct MirrorMeta: Equatable, Sendable {
     }
 }
 
-func formatUUID(_ u: [UInt8]) -> String {
+public func formatUUID(_ u: [UInt8]) -> String {
     let hex = u.map { String($0, radix: 16).leftPadded(2) }.joined()
     let c = Array(hex)
     guard c.count == 32 else { return hex }

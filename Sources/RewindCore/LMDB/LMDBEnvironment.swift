@@ -195,7 +195,6 @@ public final class LMDBEnvironment: @unchecked Sendable {
         return UInt64(info.me_last_pgno + 1) * UInt64(stat.ms_psize)
     }
 
-    /// Run `body` in a read-only transaction, aborted afterwards. Readers never block the writer.
     /// `read` for callers that run many short reads (an export's requests): the transaction
     /// is taken from a pool of reset ones and renewed (`mdb_txn_renew`: no allocation, the
     /// reader slot kept), and reset again after — it holds no snapshot between calls.
@@ -224,6 +223,7 @@ public final class LMDBEnvironment: @unchecked Sendable {
         return try body(LMDBTransaction(txn: txn, mapBounds: dataFileBounds()))
     }
 
+    /// Run `body` in a read-only transaction, aborted afterwards. Readers never block the writer.
     public func read<T>(_ body: (LMDBTransaction) throws -> T) throws -> T {
         let txn = try begin(readOnly: true)
         defer { mdb_txn_abort(txn.txn) }

@@ -48,7 +48,7 @@ public final class Overlay: @unchecked Sendable {
         self.seq = seq
         blockSize = mirror.blockSize
         blockCount = mirror.volumeSize / UInt64(mirror.blockSize)
-        dataStart = (Self.mapStart + blockCount + (1 << 20) - 1) / (1 << 20) * (1 << 20)
+        dataStart = Self.dataStart(blockCount: blockCount)
         if access(path, F_OK) != 0 {
             guard create else { throw RewindError.invalidArgument("no overlay at \(path)") }
             file = try Self.create(path: path, mirror: mirror, seq: seq, dataStart: dataStart)
@@ -58,6 +58,11 @@ public final class Overlay: @unchecked Sendable {
         try Self.check(file, path: path, mirror: mirror, seq: seq)
         fileLock = try FileLock(path: path, kind: forWriting ? .exclusive : .shared, waitSeconds: 0,
                                 holder: "another rewind export writes this overlay (an overlay has one writer); stop it first")
+    }
+
+    /// Where the blocks start: after the map, at a whole MiB.
+    static func dataStart(blockCount: UInt64) -> UInt64 {
+        (mapStart + blockCount + (1 << 20) - 1) / (1 << 20) * (1 << 20)
     }
 
     /// Let another process open the overlay (also at deinit).
@@ -90,9 +95,8 @@ public final class Overlay: @unchecked Sendable {
         return file
     }
 
-    /// The overlay's seq, after checking it is `mirror`'s (and at `seq`, when given).
-    @discardableResult
-    private static func check(_ file: BlockFile, path: String, mirror: Mirror, seq: UInt64?) throws -> UInt64 {
+    /// Check that `file` is `mirror`'s overlay at `seq`, whole.
+    private static func check(_ file: BlockFile, path: String, mirror: Mirror, seq: UInt64) throws {
         var h = [UInt8](repeating: 0, count: headerSize)
         let n = try h.withUnsafeMutableBytes { try file.readAvailable(at: 0, into: $0) }
         guard n == headerSize, Array(h[0..<8]) == magic else {
@@ -111,14 +115,12 @@ public final class Overlay: @unchecked Sendable {
         guard uuid == mirror.uuid, Int(u32(12)) == mirror.blockSize, u64(16) == mirror.volumeSize else {
             throw RewindError.invalidArgument("\(path) is an overlay of the mirror \(formatUUID(uuid)), not of \(mirror.path) (\(formatUUID(mirror.uuid)))")
         }
-        if let seq, seq != at {
+        if seq != at {
             throw RewindError.invalidArgument("\(path) is an overlay of seq:\(at), not of seq:\(seq): give --at seq:\(at), or a new file")
         }
-        let dataStart = (mapStart + u64(16) / UInt64(u32(12)) + (1 << 20) - 1) / (1 << 20) * (1 << 20)
-        guard try file.size() >= dataStart + mirror.volumeSize else {
+        guard try file.size() >= dataStart(blockCount: mirror.volumeSize / UInt64(mirror.blockSize)) + mirror.volumeSize else {
             throw RewindError.invalidArgument("\(path): the overlay is shorter than its volume (truncated)")
         }
-        return at
     }
 
     // MARK: the map

@@ -45,9 +45,7 @@ public final class PointReader: @unchecked Sendable {
 
     /// Read `buffer.count` bytes at `offset` as the volume was at `seq`.
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
-            throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
-        }
+        try checkRange(offset, buffer)
         try retrying { _ = try readOnce(at: offset, into: buffer, cachedOnly: false, findHoles: false) }
     }
 
@@ -56,9 +54,7 @@ public final class PointReader: @unchecked Sendable {
     /// are not read (no page cache filled with zeros). One walk over the index, where a read
     /// plus `allocation` take two.
     public func readFindingHoles(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws -> [Range<UInt64>] {
-        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
-            throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
-        }
+        try checkRange(offset, buffer)
         return try retrying { try readOnce(at: offset, into: buffer, cachedOnly: false, findHoles: true) ?? [] }
     }
 
@@ -67,7 +63,7 @@ public final class PointReader: @unchecked Sendable {
     /// caller then reads on a thread pool. (The index is LMDB's map: a page of it not in
     /// memory is the one wait this can still take.)
     public func readIfCached(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) -> Bool {
-        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else { return false }
+        guard (try? checkRange(offset, buffer)) != nil else { return false }
         return (try? readOnce(at: offset, into: buffer, cachedOnly: true, findHoles: false)) != nil
     }
 
@@ -75,6 +71,12 @@ public final class PointReader: @unchecked Sendable {
     /// pieces (then they stop short of the range's end).
     public func allocation(_ range: Range<UInt64>, limit: Int) throws -> [(Range<UInt64>, Allocation)] {
         try retrying { try allocationOnce(range, limit: limit) }
+    }
+
+    private func checkRange(_ offset: UInt64, _ buffer: UnsafeMutableRawBufferPointer) throws {
+        guard offset <= mirror.volumeSize, UInt64(buffer.count) <= mirror.volumeSize - offset else {
+            throw RewindError.outOfRange(offset: offset, length: UInt64(buffer.count), size: mirror.volumeSize)
+        }
     }
 
     /// Two tries in transactions of their own, then one with compaction held off.
@@ -184,9 +186,8 @@ public final class PointReader: @unchecked Sendable {
                     let into = whole ? dst : scratch()
                     if !cachedOnly {
                         try mirror.journal.readBlock(seq: s, block: block, segment: segment, offset: off, hash: hash, into: into)
-                    } else {
-                        guard mirror.journal.log.readIfCached(at: segment + UInt64(off), into: into),
-                              xxh3(UnsafeRawBufferPointer(into)) == hash else { throw NotCached() }
+                    } else if !mirror.journal.readBlockIfCached(segment: segment, offset: off, hash: hash, into: into) {
+                        throw NotCached()
                     }
                     if !whole {
                         let inBlock = Int(from - block * bs)
