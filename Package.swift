@@ -19,6 +19,8 @@ let package = Package(
         // A unit's key pair and self-signed certificate (`rewind id`), for the link's mutual TLS.
         .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
         .package(url: "https://github.com/apple/swift-certificates", from: "1.21.1"),
+        // The link's mutual TLS 1.3 (peers pinned by the SHA-256 of their public keys).
+        .package(url: "https://github.com/apple/swift-nio-ssl", from: "2.37.6"),
     ],
     targets: [
         .systemLibrary(name: "CLMDB", path: "Sources/CLMDB",
@@ -35,10 +37,15 @@ let package = Package(
             .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // The replication link's wire protocol: frames, messages (docs/formats.md).
+        // The replication link: frames and messages (docs/formats.md), mutual TLS, sender, receiver.
         .target(name: "RewindLink", dependencies: [
             "RewindCore",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOSSL", package: "swift-nio-ssl"),
+            .product(name: "NIOTLS", package: "swift-nio"),
+            .product(name: "NIOConcurrencyHelpers", package: "swift-nio"),
+            .product(name: "Logging", package: "swift-log"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
         ]),
@@ -51,7 +58,7 @@ let package = Package(
             .product(name: "NIOTestUtils", package: "swift-nio"),
         ]),
         .target(name: "RewindDaemon", dependencies: [
-            "RewindCore", "RewindNBD",
+            "RewindCore", "RewindNBD", "RewindLink",
             .product(name: "NIOCore", package: "swift-nio"),
             .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOHTTP1", package: "swift-nio"),

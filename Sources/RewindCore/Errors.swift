@@ -41,6 +41,10 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
     case mismatch(offset: UInt64, why: String)
     /// A compaction to seq `target` would fold a point an export reads (`Pin`).
     case pinned(target: UInt64, pin: Pin.Info)
+    /// A replication peer asked for records folded into the base (it needs a resync).
+    case behindHorizon(seq: UInt64, horizon: UInt64)
+    /// The mirror receives a volume from another unit: only `receive` writes it, until `promote`.
+    case replica(path: String)
 
     public var description: String {
         switch self {
@@ -92,7 +96,11 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
         case let .journal(error): return error.description
         case let .mismatch(offset, why): return "differs at offset \(offset): \(why)"
         case let .pinned(target, pin):
-            return "seq:\(target) is after seq:\(pin.seq), a point in use by \(pin.holder) (pid \(pin.pid)); stop it, or compact to seq:\(pin.seq) at most"
+            return "seq:\(target) is after seq:\(pin.seq), a point in use by \(pin.heldBy); stop it, or compact to seq:\(pin.seq) at most"
+        case let .behindHorizon(seq, horizon):
+            return "seq:\(seq) was folded into the base (the oldest point is seq:\(horizon)); the peer needs a new seed or a resync"
+        case let .replica(path):
+            return "\(path) is a replica: it receives its volume from another unit (rewind receive); make it an origin first with `rewind promote \(shellWord(path)) --to SOURCE`"
         }
     }
 }

@@ -64,15 +64,9 @@ public final class Mirror: @unchecked Sendable {
             try base.truncate(to: volumeSize)
             if let source { try sparseCopy(from: source, to: base, size: volumeSize, blockSize: blockSize, progress: progress) }
             try base.sync()
-            guard mkdir(staging + "/journal", 0o755) == 0 else {
-                throw RewindError.io(path: staging + "/journal", operation: "mkdir", errno: errno)
-            }
-            try PayloadLog.create(directory: staging + "/log")
-            let journal = try Journal(directory: staging + "/journal", logDirectory: staging + "/log", mirrorPath: path, create: true)
-            let meta = MirrorMeta(blockSize: UInt32(blockSize), uuid: randomUUID(), volumeSize: volumeSize,
-                                  now: wallClockNanoseconds())
-            try journal.env.write { txn in try journal.writeMeta(txn, meta) }
-            try journal.env.sync()
+            try createJournal(in: staging, mirrorPath: path,
+                              meta: MirrorMeta(blockSize: UInt32(blockSize), uuid: randomUUID(), volumeSize: volumeSize,
+                                               now: wallClockNanoseconds()))
         } catch {
             removeTree(staging)
             throw error
@@ -80,6 +74,21 @@ public final class Mirror: @unchecked Sendable {
         guard rename(staging, path) == 0 else { throw RewindError.io(path: path, operation: "rename", errno: errno) }
         syncDirectory(containing: path)
         return try open(at: path)
+    }
+
+    /// Create `journal/` and `log/` in a mirror being built at `staging`, with header `meta`
+    /// (and the other `meta` values in `extra`), synced.
+    static func createJournal(in staging: String, mirrorPath: String, meta: MirrorMeta, extra: [String: [UInt8]] = [:]) throws {
+        guard mkdir(staging + "/journal", 0o755) == 0 else {
+            throw RewindError.io(path: staging + "/journal", operation: "mkdir", errno: errno)
+        }
+        try PayloadLog.create(directory: staging + "/log")
+        let journal = try Journal(directory: staging + "/journal", logDirectory: staging + "/log", mirrorPath: mirrorPath, create: true)
+        try journal.env.write { txn in
+            try journal.writeMeta(txn, meta)
+            for (key, value) in extra { try txn.put(journal.meta, Array(key.utf8), value) }
+        }
+        try journal.env.sync()
     }
 
     // MARK: open

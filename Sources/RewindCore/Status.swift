@@ -28,6 +28,25 @@ public struct MirrorStatus: Sendable, Codable {
     public var fenced: String?
     /// Points in use by exports (`Pin`), oldest first: no compaction folds past the first.
     public var pins: [PinStatus]
+    /// `origin` (serve writes it) or `replica` (receive writes it, until promote).
+    public var role: String
+    /// Replication peers this mirror streams to, with how far behind each is.
+    public var peers: [PeerStatus]
+}
+
+/// A replication peer as `status` shows it.
+public struct PeerStatus: Sendable, Codable {
+    public var id: String
+    public var address: String
+    public var durableSeq: UInt64
+    /// What the peer lacks: records, payload bytes, and how long ago the oldest was written.
+    public var lagRecords: UInt64
+    public var lagBytes: UInt64
+    public var lagSeconds: Double
+    /// When the peer was last heard from (RFC 3339), empty if never.
+    public var heard: String
+    public var state: String
+    public var mode: String
 }
 
 /// A pin as `status` shows it.
@@ -55,6 +74,13 @@ extension Mirror {
                             compactionPending: m.target > m.horizon ? m.target : nil,
                             rollbackPending: m.pendingRollback == MirrorMeta.none ? nil : m.pendingRollback,
                             bookmarks: marks, logDamage: try logGaps().map(\.description), fenced: fenceRecord(),
-                            pins: try livePins().map { PinStatus(seq: $0.seq, pid: $0.pid, since: formatRFC3339($0.since), holder: $0.holder) })
+                            pins: try livePins().map { PinStatus(seq: $0.seq, pid: $0.pid, since: formatRFC3339($0.since), holder: $0.holder) },
+                            role: try isReplica() ? "replica" : "origin",
+                            peers: try peerRecords().map { p in
+                                let lag = try lag(after: p.durableSeq)
+                                return PeerStatus(id: p.id, address: p.address, durableSeq: p.durableSeq, lagRecords: lag.records,
+                                                  lagBytes: lag.bytes, lagSeconds: lag.seconds,
+                                                  heard: p.updated == 0 ? "" : formatRFC3339(p.updated), state: p.state, mode: p.mode)
+                            })
     }
 }

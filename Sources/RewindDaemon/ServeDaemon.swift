@@ -43,6 +43,7 @@ public enum ServeDaemon {
         let metrics = ServeMetrics()
 
         let addresses = try DaemonSupport.listenAddresses(options.listen)
+        let identity = options.replicateTo.isEmpty ? nil : try Replication.context(home: options.home).0
 
         // The volume: source, mirror, ownership, recovery.
         let prepared = try prepare(options, logger: logger, progress: progress)
@@ -87,6 +88,10 @@ public enum ServeDaemon {
 
         var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
                                        PinWatchService(mirror: prepared.mirror, options: options, metrics: metrics, logger: logger)]
+        if let identity {
+            services.append(ReplicationService(replication: try Replication(mirror: prepared.mirror, peers: options.replicateTo,
+                                                                            identity: identity, group: group, logger: logger)))
+        }
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
             services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
         }
@@ -181,6 +186,7 @@ public enum ServeDaemon {
         }
         let lock = try existingOwnerLock ?? takeOwnerLock()
         let mirror = try Mirror.open(at: mirrorPath, recover: true, ownerLockHeld: true)
+        try mirror.refuseIfReplica()
         if let damage = mirror.logDamage {
             logger.error("\(damage); the source may still hold what those records wrote: check with rewind verify \(mirrorPath) --against \(o.source)")
         }
@@ -325,7 +331,7 @@ struct PinWatchService: Service {
             }
             if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
                 let held = try? mirror.retentionHeldBy(keepAgeNanoseconds: options.keepAgeNanoseconds, keepBytes: options.keepBytes)
-                if let held, held != heldBy { logger.notice("retention stops at seq:\(held.seq), in use by \(held.holder) (pid \(held.pid))") }
+                if let held, held != heldBy { logger.notice("retention stops at seq:\(held.seq), in use by \(held.heldBy)") }
                 heldBy = held
             }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(nanoseconds: 5_000_000_000) }

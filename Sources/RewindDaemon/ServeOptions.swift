@@ -1,5 +1,6 @@
 import Foundation
 import RewindCore
+import RewindLink
 import RewindNBD
 import TOMLKit
 
@@ -24,6 +25,8 @@ import TOMLKit
 /// retention-interval = "10s" # DURATION
 /// accept-damage = false
 /// on-full = "compact"        # or "fail"
+/// replicate-to = ["ID@backup1:7310"]  # a string or an array of strings (`rewind id` of each peer)
+/// home = "/var/lib/rewind"   # this unit's key pair (`rewind id --home`)
 /// ```
 /// `readConfig` checks every value before `serve` creates or opens anything. Its errors name
 /// the place: `FILE:LINE:COLUMN: <the TOML parser's message>` for a syntax error (a duplicate
@@ -52,12 +55,16 @@ public struct ServeOptions: Sendable {
     public var acceptDamage = false
     /// When the journal's file system is full: give up the oldest history, or fence.
     public var onFull: ServePipeline.FullPolicy = .compact
+    /// Peers the journal is streamed to (`--replicate-to ID@HOST:PORT`).
+    public var replicateTo: [LinkPeer] = []
+    /// This unit's home: its key pair (`--home`; `UnitIdentity.homeDirectory`).
+    public var home: String?
 
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage", "on-full"]
+                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home"]
 
     /// The levels `--log-level` and `log-level` take (swift-log's, by name).
     public static let logLevels: Set<String> = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
@@ -157,6 +164,8 @@ public struct ServeOptions: Sendable {
         if fromFile("retention-interval") { retentionIntervalSeconds = c.retentionIntervalSeconds }
         if fromFile("accept-damage") { acceptDamage = c.acceptDamage }
         if fromFile("on-full") { onFull = c.onFull }
+        if fromFile("replicate-to") { replicateTo = c.replicateTo }
+        if fromFile("home") { home = c.home }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -192,6 +201,17 @@ public struct ServeOptions: Sendable {
                 throw ConfigValueError("invalid policy \"\(text)\" (use compact or fail)")
             }
             onFull = policy
+        case "replicate-to":
+            var texts: [String] = []
+            if let s = value.string { texts = [s] } else if let array = value.array {
+                for element in array {
+                    guard let s = element.string else { throw ConfigValueError("expected a string or an array of strings") }
+                    texts.append(s)
+                }
+            }
+            guard !texts.isEmpty else { throw ConfigValueError("expected a string or an array of strings") }
+            replicateTo = try texts.map { t in do { return try LinkPeer(parsing: t) } catch { throw ConfigValueError("\(error)") } }
+        case "home": home = try ConfigValue.path(value)
         default: return false
         }
         return true

@@ -20,10 +20,10 @@ public struct LinkVolume: Sendable, Equatable {
 
 /// The receiver's answer to a sender's `hello`, decided before anything is written: `welcome`
 /// with its durable seq, or `refuse` with the one line it also logs. `local` nil: no mirror
-/// yet, so the sender seeds one from seq 0.
+/// yet: `needSeed`, and the sender seeds one.
 public enum LinkAdmission {
     public static func answer(_ hello: LinkHello, local: LinkVolume?) -> LinkFrame {
-        guard let local else { return LinkSeq(.welcome, seq: 0).frame }
+        guard let local else { return LinkFrame(.needSeed) }
         if let why = refusal(hello, local) { return LinkRefusal(why).frame }
         return LinkSeq(.welcome, seq: local.durableSeq).frame
     }

@@ -26,6 +26,14 @@ public struct LinkFrame: Sendable, Equatable {
         case ack = 5
         /// Either way, when idle: the peer is alive.
         case keepalive = 6
+        /// Receiver → sender, instead of `welcome`: no mirror here yet; seed one.
+        case needSeed = 7
+        /// Sender → receiver: a seed follows (`LinkSeedBegin`): the volume as of the horizon.
+        case seedBegin = 8
+        /// Sender → receiver: base data at an offset (`LinkSeedData`); holes are not sent.
+        case seedData = 9
+        /// Sender → receiver: the seed is complete (bytes sent); the receiver acks the horizon.
+        case seedEnd = 10
     }
 
     public static let version: UInt8 = 1

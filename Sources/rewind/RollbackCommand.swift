@@ -20,6 +20,7 @@ struct RollbackCommand: ParsableCommand {
     func run() throws {
         try reporting {
             let m = try openMirror(mirror)
+            try m.refuseIfReplica()  // its records are the origin's: cutting them would diverge
             let r = try m.rollback(to: at, source: source, progress: ProgressPrinter(command: "rollback"))
             if json { printJSON(r) } else {
                 var line = "rolled back from seq:\(r.fromSeq) to seq:\(r.toSeq): \(r.recordsRemoved) records removed"

@@ -2,6 +2,7 @@ import ArgumentParser
 import Foundation
 import RewindCore
 import RewindDaemon
+import RewindLink
 import RewindNBD
 
 struct ServeCommand: AsyncParsableCommand {
@@ -25,6 +26,9 @@ struct ServeCommand: AsyncParsableCommand {
     var acceptDamage = false
     @Option(help: "When the journal's file system is full: compact (give up the oldest history to make room; the default) or fail (fence the volume: ENOSPC, then EIO).")
     var onFull: String?
+    @Option(name: .customLong("replicate-to"), help: "Stream the journal to the unit ID@HOST:PORT (repeatable; ID from `rewind id` there).")
+    var replicateTo: [String] = []
+    @Option(help: "This unit's home directory: its key pair for --replicate-to.") var home: String?
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
@@ -75,6 +79,11 @@ struct ServeCommand: AsyncParsableCommand {
                 o.onFull = policy
                 set.insert("on-full")
             }
+            if !replicateTo.isEmpty {
+                o.replicateTo = try replicateTo.map { t in do { return try LinkPeer(parsing: t) } catch { throw ValidationError("\(error)") } }
+                set.insert("replicate-to")
+            }
+            if let home { o.home = home; set.insert("home") }
             if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
             // A fenced volume stops with exit status 3 (its reason is already in the log).

@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import RewindCore
 
 struct StatusCommand: ParsableCommand {
@@ -26,11 +27,15 @@ struct StatusCommand: ParsableCommand {
                 journal      \(humanBytes(s.journalPayloadBytes)) of payload; log files \(humanBytes(s.logFileBytes)), index \(humanBytes(s.journalFileBytes))
                 base         \(humanBytes(s.baseAllocatedBytes)) allocated
                 generation   \(s.generation)
+                role         \(s.role == "replica" ? "replica (rewind receive writes it; promote makes it an origin)" : "origin")
                 """)
                 if let c = s.compactionPending { print("compaction   unfinished, to seq:\(c) (finished by the next compact or serve)") }
                 if let r = s.rollbackPending { print("rollback     unfinished, to seq:\(r) (run rollback again)") }
                 for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
                 for pin in s.pins { print("pin          seq:\(pin.seq) held by \(pin.holder) (pid \(pin.pid)) since \(pin.since)") }
+                for p in s.peers {
+                    print("peer         \(p.id.prefix(16))… at \(p.address): durable seq:\(p.durableSeq), behind by \(p.lagRecords) records, \(humanBytes(p.lagBytes)), \(String(format: "%.1f", p.lagSeconds)) s; \(p.mode), \(p.state.isEmpty ? "never connected" : p.state)")
+                }
                 if let oldest = s.pins.first { print("retention    stops at seq:\(oldest.seq) while it is pinned") }
                 for gap in s.logDamage { print("log          DAMAGED: \(gap)") }
                 if let f = s.fenced { print("fenced       \(f)") }

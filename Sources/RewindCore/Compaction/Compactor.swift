@@ -290,7 +290,7 @@ extension Mirror {
             target = min(target, floor)
         }
         // Retention stops at the oldest point in use (`retentionHeldBy` says so).
-        if let pin = try livePins().first, pin.seq < target {
+        if let pin = try retentionHolds().first, pin.seq < target {
             guard pin.seq > (try meta().oldestPoint) else { return nil }
             target = pin.seq
         }
@@ -319,7 +319,7 @@ extension Mirror {
 
     /// The oldest pin, when it holds retention back: the window would fold past it.
     public func retentionHeldBy(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds()) throws -> Pin.Info? {
-        guard let pin = try livePins().first,
+        guard let pin = try retentionHolds().first,
               let target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now),
               target > pin.seq else { return nil }
         return pin

@@ -22,8 +22,8 @@ import Glibc
 /// Use from one thread only: LMDB's writer lock belongs to the thread that took it.
 public final class JournalWriter {
     let mirror: Mirror
-    private let appender: ChunkAppender
-    private var indexing: any JournalIndexing
+    let appender: ChunkAppender
+    var indexing: any JournalIndexing
     /// Appended since the last `requestCommit` or `commit` (index thread only).
     public var commitOwed: Bool { indexing.commitOwed }
     /// Streaming mode (serve): keep the log out of the page cache and reserve its disk blocks

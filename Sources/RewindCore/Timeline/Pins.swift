@@ -130,7 +130,7 @@ extension Mirror {
     func withPinsChecked<T>(rollbackTo target: UInt64, _ body: () throws -> T) throws -> T {
         try withPinsHeldOff({ pins in
             if let pin = pins.last, pin.seq > target {
-                throw RewindError.invalidArgument("seq:\(pin.seq) is in use by \(pin.holder) (pid \(pin.pid)), and a rollback to seq:\(target) removes it; stop that export first")
+                throw RewindError.invalidArgument("seq:\(pin.seq) is in use by \(pin.heldBy), and a rollback to seq:\(target) removes it; stop that export first")
             }
         }, body)
     }
@@ -139,11 +139,13 @@ extension Mirror {
         let order = try FileLock(path: pinsLockPath, kind: .exclusive, waitSeconds: 60,
                                  holder: "an export is pinning its point")
         defer { order.release() }
-        try check(try livePins())
+        try check(try retentionHolds())
         return try body()
     }
 }
 
 extension Pin.Info {
-    public var summary: String { "seq:\(seq) held by \(holder) (pid \(pid))" }
+    public var summary: String { "seq:\(seq) held by \(heldBy)" }
+    /// Who holds it, with its pid (none for a replication peer, which holds it across restarts).
+    public var heldBy: String { pid == 0 ? holder : "\(holder) (pid \(pid))" }
 }

@@ -1,0 +1,148 @@
+import Glibc
+
+/// What a new receiver's mirror is built from: the origin's identity and horizon. The
+/// origin's base.img (its data, holes skipped) follows, then its records from horizon + 1, so
+/// the replica holds every point the origin holds, under the same seqs.
+public struct ReplicaSeed: Sendable, Equatable {
+    public var uuid: [UInt8]
+    public var volumeSize: UInt64
+    public var blockSize: UInt32
+    public var generation: UInt64
+    public var horizon: UInt64
+    public var horizonTime: UInt64
+    public var createdTime: UInt64
+    public var horizonCumulative: UInt64
+
+    public init(uuid: [UInt8], volumeSize: UInt64, blockSize: UInt32, generation: UInt64, horizon: UInt64,
+                horizonTime: UInt64, createdTime: UInt64, horizonCumulative: UInt64) {
+        self.uuid = uuid
+        self.volumeSize = volumeSize
+        self.blockSize = blockSize
+        self.generation = generation
+        self.horizon = horizon
+        self.horizonTime = horizonTime
+        self.createdTime = createdTime
+        self.horizonCumulative = horizonCumulative
+    }
+}
+
+extension Mirror {
+    static let replicaKey = Array("replica".utf8)
+    static let replicaValue: [UInt8] = { var v = Array("receiving".utf8); v.appendLE(xxh3(Array("receiving".utf8))); return v }()
+
+    /// Whether this mirror receives its volume from another unit (`receive`), so that nothing
+    /// else may write it until `promote` makes it an origin.
+    public func isReplica() throws -> Bool {
+        try journal.env.read { txn in
+            guard let raw = try txn.get(journal.meta, Self.replicaKey) else { return false }
+            guard Array(raw) == Self.replicaValue else {
+                throw RewindError.damagedMirror(path: path, why: "its replica mark fails its check (journal/data.mdb is damaged)")
+            }
+            return true
+        }
+    }
+
+    /// Throw `replica` when only `receive` may write this mirror.
+    public func refuseIfReplica() throws {
+        if try isReplica() { throw RewindError.replica(path: path) }
+    }
+
+    /// Mark the mirror a replica, or (promote) an origin.
+    public func setReplica(_ yes: Bool) throws {
+        try journal.env.write { txn in
+            if yes { try txn.put(journal.meta, Self.replicaKey, Self.replicaValue) } else { _ = try txn.delete(journal.meta, Self.replicaKey) }
+        }
+        try sync()
+    }
+
+    /// The seed a new receiver starts from: this mirror's identity at its horizon. nil while a
+    /// compaction is unfinished (base.img is then between two points); the sender waits.
+    public func seed() throws -> ReplicaSeed? {
+        let m = try meta()
+        guard m.target <= m.horizon else { return nil }
+        return ReplicaSeed(uuid: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize, generation: m.generation,
+                           horizon: m.horizon, horizonTime: m.horizonTime, createdTime: m.createdTime,
+                           horizonCumulative: m.horizonCumulative)
+    }
+
+    /// The byte ranges of base.img that may hold data (holes are zeros).
+    public func baseDataExtents() throws -> [Range<UInt64>] {
+        try base.dataExtents(size: volumeSize)
+    }
+
+    /// Read base.img (the volume as of the horizon). Hold a pin at the horizon meanwhile, so
+    /// no compaction rewrites it underneath.
+    public func readBase(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        try base.read(at: offset, into: buffer)
+    }
+}
+
+/// Builds a replica's mirror from a seed: in `PATH.creating`, renamed into place when
+/// `finish` has written and synced everything, so a receiver killed while being seeded is left
+/// with no mirror (and is seeded again), never half of one.
+public final class ReplicaBuilder {
+    public let path: String
+    public let seed: ReplicaSeed
+    private let staging: String
+    private let base: BlockFile
+    public private(set) var bytesWritten: UInt64 = 0
+
+    public init(path: String, seed: ReplicaSeed) throws {
+        guard seed.blockSize >= 512, seed.blockSize <= 1 << 20, seed.blockSize & (seed.blockSize - 1) == 0,
+              seed.volumeSize > 0, seed.volumeSize % UInt64(seed.blockSize) == 0, seed.uuid.count == 16 else {
+            throw RewindError.invalidArgument("the seed's volume (\(seed.volumeSize) bytes in blocks of \(seed.blockSize)) is not one a mirror can hold")
+        }
+        if access(path, F_OK) == 0 { throw RewindError.mirrorExists(path: path) }
+        self.path = path
+        self.seed = seed
+        staging = path + ".creating"
+        removeTree(staging)
+        guard mkdir(staging, 0o755) == 0 else { throw RewindError.io(path: staging, operation: "mkdir", errno: errno) }
+        do {
+            base = try BlockFile(path: staging + "/base.img", mode: .createNew)
+            try base.truncate(to: seed.volumeSize)
+        } catch {
+            removeTree(staging)
+            throw error
+        }
+    }
+
+    /// Write seed data at `offset` of the base.
+    public func write(at offset: UInt64, _ bytes: UnsafeRawBufferPointer) throws {
+        guard offset <= seed.volumeSize, UInt64(bytes.count) <= seed.volumeSize - offset else {
+            throw RewindError.outOfRange(offset: offset, length: UInt64(bytes.count), size: seed.volumeSize)
+        }
+        try base.write(at: offset, from: bytes)
+        bytesWritten += UInt64(bytes.count)
+    }
+
+    /// Sync the base, create the journal (horizon = newest = the seed's seq), mark it a
+    /// replica and move it into place.
+    public func finish() throws -> Mirror {
+        do {
+            try base.sync()
+            var meta = MirrorMeta(blockSize: seed.blockSize, uuid: seed.uuid, volumeSize: seed.volumeSize, now: seed.createdTime)
+            meta.horizon = seed.horizon
+            meta.lastSeq = seed.horizon
+            meta.target = seed.horizon
+            meta.sourceSyncedSeq = seed.horizon
+            meta.horizonTime = seed.horizonTime
+            meta.lastTime = seed.horizonTime
+            meta.generation = seed.generation
+            meta.horizonCumulative = seed.horizonCumulative
+            meta.lastCumulative = seed.horizonCumulative
+            try Mirror.createJournal(in: staging, mirrorPath: path, meta: meta, extra: ["replica": Mirror.replicaValue])
+        } catch {
+            abandon()
+            throw error
+        }
+        guard rename(staging, path) == 0 else { throw RewindError.io(path: path, operation: "rename", errno: errno) }
+        syncDirectory(containing: path)
+        return try Mirror.open(at: path)
+    }
+
+    /// Throw the half-built mirror away.
+    public func abandon() {
+        removeTree(staging)
+    }
+}

@@ -1,0 +1,230 @@
+import Foundation
+import Logging
+import NIOCore
+import RewindCore
+
+/// The receiver's one writer: takes connections' frames in arrival order on a thread of its
+/// own (LMDB's write transaction belongs to one thread) and applies them to the mirror.
+final class LinkApplier: @unchecked Sendable {
+    enum Event {
+        case frame(LinkConnection, LinkFrame)
+        case closed(LinkConnection)
+    }
+
+    let path: String
+    let logger: Logger
+    let onMirror: @Sendable (Mirror) -> Void
+    private let cond = NSCondition()
+    private var queue: [Event] = []
+    private var queuedBytes = 0
+    private var stopping = false
+    private var stopped = false
+    private var mirrorBox: Mirror?
+
+    // Applier thread only.
+    private var writer: JournalWriter?
+    private var ownerLock: FileLock?
+    private var active: LinkConnection?
+    private var builder: ReplicaBuilder?
+
+    /// Frames queued past this close their connection (a sender keeps to its window).
+    static let maxQueuedBytes = 256 << 20
+    /// Records applied in one append and one sync, at most.
+    static let maxBatchBytes = 64 << 20
+
+    init(path: String, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+        self.path = path
+        self.logger = logger
+        self.onMirror = onMirror
+        if access(path, F_OK) == 0 { try open() }
+    }
+
+    var currentMirror: Mirror? { cond.withLock { mirrorBox } }
+
+    /// Open the existing mirror as its owner; it must be a replica.
+    private func open() throws {
+        let lock = try FileLock(path: path + "/owner.lock", kind: .exclusive, waitSeconds: 3,
+                                holder: "another rewind process (serve, receive or rollback) owns this mirror")
+        let m = try Mirror.open(at: path, recover: true, ownerLockHeld: true)
+        guard try m.isReplica() else {
+            lock.release()
+            throw RewindError.invalidArgument("\(path) is an origin's mirror (serve writes it), not a replica; receive into a new directory, or move it aside")
+        }
+        ownerLock = lock
+        writer = JournalWriter(mirror: m)
+        cond.withLock { mirrorBox = m }
+    }
+
+    func start() {
+        if let m = currentMirror { onMirror(m) }
+        let t = Thread { [self] in run() }
+        t.name = "rewind-receive"
+        t.start()
+    }
+
+    func stop() {
+        cond.withLock { stopping = true; cond.broadcast() }
+        cond.withLock { while !stopped { cond.wait() } }
+    }
+
+    func enqueue(_ e: Event) {
+        var overflow: LinkConnection?
+        cond.withLock {
+            if case let .frame(c, f) = e {
+                if queuedBytes > Self.maxQueuedBytes { overflow = c; return }
+                queuedBytes += f.body.readableBytes
+            }
+            queue.append(e)
+            cond.signal()
+        }
+        if let overflow {
+            logger.error("link from \(overflow.shortPeer): more than \(Self.maxQueuedBytes >> 20) MiB queued; closing")
+            overflow.channel.close(promise: nil)
+        }
+    }
+
+    private func run() {
+        while true {
+            let events: [Event] = cond.withLock {
+                while queue.isEmpty && !stopping { cond.wait() }
+                let e = queue
+                queue.removeAll()
+                queuedBytes = 0
+                return e
+            }
+            if events.isEmpty { break }
+            var batch: [ReplicatedRecord] = []
+            var batchBytes = 0
+            var batchFrom: LinkConnection?
+            for e in events {
+                switch e {
+                case let .frame(c, f) where f.kind == .records && c === active && mirrorBox != nil:
+                    do {
+                        let records = try LinkRecords.decode(f)
+                        batch += records
+                        batchBytes += f.body.readableBytes
+                        batchFrom = c
+                        if batchBytes >= Self.maxBatchBytes { flush(&batch, &batchBytes, c) }
+                    } catch {
+                        fail(c, "\(error)")
+                        batch.removeAll(); batchBytes = 0
+                    }
+                default:
+                    if let from = batchFrom { flush(&batch, &batchBytes, from); batchFrom = nil }
+                    handle(e)
+                }
+            }
+            if let from = batchFrom { flush(&batch, &batchBytes, from) }
+        }
+        builder?.abandon()
+        ownerLock?.release()
+        cond.withLock { stopped = true; cond.broadcast() }
+    }
+
+    /// Append and sync a batch, then ack its last seq; a bad record resets the connection.
+    private func flush(_ batch: inout [ReplicatedRecord], _ bytes: inout Int, _ c: LinkConnection) {
+        defer { batch.removeAll(keepingCapacity: true); bytes = 0 }
+        guard c === active, let writer, let last = batch.last else { return }
+        do {
+            try writer.appendReplicated(batch)
+            try writer.commit()
+            c.channel.writeAndFlush(LinkSeq(.ack, seq: last.seq).frame, promise: nil)
+        } catch {
+            writer.abort(keepLog: false)
+            if let m = currentMirror { self.writer = JournalWriter(mirror: m) }
+            fail(c, "records seq:\(batch[0].seq)…\(last.seq) not stored: \(error)")
+        }
+    }
+
+    /// Log, tell the sender, and close: it reconnects and resumes from the durable seq.
+    private func fail(_ c: LinkConnection, _ why: String) {
+        logger.error("link from \(c.shortPeer): \(why); resetting the link")
+        c.refuse(why)
+        if c === active { active = nil }
+    }
+
+    private func handle(_ e: Event) {
+        switch e {
+        case let .closed(c):
+            if c === active {
+                logger.info("link from \(c.shortPeer): closed")
+                active = nil
+                if let b = builder { b.abandon(); builder = nil; logger.warning("seed from \(c.shortPeer) abandoned unfinished; the next connection seeds again") }
+            }
+        case let .frame(c, f):
+            if f.kind == .hello { hello(c, f); return }
+            guard c === active else { return }  // a replaced connection's late frames
+            do {
+                switch f.kind {
+                case .seedBegin: try seedBegin(c, LinkSeedBegin.decode(f))
+                case .seedData:
+                    guard let builder else { throw LinkError("seed data without a seed") }
+                    let (offset, bytes) = try LinkSeedData.decode(f)
+                    try bytes.withUnsafeReadableBytes { try builder.write(at: offset, $0) }
+                case .seedEnd: try seedEnd(c, LinkSeedData.decodeEnd(f))
+                case .records: throw LinkError("records before the mirror exists")
+                default: throw LinkError("an unexpected \(f.kind) frame")
+                }
+            } catch {
+                if let b = builder { b.abandon(); builder = nil }
+                fail(c, "\(error)")
+            }
+        }
+    }
+
+    private func hello(_ c: LinkConnection, _ f: LinkFrame) {
+        let hello: LinkHello
+        do { hello = try LinkHello(f) } catch {
+            logger.error("link from \(c.shortPeer): refused: \(error)")
+            c.refuse("\(error)")
+            return
+        }
+        if let old = active, old !== c {
+            logger.info("link from \(c.shortPeer) replaces the one from \(old.shortPeer)")
+            old.channel.close(promise: nil)
+        }
+        if let b = builder { b.abandon(); builder = nil }
+        active = nil
+        var local: LinkVolume?
+        if let m = currentMirror {
+            do {
+                let meta = try m.meta()
+                local = LinkVolume(uuid: meta.uuid, size: meta.volumeSize, blockSize: meta.blockSize,
+                                   generation: meta.generation, durableSeq: meta.lastSeq)
+            } catch {
+                logger.error("link from \(c.shortPeer): refused: this mirror cannot be read: \(error)")
+                c.refuse("the receiver's mirror cannot be read")
+                return
+            }
+        }
+        let answer = LinkAdmission.answer(hello, local: local)
+        if answer.kind == .refuse {
+            let why = (try? LinkRefusal(answer).reason) ?? "refused"
+            logger.error("link from \(c.shortPeer): refused: \(why)")
+            c.refuse(why)
+            return
+        }
+        active = c
+        if answer.kind == .welcome {
+            logger.info("link from \(c.shortPeer): resuming after seq:\(local?.durableSeq ?? 0) (the sender has seq:\(hello.lastSeq))")
+        }
+        c.channel.writeAndFlush(answer, promise: nil)
+    }
+
+    private func seedBegin(_ c: LinkConnection, _ seed: ReplicaSeed) throws {
+        guard currentMirror == nil, builder == nil else { throw LinkError("a seed for a mirror that exists") }
+        builder = try ReplicaBuilder(path: path, seed: seed)
+        logger.info("link from \(c.shortPeer): seeding \(path): volume \(formatUUID(seed.uuid)), \(seed.volumeSize) bytes, as of seq:\(seed.horizon)")
+    }
+
+    private func seedEnd(_ c: LinkConnection, _ sent: UInt64) throws {
+        guard let b = builder else { throw LinkError("a seed end without a seed") }
+        guard b.bytesWritten == sent else { throw LinkError("the seed ended after \(b.bytesWritten) bytes; the sender sent \(sent)") }
+        builder = nil
+        _ = try b.finish()
+        try open()
+        logger.info("link from \(c.shortPeer): seeded \(path) (\(sent) bytes of data) as of seq:\(b.seed.horizon)")
+        c.channel.writeAndFlush(LinkSeq(.ack, seq: b.seed.horizon).frame, promise: nil)
+        if let m = currentMirror { onMirror(m) }
+    }
+}

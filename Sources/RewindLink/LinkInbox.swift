@@ -1,0 +1,101 @@
+import Foundation
+import NIOCore
+
+/// Frames from one connection, handed from its event loop to the thread that drives the link
+/// (blocking waits with deadlines), and why the connection ended.
+final class LinkInbox: @unchecked Sendable {
+    private let cond = NSCondition()
+    private var frames: [LinkFrame] = []
+    private var closedWhy: String?
+
+    func push(_ frame: LinkFrame) {
+        cond.lock(); defer { cond.unlock() }
+        frames.append(frame)
+        cond.signal()
+    }
+
+    func close(_ why: String) {
+        cond.lock(); defer { cond.unlock() }
+        if closedWhy == nil { closedWhy = why }
+        cond.signal()
+    }
+
+    /// The next frame, waiting up to `seconds`; nil when none came. Throws once the connection
+    /// has ended and every frame before that was taken.
+    func next(waiting seconds: Double) throws -> LinkFrame? {
+        cond.lock(); defer { cond.unlock() }
+        let deadline = Date(timeIntervalSinceNow: seconds)
+        while frames.isEmpty && closedWhy == nil {
+            if !cond.wait(until: deadline) { break }
+        }
+        if !frames.isEmpty { return frames.removeFirst() }
+        if let why = closedWhy { throw LinkError(why) }
+        return nil
+    }
+}
+
+/// Passes a connection's frames and its end to a `LinkInbox`.
+final class LinkInboxHandler: ChannelInboundHandler {
+    typealias InboundIn = LinkFrame
+    let inbox: LinkInbox
+    let seen: PresentedIdentity
+    let expected: String
+
+    init(inbox: LinkInbox, seen: PresentedIdentity, expected: String) {
+        self.inbox = inbox
+        self.seen = seen
+        self.expected = expected
+    }
+
+    func channelRead(context: ChannelHandlerContext, data: NIOAny) {
+        inbox.push(unwrapInboundIn(data))
+    }
+
+    func errorCaught(context: ChannelHandlerContext, error: Error) {
+        inbox.close(LinkError.describe(error, seen: seen, expected: expected))
+        context.close(promise: nil)
+    }
+
+    func channelInactive(context: ChannelHandlerContext) {
+        inbox.close("the connection closed")
+        context.fireChannelInactive()
+    }
+
+    func userInboundEventTriggered(context: ChannelHandlerContext, event: Any) {
+        if let e = event as? IdleStateHandler.IdleStateEvent, e == .read {
+            inbox.close("nothing heard for \(LinkTiming.silenceSeconds) s")
+            context.close(promise: nil)
+        }
+        context.fireUserInboundEventTriggered(event)
+    }
+}
+
+/// Why a link stopped: the one line that is logged.
+public struct LinkError: Error, CustomStringConvertible, Equatable {
+    public let description: String
+    public init(_ description: String) { self.description = description }
+
+    /// A connection error as a log line; a failed TLS handshake names what the peer presented.
+    static func describe(_ error: Error, seen: PresentedIdentity, expected: String?) -> String {
+        let text = "\(error)"
+        if text.contains("handshakeFailed") || text.contains("HANDSHAKE") || text.contains("CERTIFICATE") {
+            if let expected, case let .some(.some(id)) = seen.id, id != expected {
+                return "TLS handshake refused: the peer presented identity \(id), not \(expected)"
+            }
+            return "TLS handshake failed (\(seen.summary) presented): \(text)"
+        }
+        if let e = error as? LinkFrameError { return "a bad frame: \(e)" }
+        return text
+    }
+}
+
+/// The link's clocks.
+public enum LinkTiming {
+    /// A keep-alive is sent after this long without sending.
+    public static let keepaliveSeconds = 5
+    /// A connection silent this long is closed (and reconnected by its sender).
+    public static let silenceSeconds = 30
+    /// Reconnect backoff: from the first to the longest wait.
+    public static let firstBackoff = 0.25
+    public static let longestBackoff = 15.0
+}

@@ -1,0 +1,302 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import RewindCore
+
+/// Streams one mirror's journal to one peer, on a thread of its own: connect (mutual TLS,
+/// the peer's ID pinned), `hello`, then from the peer's durable seq on, batches of records
+/// read from the mirror — the journal is the link's buffer; nothing is held in memory beyond
+/// the window of unacknowledged bytes. A peer with no mirror is seeded first. Any failure
+/// closes the connection; the sender reconnects with backoff and resumes from what the peer
+/// then says it holds, so no record is lost or sent twice into its journal.
+public final class LinkSender: @unchecked Sendable {
+    public let peer: LinkPeer
+    let mirror: Mirror
+    let context: NIOSSLContext
+    let group: EventLoopGroup
+    let logger: Logger
+    private let lock = NSCondition()
+    private var stopping = false
+    private var channel: Channel?
+    private var thread: Thread?
+    private var current = LinkSenderStatus()
+
+    /// Unacknowledged payload in flight, at most.
+    public static let windowBytes = 32 << 20
+    /// One `records` frame, at most (a single larger record goes alone).
+    public static let batchBytes = 4 << 20
+    public static let batchRecords = 2048
+    /// How often an idle sender looks for new records.
+    static let pollSeconds = 0.005
+
+    public init(mirror: Mirror, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger) {
+        self.mirror = mirror
+        self.peer = peer
+        self.context = context
+        self.group = group
+        self.logger = logger
+    }
+
+    public var status: LinkSenderStatus { lock.withLock { current } }
+
+    public func start() {
+        // Until the peer first answers, it holds every record from the oldest point on.
+        if (try? mirror.peerRecords().contains { $0.id == peer.id }) != true, let m = try? mirror.meta() {
+            try? mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: m.oldestPoint,
+                                              updated: 0, state: "connecting"), sync: true)
+        }
+        let t = Thread { [self] in run() }
+        t.name = "rewind-link \(peer.shortID)"
+        lock.withLock { thread = t }
+        t.start()
+    }
+
+    /// Stop streaming: close the connection and wait for the thread.
+    public func stop() {
+        let (c, t): (Channel?, Thread?) = lock.withLock {
+            stopping = true
+            lock.broadcast()
+            return (channel, thread)
+        }
+        c?.close(promise: nil)
+        while t != nil && !(lock.withLock { current.state == "stopped" }) { usleep(10_000) }
+    }
+
+    private var isStopping: Bool { lock.withLock { stopping } }
+
+    private func run() {
+        var backoff = LinkTiming.firstBackoff
+        var lastError = ""
+        while !isStopping {
+            let started = Date()
+            do {
+                try session()
+            } catch {
+                if isStopping { break }
+                let why = "\(error)"
+                update { $0.state = "connecting: \(why)"; $0.connected = false }
+                try? recordPeer(sync: false)
+                // One line per distinct failure, not one per retry.
+                if why != lastError {
+                    logger.warning("link to \(peer): \(why); reconnecting (backoff up to \(Int(LinkTiming.longestBackoff)) s)")
+                    lastError = why
+                }
+            }
+            if Date().timeIntervalSince(started) > 10 { backoff = LinkTiming.firstBackoff }
+            lock.withLock { _ = stopping ? true : lock.wait(until: Date(timeIntervalSinceNow: backoff)) }
+            backoff = min(backoff * 2, LinkTiming.longestBackoff)
+        }
+        update { $0.state = "stopped"; $0.connected = false }
+        try? recordPeer(sync: true)
+    }
+
+    private func update(_ body: (inout LinkSenderStatus) -> Void) {
+        lock.withLock { body(&current) }
+    }
+
+    private func recordPeer(sync: Bool) throws {
+        let s = status
+        guard s.durableSeq != nil || s.state == "stopped" else { return }
+        let old = try mirror.peerRecords().first { $0.id == peer.id }
+        try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: s.durableSeq ?? old?.durableSeq ?? 0,
+                                         updated: s.heard ?? old?.updated ?? 0, state: s.state), sync: sync)
+    }
+
+    // MARK: one connection
+
+    private func connect(_ inbox: LinkInbox) throws -> Channel {
+        let seen = PresentedIdentity()
+        let context = self.context, peer = self.peer
+        let bootstrap = ClientBootstrap(group: group)
+            .connectTimeout(.seconds(10))
+            .channelOption(.socketOption(.tcp_nodelay), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    let tls = try NIOSSLClientHandler(context: context, serverHostname: nil,
+                                                      customVerificationCallback: LinkTLS.verifier(allowed: [peer.id], seen: seen))
+                    try channel.pipeline.syncOperations.addHandlers([
+                        tls,
+                        IdleStateHandler(readTimeout: .seconds(Int64(LinkTiming.silenceSeconds))),
+                        ByteToMessageHandler(LinkFrameDecoder()),
+                        MessageToByteHandler(LinkFrameEncoder()),
+                        LinkInboxHandler(inbox: inbox, seen: seen, expected: peer.id),
+                    ])
+                }
+            }
+        do {
+            return try bootstrap.connect(host: peer.host, port: peer.port).wait()
+        } catch {
+            throw LinkError("cannot connect: \(error)")
+        }
+    }
+
+    private func session() throws {
+        let inbox = LinkInbox()
+        let channel = try connect(inbox)
+        lock.withLock { self.channel = channel }
+        defer {
+            channel.close(promise: nil)
+            lock.withLock { self.channel = nil }
+        }
+        if isStopping { return }
+        let m = try mirror.meta()
+        channel.writeAndFlush(LinkHello(volumeUUID: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize,
+                                        generation: m.generation, lastSeq: m.lastSeq).frame, promise: nil)
+        guard let answer = try inbox.next(waiting: 10) else { throw LinkError("no answer to hello within 10 s") }
+        let durable: UInt64
+        switch answer.kind {
+        case .welcome:
+            durable = try LinkSeq(answer).seq
+            let newest = try mirror.meta().lastSeq
+            guard durable <= newest else {
+                throw LinkError("the peer holds seq:\(durable), past this mirror's newest seq:\(newest): they have diverged")
+            }
+        case .needSeed:
+            durable = try seed(channel, inbox)
+        case .refuse:
+            throw LinkError("refused by the peer: \(try LinkRefusal(answer).reason)")
+        default:
+            throw LinkError("the peer answered hello with a \(answer.kind) frame")
+        }
+        update { $0.durableSeq = durable; $0.heard = wallClockNanoseconds(); $0.state = "streaming"; $0.connected = true }
+        try recordPeer(sync: true)
+        logger.info("link to \(peer): streaming from seq:\(durable + 1)")
+        try stream(channel, inbox, from: durable)
+    }
+
+    /// Send base.img as of the horizon (pinned meanwhile), then wait for the peer to ack it.
+    private func seed(_ channel: Channel, _ inbox: LinkInbox) throws -> UInt64 {
+        guard let seed = try mirror.seed() else { throw LinkError("a compaction is unfinished; seeding waits for it") }
+        let pin = try mirror.pin(.seq(seed.horizon), holder: "seeding replication peer \(peer.shortID)…")
+        defer { pin.release() }
+        update { $0.state = "seeding"; $0.connected = true }
+        logger.info("link to \(peer): the peer has no mirror; seeding it with the volume as of seq:\(seed.horizon)")
+        channel.writeAndFlush(LinkSeedBegin.frame(seed), promise: nil)
+        let chunk = 1 << 20, bs = Int(seed.blockSize)
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
+        defer { buffer.deallocate() }
+        let extents = try mirror.baseDataExtents()
+        let total = extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
+        var sent: UInt64 = 0, read: UInt64 = 0, frames = 0
+        var lastReport = Date()
+        for extent in extents {
+            var at = extent.lowerBound
+            while at < extent.upperBound {
+                if isStopping { throw LinkError("stopped") }
+                let n = Int(min(UInt64(chunk), extent.upperBound - at))
+                let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+                try mirror.readBase(at: at, into: slice)
+                var b = 0
+                while b < n {  // runs of non-zero blocks only
+                    let end = min(b + bs, n)
+                    if isAllZero(UnsafeRawBufferPointer(rebasing: slice[b..<end])) { b = end; continue }
+                    var runEnd = end
+                    while runEnd < n, !isAllZero(UnsafeRawBufferPointer(rebasing: slice[runEnd..<min(runEnd + bs, n)])) {
+                        runEnd = min(runEnd + bs, n)
+                    }
+                    let frame = LinkSeedData.frame(offset: at + UInt64(b), bytes: UnsafeRawBufferPointer(rebasing: slice[b..<runEnd]))
+                    frames += 1
+                    // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
+                    if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
+                    sent += UInt64(runEnd - b)
+                    b = runEnd
+                }
+                at += UInt64(n)
+                read += UInt64(n)
+                if Date().timeIntervalSince(lastReport) >= 5 {
+                    logger.info("link to \(peer): seeding, \(read) of \(total) bytes read, \(sent) sent")
+                    lastReport = Date()
+                }
+                if let f = try inbox.next(waiting: 0) {
+                    if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                    if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while seeding") }
+                }
+            }
+        }
+        try channel.writeAndFlush(LinkSeedData.endFrame(bytesSent: sent)).wait()
+        let deadline = Date(timeIntervalSinceNow: 600)
+        while Date() < deadline {
+            guard let f = try inbox.next(waiting: 1) else { continue }
+            switch f.kind {
+            case .ack:
+                let seq = try LinkSeq(f).seq
+                guard seq == seed.horizon else { throw LinkError("the peer acked seq:\(seq) for a seed as of seq:\(seed.horizon)") }
+                logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
+                return seq
+            case .keepalive: continue
+            case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
+            default: throw LinkError("a \(f.kind) frame where the seed's ack was due")
+            }
+        }
+        throw LinkError("the peer did not ack the seed within 600 s")
+    }
+
+    /// Send records from `durable` + 1 on, keeping at most `windowBytes` unacknowledged.
+    private func stream(_ channel: Channel, _ inbox: LinkInbox, from durable: UInt64) throws {
+        var next = durable + 1
+        var inflight: [(last: UInt64, bytes: Int)] = []
+        var unacked = 0
+        var lastSent = Date(), lastRecorded = Date.distantPast
+        while !isStopping {
+            // Acknowledgements first: they open the window.
+            while let f = try inbox.next(waiting: 0) { try handle(f, &inflight, &unacked, sent: next - 1) }
+            if unacked < Self.windowBytes {
+                let batch = try mirror.replicatedRecords(from: next, maxRecords: Self.batchRecords, maxBytes: Self.batchBytes)
+                if let last = batch.last {
+                    let frame = LinkRecords.frame(batch)
+                    let bytes = frame.body.readableBytes
+                    channel.writeAndFlush(frame, promise: nil)
+                    inflight.append((last.seq, bytes))
+                    unacked += bytes
+                    next = last.seq + 1
+                    lastSent = Date()
+                    update { $0.sentSeq = last.seq; $0.bytesSent += UInt64(bytes + LinkFrame.overheadBytes + 4) }
+                    continue
+                }
+            }
+            if Date().timeIntervalSince(lastSent) >= Double(LinkTiming.keepaliveSeconds) {
+                channel.writeAndFlush(LinkFrame(.keepalive), promise: nil)
+                lastSent = Date()
+            }
+            if Date().timeIntervalSince(lastRecorded) >= 1 {
+                try recordPeer(sync: true)
+                lastRecorded = Date()
+            }
+            if let f = try inbox.next(waiting: Self.pollSeconds) { try handle(f, &inflight, &unacked, sent: next - 1) }
+        }
+    }
+
+    private func handle(_ f: LinkFrame, _ inflight: inout [(last: UInt64, bytes: Int)], _ unacked: inout Int, sent: UInt64) throws {
+        switch f.kind {
+        case .ack:
+            let seq = try LinkSeq(f).seq
+            guard seq <= sent else { throw LinkError("the peer acked seq:\(seq), beyond the last sent (seq:\(sent))") }
+            while let first = inflight.first, first.last <= seq {
+                unacked -= first.bytes
+                inflight.removeFirst()
+            }
+            update { $0.durableSeq = seq; $0.heard = wallClockNanoseconds() }
+        case .keepalive:
+            update { $0.heard = wallClockNanoseconds() }
+        case .refuse:
+            throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
+        default:
+            throw LinkError("an unexpected \(f.kind) frame from the peer")
+        }
+    }
+}
+
+/// What a sender reports (status, metrics).
+public struct LinkSenderStatus: Sendable, Equatable {
+    public var state = "connecting"
+    public var connected = false
+    /// The newest seq the peer acknowledged as durable (nil: not heard from yet).
+    public var durableSeq: UInt64?
+    public var sentSeq: UInt64?
+    /// When the peer was last heard (ns since 1970).
+    public var heard: UInt64?
+    /// Frame bytes sent (records; the TLS records around them are not counted).
+    public var bytesSent: UInt64 = 0
+}

@@ -1,0 +1,41 @@
+import ArgumentParser
+import RewindCore
+import RewindDaemon
+import RewindLink
+import RewindNBD
+
+struct ReceiveCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "receive",
+        abstract: "Receive a volume's journal from other units, over mutual TLS, into MIRROR (seeded over the link on first contact).",
+        discussion: "Only units whose IDs are given with --peer-id may stream here. With --replicate-to, what arrives is forwarded further (cascade, fan-out).")
+
+    @Argument(help: "The mirror directory (created on first contact).") var mirror: String
+    @Option(help: "Listen on HOST:PORT.") var listen: String
+    @Option(name: .customLong("peer-id"), help: "The ID (`rewind id`) of a unit allowed to stream here (repeatable).") var peerID: [String] = []
+    @Option(name: .customLong("replicate-to"), help: "Forward to ID@HOST:PORT (repeatable).") var replicateTo: [String] = []
+    @Option(help: "This unit's home directory (its key pair).") var home: String?
+    @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+    @Flag(help: "Print the listening address and this unit's ID as one JSON line.") var json = false
+
+    func run() async throws {
+        try await reportingAsync {
+            guard !peerID.isEmpty else { throw ValidationError("give at least one --peer-id (the ID `rewind id` prints on the sending unit)") }
+            for id in peerID where !UnitIdentity.isValidID(id.lowercased()) {
+                throw ValidationError("invalid --peer-id \"\(id)\": an ID is the 64 hex digits `rewind id` prints")
+            }
+            let address: ListenAddress
+            do { address = try ListenAddress(parsing: listen, defaultPort: 7310) } catch let e as ListenAddressError { throw ValidationError(e.description) }
+            guard case let .tcp(host, port) = address else { throw ValidationError("--listen takes HOST:PORT (the link runs over TCP)") }
+            var o = ReceiveOptions(mirror: mirror, host: host, port: port, peerIDs: peerID.map { $0.lowercased() })
+            o.replicateTo = try replicateTo.map { t in do { return try LinkPeer(parsing: t) } catch { throw ValidationError("\(error)") } }
+            o.home = home
+            if let logLevel {
+                guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
+                o.logLevel = logLevel
+            }
+            o.json = json
+            try await ReceiveDaemon.run(o)
+        }
+    }
+}
