@@ -21,6 +21,10 @@ public final class Mirror: @unchecked Sendable {
     public let uuid: [UInt8]
     /// Set when opening found the log's tail damaged rather than torn (see `LogDamage`).
     public internal(set) var logDamage: LogDamage?
+    /// Called after each commit of the index by this process's writer (new records are
+    /// readable): replication senders wake on it instead of waiting for their next look.
+    /// Set once, before writing starts.
+    public nonisolated(unsafe) var indexCommitted: (@Sendable () -> Void)?
 
     /// Largest single write the journal accepts (NBD's maximum payload is 32 MiB).
     public static let maxWriteBytes: UInt64 = 64 << 20

@@ -1,7 +1,7 @@
 /// `text` as one word a POSIX shell reads back unchanged, for the commands messages tell the
 /// user to run (and that they paste): as it is when it holds only characters no shell treats
 /// specially, else in single quotes, a quote inside written `'\''`.
-func shellWord(_ text: String) -> String {
+public func shellWord(_ text: String) -> String {
     if !text.isEmpty && text.unicodeScalars.allSatisfy({ shellPlainScalars.contains($0) }) { return text }
     var quoted = "'"
     for c in text {

@@ -26,7 +26,9 @@ final class Replication: @unchecked Sendable {
     init(mirror: Mirror, peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger) throws {
         self.mirror = mirror
         let tls = try LinkTLS.clientContext(identity)
-        senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger) }
+        let senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger) }
+        self.senders = senders
+        mirror.indexCommitted = { for s in senders { s.nudge() } }
     }
 
     func start() { senders.forEach { $0.start() } }
@@ -66,14 +68,20 @@ final class Replication: @unchecked Sendable {
 /// Runs the senders for the service group's life.
 struct ReplicationService: Service {
     let replication: Replication
+    let gate: SyncGate?
 
     func run() async throws {
         replication.start()
         var gauges: [String: Replication.PeerGauges] = [:]
+        let degraded = Gauge(label: "rewind_sync_degraded")
         while !Task.isShuttingDownGracefully {
             replication.report(&gauges)
+            if let gate { degraded.record(gate.isDegraded ? 1 : 0) }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(nanoseconds: 1_000_000_000) }
         }
+        // Services stop in reverse order, so this stops before the server drains: the FLUSHes
+        // it still answers then pass the stopped gate, never waiting for a stopping sender.
+        gate?.stop()
         replication.stop()
     }
 }

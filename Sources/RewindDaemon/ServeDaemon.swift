@@ -5,6 +5,7 @@ import NIOCore
 import NIOPosix
 import Prometheus
 import RewindCore
+import RewindLink
 import RewindNBD
 import ServiceLifecycle
 
@@ -50,6 +51,16 @@ public enum ServeDaemon {
         metrics.logger = logger
         let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
                                    onFull: options.onFull, observer: metrics)
+        let linkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let replication = try identity.map {
+            try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: $0, group: linkGroup, logger: logger)
+        }
+        var gate: SyncGate?
+        if options.ackSync, let first = replication?.senders.first {
+            let g = SyncGate(sender: first, mirror: prepared.mirror, timeoutSeconds: options.syncTimeoutSeconds, logger: logger)
+            writer.syncGate = { seq, release in g.hold(seq, release) }
+            gate = g
+        }
         writer.start()
         let pool = NIOThreadPool(numberOfThreads: 4)
         pool.start()
@@ -88,10 +99,7 @@ public enum ServeDaemon {
 
         var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
                                        PinWatchService(mirror: prepared.mirror, options: options, metrics: metrics, logger: logger)]
-        if let identity {
-            services.append(ReplicationService(replication: try Replication(mirror: prepared.mirror, peers: options.replicateTo,
-                                                                            identity: identity, group: group, logger: logger)))
-        }
+        if let replication { services.append(ReplicationService(replication: replication, gate: gate)) }
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
             services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
         }
@@ -107,6 +115,7 @@ public enum ServeDaemon {
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
+        try? await linkGroup.shutdownGracefully()
         recordCleanStop(prepared, writer: writer, logger: logger)
         prepared.lock.release()
         prepared.sourceLock.release()

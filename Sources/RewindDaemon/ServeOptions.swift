@@ -27,6 +27,8 @@ import TOMLKit
 /// on-full = "compact"        # or "fail"
 /// replicate-to = ["ID@backup1:7310"]  # a string or an array of strings (`rewind id` of each peer)
 /// home = "/var/lib/rewind"   # this unit's key pair (`rewind id --home`)
+/// ack = "async"              # or "sync": FLUSH/FUA wait for the first peer
+/// sync-timeout = "5s"        # DURATION a sync FLUSH waits before degrading to async ("0s": forever)
 /// ```
 /// `readConfig` checks every value before `serve` creates or opens anything. Its errors name
 /// the place: `FILE:LINE:COLUMN: <the TOML parser's message>` for a syntax error (a duplicate
@@ -59,12 +61,25 @@ public struct ServeOptions: Sendable {
     public var replicateTo: [LinkPeer] = []
     /// This unit's home: its key pair (`--home`; `UnitIdentity.homeDirectory`).
     public var home: String?
+    /// `--ack sync`: FLUSH and FUA replies wait for the first peer (`SyncGate`).
+    public var ackSync = false
+    /// How long a sync FLUSH waits for the peer before the link degrades to async (0: forever).
+    public var syncTimeoutSeconds: Double = 5
 
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home"]
+                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout"]
+
+    /// `--ack`: true for sync, nil when neither.
+    public static func parseAck(_ text: String) -> Bool? {
+        switch text {
+        case "async": false
+        case "sync": true
+        default: nil
+        }
+    }
 
     /// The levels `--log-level` and `log-level` take (swift-log's, by name).
     public static let logLevels: Set<String> = ["trace", "debug", "info", "notice", "warning", "error", "critical"]
@@ -166,6 +181,8 @@ public struct ServeOptions: Sendable {
         if fromFile("on-full") { onFull = c.onFull }
         if fromFile("replicate-to") { replicateTo = c.replicateTo }
         if fromFile("home") { home = c.home }
+        if fromFile("ack") { ackSync = c.ackSync }
+        if fromFile("sync-timeout") { syncTimeoutSeconds = c.syncTimeoutSeconds }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -212,6 +229,11 @@ public struct ServeOptions: Sendable {
             guard !texts.isEmpty else { throw ConfigValueError("expected a string or an array of strings") }
             replicateTo = try texts.map { t in do { return try LinkPeer(parsing: t) } catch { throw ConfigValueError("\(error)") } }
         case "home": home = try ConfigValue.path(value)
+        case "ack":
+            let text = try ConfigValue.string(value)
+            guard let sync = Self.parseAck(text) else { throw ConfigValueError("invalid value \"\(text)\" (use async or sync)") }
+            ackSync = sync
+        case "sync-timeout": syncTimeoutSeconds = try Double(ConfigValue.duration(value)) / 1e9
         default: return false
         }
         return true

@@ -18,7 +18,9 @@ public struct LinkVolume: Sendable, Equatable {
     }
 }
 
-/// The receiver's answer to a sender's `hello`, decided before anything is written: `welcome`
+/// A sender of a newer generation (after a promote or a rollback) is accepted when this
+/// mirror holds nothing past the seq that generation began at; the receiver then takes on the
+/// generation. The receiver's answer to a sender's `hello`, decided before anything is written: `welcome`
 /// with its durable seq, or `refuse` with the one line it also logs. `local` nil: no mirror
 /// yet: `needSeed`, and the sender seeds one.
 public enum LinkAdmission {
@@ -40,6 +42,9 @@ public enum LinkAdmission {
         }
         if hello.generation == local.generation && hello.lastSeq < local.durableSeq {
             return "the sender's journal ends at seq:\(hello.lastSeq), before this mirror's seq:\(local.durableSeq): they have diverged"
+        }
+        if hello.generation > local.generation && local.durableSeq > hello.generationStart {
+            return "the sender's generation \(hello.generation) continues from seq:\(hello.generationStart), and this mirror holds records after it (to seq:\(local.durableSeq)) from generation \(local.generation): they have diverged; move this mirror aside and let it be seeded again"
         }
         return nil
     }

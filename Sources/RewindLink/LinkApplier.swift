@@ -204,6 +204,16 @@ final class LinkApplier: @unchecked Sendable {
             c.refuse(why)
             return
         }
+        if let m = currentMirror, let local, hello.generation > local.generation {
+            do {
+                try m.adoptGeneration(hello.generation, start: hello.generationStart)
+                logger.notice("link from \(c.shortPeer): the sender's generation \(hello.generation) (continuing from seq:\(hello.generationStart)) replaces generation \(local.generation)")
+            } catch {
+                logger.error("link from \(c.shortPeer): refused: cannot record the sender's generation: \(error)")
+                c.refuse("the receiver cannot record the new generation")
+                return
+            }
+        }
         active = c
         if answer.kind == .welcome {
             logger.info("link from \(c.shortPeer): resuming after seq:\(local?.durableSeq ?? 0) (the sender has seq:\(hello.lastSeq))")

@@ -7,6 +7,7 @@ final class LinkInbox: @unchecked Sendable {
     private let cond = NSCondition()
     private var frames: [LinkFrame] = []
     private var closedWhy: String?
+    private var nudged = false
 
     func push(_ frame: LinkFrame) {
         cond.lock(); defer { cond.unlock() }
@@ -20,14 +21,22 @@ final class LinkInbox: @unchecked Sendable {
         cond.signal()
     }
 
-    /// The next frame, waiting up to `seconds`; nil when none came. Throws once the connection
-    /// has ended and every frame before that was taken.
+    /// End the current wait early: there is something to send.
+    func nudge() {
+        cond.lock(); defer { cond.unlock() }
+        nudged = true
+        cond.signal()
+    }
+
+    /// The next frame, waiting up to `seconds` (or until nudged); nil when none came. Throws
+    /// once the connection has ended and every frame before that was taken.
     func next(waiting seconds: Double) throws -> LinkFrame? {
         cond.lock(); defer { cond.unlock() }
         let deadline = Date(timeIntervalSinceNow: seconds)
-        while frames.isEmpty && closedWhy == nil {
+        while frames.isEmpty && closedWhy == nil && !nudged {
             if !cond.wait(until: deadline) { break }
         }
+        nudged = false
         if !frames.isEmpty { return frames.removeFirst() }
         if let why = closedWhy { throw LinkError(why) }
         return nil

@@ -12,15 +12,20 @@ public struct LinkHello: Sendable, Equatable {
     public var generation: UInt64
     /// The sender's newest seq: what it can offer.
     public var lastSeq: UInt64
+    /// The seq its generation began at (the point a promote or rollback continued from): a
+    /// receiver of an older generation holding records after it has diverged.
+    public var generationStart: UInt64
 
-    public static let bodyBytes = 16 + 8 + 4 + 8 + 8
+    public static let bodyBytes = 16 + 8 + 4 + 8 + 8 + 8
 
-    public init(volumeUUID: [UInt8], volumeSize: UInt64, blockSize: UInt32, generation: UInt64, lastSeq: UInt64) {
+    public init(volumeUUID: [UInt8], volumeSize: UInt64, blockSize: UInt32, generation: UInt64, lastSeq: UInt64,
+                generationStart: UInt64 = 0) {
         self.volumeUUID = volumeUUID
         self.volumeSize = volumeSize
         self.blockSize = blockSize
         self.generation = generation
         self.lastSeq = lastSeq
+        self.generationStart = generationStart
     }
 
     public var frame: LinkFrame {
@@ -30,6 +35,7 @@ public struct LinkHello: Sendable, Equatable {
         b.writeInteger(blockSize)
         b.writeInteger(generation)
         b.writeInteger(lastSeq)
+        b.writeInteger(generationStart)
         return LinkFrame(.hello, body: b)
     }
 
@@ -37,10 +43,11 @@ public struct LinkHello: Sendable, Equatable {
         guard frame.kind == .hello else { throw LinkMessageError.unexpected(frame.kind, expected: .hello) }
         var b = frame.body
         guard b.readableBytes == Self.bodyBytes, let uuid = b.readBytes(length: 16), let size: UInt64 = b.readInteger(),
-              let bs: UInt32 = b.readInteger(), let gen: UInt64 = b.readInteger(), let last: UInt64 = b.readInteger() else {
+              let bs: UInt32 = b.readInteger(), let gen: UInt64 = b.readInteger(), let last: UInt64 = b.readInteger(),
+              let start: UInt64 = b.readInteger() else {
             throw LinkMessageError.malformed(.hello, bytes: frame.body.readableBytes)
         }
-        self.init(volumeUUID: uuid, volumeSize: size, blockSize: bs, generation: gen, lastSeq: last)
+        self.init(volumeUUID: uuid, volumeSize: size, blockSize: bs, generation: gen, lastSeq: last, generationStart: start)
     }
 }
 

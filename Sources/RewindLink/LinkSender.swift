@@ -20,16 +20,18 @@ public final class LinkSender: @unchecked Sendable {
     private let lock = NSCondition()
     private var stopping = false
     private var channel: Channel?
+    private var inbox: LinkInbox?
     private var thread: Thread?
     private var current = LinkSenderStatus()
+    private var ackHook: (@Sendable (UInt64) -> Void)?
 
     /// Unacknowledged payload in flight, at most.
     public static let windowBytes = 32 << 20
     /// One `records` frame, at most (a single larger record goes alone).
     public static let batchBytes = 4 << 20
     public static let batchRecords = 2048
-    /// How often an idle sender looks for new records.
-    static let pollSeconds = 0.005
+    /// How often an idle sender looks for new records, when no commit nudges it.
+    static let pollSeconds = 0.05
 
     public init(mirror: Mirror, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger) {
         self.mirror = mirror
@@ -40,6 +42,24 @@ public final class LinkSender: @unchecked Sendable {
     }
 
     public var status: LinkSenderStatus { lock.withLock { current } }
+
+    /// Called with each durable seq the peer acknowledges (`SyncGate`); set before `start()`.
+    public func onAck(_ hook: @escaping @Sendable (UInt64) -> Void) { lock.withLock { ackHook = hook } }
+
+    /// New records are readable: send them now rather than at the next look.
+    public func nudge() { lock.withLock { inbox }?.nudge() }
+
+    /// The acknowledgement mode shown for this peer (status, peers table).
+    public func setMode(_ mode: String) { update { $0.mode = mode } }
+
+    private func acked(_ seq: UInt64) {
+        let hook: (@Sendable (UInt64) -> Void)? = lock.withLock {
+            current.durableSeq = seq
+            current.heard = wallClockNanoseconds()
+            return ackHook
+        }
+        hook?(seq)
+    }
 
     public func start() {
         // Until the peer first answers, it holds every record from the oldest point on.
@@ -101,7 +121,7 @@ public final class LinkSender: @unchecked Sendable {
         guard s.durableSeq != nil || s.state == "stopped" else { return }
         let old = try mirror.peerRecords().first { $0.id == peer.id }
         try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: s.durableSeq ?? old?.durableSeq ?? 0,
-                                         updated: s.heard ?? old?.updated ?? 0, state: s.state), sync: sync)
+                                         updated: s.heard ?? old?.updated ?? 0, state: s.state, mode: s.mode), sync: sync)
     }
 
     // MARK: one connection
@@ -128,22 +148,27 @@ public final class LinkSender: @unchecked Sendable {
         do {
             return try bootstrap.connect(host: peer.host, port: peer.port).wait()
         } catch {
-            throw LinkError("cannot connect: \(error)")
+            let text = "\(error)"
+            for known in ["Connection refused", "Connection timed out", "No route to host", "Network is unreachable"] where text.contains(known) {
+                throw LinkError("cannot connect: \(known.lowercased())")
+            }
+            throw LinkError("cannot connect: \(text)")
         }
     }
 
     private func session() throws {
         let inbox = LinkInbox()
         let channel = try connect(inbox)
-        lock.withLock { self.channel = channel }
+        lock.withLock { self.channel = channel; self.inbox = inbox }
         defer {
             channel.close(promise: nil)
-            lock.withLock { self.channel = nil }
+            lock.withLock { self.channel = nil; self.inbox = nil }
         }
         if isStopping { return }
         let m = try mirror.meta()
         channel.writeAndFlush(LinkHello(volumeUUID: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize,
-                                        generation: m.generation, lastSeq: m.lastSeq).frame, promise: nil)
+                                        generation: m.generation, lastSeq: m.lastSeq,
+                                        generationStart: try mirror.generationStart()).frame, promise: nil)
         guard let answer = try inbox.next(waiting: 10) else { throw LinkError("no answer to hello within 10 s") }
         let durable: UInt64
         switch answer.kind {
@@ -160,7 +185,8 @@ public final class LinkSender: @unchecked Sendable {
         default:
             throw LinkError("the peer answered hello with a \(answer.kind) frame")
         }
-        update { $0.durableSeq = durable; $0.heard = wallClockNanoseconds(); $0.state = "streaming"; $0.connected = true }
+        update { $0.state = "streaming"; $0.connected = true }
+        acked(durable)
         try recordPeer(sync: true)
         logger.info("link to \(peer): streaming from seq:\(durable + 1)")
         try stream(channel, inbox, from: durable)
@@ -277,7 +303,7 @@ public final class LinkSender: @unchecked Sendable {
                 unacked -= first.bytes
                 inflight.removeFirst()
             }
-            update { $0.durableSeq = seq; $0.heard = wallClockNanoseconds() }
+            acked(seq)
         case .keepalive:
             update { $0.heard = wallClockNanoseconds() }
         case .refuse:
@@ -299,4 +325,5 @@ public struct LinkSenderStatus: Sendable, Equatable {
     public var heard: UInt64?
     /// Frame bytes sent (records; the TLS records around them are not counted).
     public var bytesSent: UInt64 = 0
+    public var mode = "async"
 }

@@ -29,6 +29,10 @@ struct ServeCommand: AsyncParsableCommand {
     @Option(name: .customLong("replicate-to"), help: "Stream the journal to the unit ID@HOST:PORT (repeatable; ID from `rewind id` there).")
     var replicateTo: [String] = []
     @Option(help: "This unit's home directory: its key pair for --replicate-to.") var home: String?
+    @Option(help: "async (the default): answer the host once the source and the local journal have a write; sync: FLUSH and FUA also wait until the first --replicate-to peer holds it durably.")
+    var ack: String?
+    @Option(help: "How long a sync FLUSH waits for the peer before the link degrades to async until the peer catches up (e.g. 5s; 0s: wait forever).", transform: parseDuration)
+    var syncTimeout: UInt64?
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
@@ -84,8 +88,15 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("replicate-to")
             }
             if let home { o.home = home; set.insert("home") }
+            if let ack {
+                guard let sync = ServeOptions.parseAck(ack) else { throw ValidationError("invalid --ack \"\(ack)\": use async or sync") }
+                o.ackSync = sync
+                set.insert("ack")
+            }
+            if let syncTimeout { o.syncTimeoutSeconds = Double(syncTimeout) / 1e9; set.insert("sync-timeout") }
             if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
+            if o.ackSync && o.replicateTo.isEmpty { throw ValidationError("--ack sync needs a peer to wait for: give --replicate-to ID@HOST:PORT") }
             // A fenced volume stops with exit status 3 (its reason is already in the log).
             guard try await ServeDaemon.run(o, progress: ProgressPrinter(command: "serve")) else { throw ExitCode(3) }
         }

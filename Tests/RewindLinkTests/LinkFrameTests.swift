@@ -111,7 +111,12 @@ import Testing
 
     @Test func theSameVolumeResumesAfterTheDurableSeq() throws {
         #expect(try LinkSeq(LinkAdmission.answer(hello(), local: local)) == LinkSeq(.welcome, seq: 500))
-        #expect(try LinkSeq(LinkAdmission.answer(hello(generation: 3, lastSeq: 10), local: local)) == LinkSeq(.welcome, seq: 500))
+        var promoted = hello(generation: 3, lastSeq: 900)
+        promoted.generationStart = 500
+        #expect(try LinkSeq(LinkAdmission.answer(promoted, local: local)) == LinkSeq(.welcome, seq: 500))
+        promoted.generationStart = 499
+        #expect(refusal(LinkAdmission.answer(promoted, local: local))
+                == "the sender's generation 3 continues from seq:499, and this mirror holds records after it (to seq:500) from generation 2: they have diverged; move this mirror aside and let it be seeded again")
         #expect(LinkAdmission.answer(hello(), local: nil) == LinkFrame(.needSeed))
     }
 

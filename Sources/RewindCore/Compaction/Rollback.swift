@@ -70,6 +70,7 @@ extension Mirror {
             }
             m.lastSeq = k
             m.generation += 1
+            try writeGenerationStart(txn, k)
             m.pendingRollback = MirrorMeta.none
             try txn.delete(journal.meta, PendingRollback.key)
             m.sourceSyncedSeq = min(m.sourceSyncedSeq, k)

@@ -248,5 +248,6 @@ public final class IndexCommitter: @unchecked Sendable {
         }
         // Index updates map journal pages: keep resident memory bounded.
         mirror.journal.boundResidency()
+        mirror.indexCommitted?()
     }
 }

@@ -95,6 +95,7 @@ final class InlineIndexing: JournalIndexing {
             throw RewindError.journal(e)
         }
         beganAtLogEnd = nil
+        mirror.indexCommitted?()
     }
 
     /// Nothing to ask: `commit()` commits on this thread.

@@ -174,6 +174,13 @@ public final class ServePipeline: @unchecked Sendable {
     /// Before this, `makeRoomIfLow` does not look (its last attempt folded nothing).
     private var nextSpaceCheck: UInt64 = 0
 
+    /// Sync acknowledgement (`--ack sync`): called on the writer with the seq of a batch holding
+    /// a FLUSH or FUA write, once it is durable here; it runs `release` when the first peer
+    /// holds that seq durably (or its policy gives up waiting). The batch's FLUSH and FUA
+    /// replies wait for `release`; its plain writes are answered at once, as NBD lets them be.
+    /// Set before `start()`.
+    public nonisolated(unsafe) var syncGate: (@Sendable (UInt64, @escaping @Sendable () -> Void) -> Void)?
+
     /// `sourceSyncedSeq`: the seq the source is known fdatasynced through (the mirror's
     /// `sourceSyncedSeq` once recovery has brought the source up to the journal).
     public init(mirror: Mirror, source: BlockFile, sourceSyncedSeq: UInt64, tuning: Tuning = .serve,
@@ -478,7 +485,14 @@ public final class ServePipeline: @unchecked Sendable {
         cond.unlock()
         if needsSync { cond.wake(.applier) }
         if wakeSyncer { cond.wake(.logSyncer) }
-        answer(batch, nil)
+        if needsSync, let gate = syncGate {
+            let held = batch.filter(\.needsSync)
+            answer(batch.filter { !$0.needsSync }, nil)
+            journal.requestCommit()  // the link reads committed records: commit them now
+            gate(seqs.upperBound) { for op in held { op.completion?(nil) } }
+        } else {
+            answer(batch, nil)
+        }
     }
 
     /// A failure stopped `batch` on the writer (the volume is fenced): keep it where reads see
