@@ -51,6 +51,8 @@ let package = Package(
         ]),
         .testTarget(name: "RewindLinkTests", dependencies: [
             "RewindLink", "RewindCore",
+            .product(name: "Logging", package: "swift-log"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "Crypto", package: "swift-crypto"),
             .product(name: "X509", package: "swift-certificates"),
             .product(name: "NIOCore", package: "swift-nio"),

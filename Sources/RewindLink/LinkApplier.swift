@@ -20,6 +20,8 @@ final class LinkApplier: @unchecked Sendable {
     private var stopping = false
     private var stopped = false
     private var mirrorBox: Mirror?
+    /// Open connections, closed by `stop`.
+    private var connections: [ObjectIdentifier: LinkConnection] = [:]
 
     // Applier thread only.
     private var writer: JournalWriter?
@@ -62,7 +64,13 @@ final class LinkApplier: @unchecked Sendable {
         t.start()
     }
 
+    func register(_ c: LinkConnection) {
+        cond.withLock { connections[ObjectIdentifier(c)] = c }
+    }
+
     func stop() {
+        let open = cond.withLock { Array(connections.values) }
+        for c in open { c.channel.close(promise: nil) }
         cond.withLock { stopping = true; cond.broadcast() }
         cond.withLock { while !stopped { cond.wait() } }
     }
@@ -70,6 +78,7 @@ final class LinkApplier: @unchecked Sendable {
     func enqueue(_ e: Event) {
         var overflow: LinkConnection?
         cond.withLock {
+            if case let .closed(c) = e { connections[ObjectIdentifier(c)] = nil }
             if case let .frame(c, f) = e {
                 if queuedBytes > Self.maxQueuedBytes { overflow = c; return }
                 queuedBytes += f.body.readableBytes

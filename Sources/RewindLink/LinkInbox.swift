@@ -84,17 +84,36 @@ public struct LinkError: Error, CustomStringConvertible, Equatable {
     public let description: String
     public init(_ description: String) { self.description = description }
 
-    /// A connection error as a log line; a failed TLS handshake names what the peer presented.
+    /// A connection error as a log line; a failed TLS handshake says what went wrong in the
+    /// operator's terms: which identity was presented, and whether it was this end or the peer
+    /// that refused. `expected`: the ID this end pinned (a sender), nil on a receiver.
     static func describe(_ error: Error, seen: PresentedIdentity, expected: String?) -> String {
         let text = "\(error)"
-        if text.contains("handshakeFailed") || text.contains("HANDSHAKE") || text.contains("CERTIFICATE") {
-            if let expected, case let .some(.some(id)) = seen.id, id != expected {
-                return "TLS handshake refused: the peer presented identity \(id), not \(expected)"
-            }
-            return "TLS handshake failed (\(seen.summary) presented): \(text)"
+        guard text.contains("sslError") || text.contains("handshakeFailed") else {
+            if let e = error as? LinkFrameError { return "a bad frame: \(e)" }
+            return text
         }
-        if let e = error as? LinkFrameError { return "a bad frame: \(e)" }
-        return text
+        // BoringSSL's reason: "error:1000007d:SSL routines:OPENSSL_internal:REASON at ...".
+        let reason = text.range(of: "OPENSSL_internal:").map { r in
+            String(text[r.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" })
+        } ?? text
+        switch seen.id {
+        case let .some(.some(id)):
+            if let expected, id != expected { return "TLS handshake refused: the peer presented identity \(id), not \(expected)" }
+            if expected == nil && reason == "CERTIFICATE_VERIFY_FAILED" { return "TLS handshake refused: its identity \(id) is not one this unit was given (--peer-id)" }
+            if reason.contains("CERTIFICATE_UNKNOWN") || reason.contains("BAD_CERTIFICATE") {
+                return "TLS handshake refused by the peer: it does not know this unit's identity (give it this unit's `rewind id`)"
+            }
+            return "TLS handshake failed (\(reason))"
+        case .some(.none):
+            return "TLS handshake refused: the certificate presented has no readable public key"
+        case .none:
+            if reason == "PEER_DID_NOT_RETURN_A_CERTIFICATE" { return "TLS handshake refused: no certificate was presented" }
+            if reason.contains("CERTIFICATE_UNKNOWN") || reason.contains("BAD_CERTIFICATE") {
+                return "TLS handshake refused by the peer: it does not know this unit's identity, or this unit does not know its (check `rewind id` on both)"
+            }
+            return "not a TLS 1.3 handshake (\(reason))"
+        }
     }
 }
 

@@ -47,6 +47,7 @@ public final class LinkReceiver: @unchecked Sendable {
                 channel.eventLoop.makeCompletedFuture {
                     let seen = PresentedIdentity()
                     let connection = LinkConnection(channel: channel, seen: seen)
+                    applier.register(connection)
                     try channel.pipeline.syncOperations.addHandlers([
                         NIOSSLServerHandler(context: context, customVerificationCallback: LinkTLS.verifier(allowed: allowed, seen: seen)),
                         IdleStateHandler(readTimeout: .seconds(Int64(LinkTiming.silenceSeconds))),

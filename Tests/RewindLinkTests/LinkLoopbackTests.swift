@@ -1,0 +1,98 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import RewindCore
+import Testing
+@testable import RewindLink
+
+/// The link end to end in one process, over TLS on loopback: a sender streams a mirror to a
+/// receiver that seeds its replica, resumes after a restart of either end, and refuses units
+/// it was not told about before anything is written.
+@Suite(.serialized) struct LinkLoopbackTests {
+    final class Dir {
+        let path: String
+        init() {
+            var template = Array("/tmp/rewind-link-XXXXXX".utf8CString)
+            path = String(cString: template.withUnsafeMutableBufferPointer { mkdtemp($0.baseAddress!)! })
+        }
+        deinit { try? FileManager.default.removeItem(atPath: path) }
+        func file(_ name: String) -> String { path + "/" + name }
+    }
+
+    static let logger = Logger(label: "test")
+
+    func waitUntil(_ seconds: Double = 20, _ condition: () throws -> Bool) rethrows -> Bool {
+        let deadline = Date(timeIntervalSinceNow: seconds)
+        while Date() < deadline {
+            if try condition() { return true }
+            usleep(20_000)
+        }
+        return try condition()
+    }
+
+    func image(_ m: Mirror, _ path: String) throws -> Data {
+        try? FileManager.default.removeItem(atPath: path)
+        _ = try m.restore(at: .latest, to: path)
+        return FileManager.default.contents(atPath: path) ?? Data()
+    }
+
+    @Test func aReceiverIsSeededThenFollowsAndResumes() async throws {
+        let dir = Dir()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let a = try UnitIdentity.loadOrCreate(home: dir.file("ha")), b = try UnitIdentity.loadOrCreate(home: dir.file("hb"))
+        let origin = try Mirror.create(at: dir.file("a.rewind"), size: 256 * 4096)
+        for i in 0..<20 { try origin.append([.write(UInt64(i) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        _ = try origin.compact(to: .seq(10))  // the seed carries base data
+
+        var receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group,
+                                        logger: Self.logger) { _ in }
+        let port = try await receiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        let peer = LinkPeer(id: b.id, host: "127.0.0.1", port: port)
+        let sender = LinkSender(mirror: origin, peer: peer, context: try LinkTLS.clientContext(a), group: group, logger: Self.logger)
+        sender.start()
+        #expect(try waitUntil { (try receiver.mirror?.meta().lastSeq) == 20 })
+        let replica = try #require(receiver.mirror)
+        #expect(try replica.meta().horizon == 10)
+        #expect(try image(replica, dir.file("b.img")) == image(origin, dir.file("a.img")))
+        #expect(sender.status.durableSeq == 20)
+
+        // The receiver restarts: the sender reconnects and resumes after seq:20.
+        await receiver.stop()
+        for i in 20..<30 { try origin.append([.write(UInt64(i) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group, logger: Self.logger) { _ in }
+        _ = try await receiver.start(host: "127.0.0.1", port: port)
+        #expect(try waitUntil { (try receiver.mirror?.meta().lastSeq) == 30 })
+        #expect(try image(#require(receiver.mirror), dir.file("b.img")) == image(origin, dir.file("a.img")))
+        #expect(try waitUntil { try origin.peerRecords().map(\.durableSeq) == [30] })  // rewritten every second
+        sender.stop()
+        await receiver.stop()
+    }
+
+    @Test func aStrangerIsRefusedBeforeAnythingIsWritten() async throws {
+        let dir = Dir()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let a = try UnitIdentity.loadOrCreate(home: dir.file("ha")), b = try UnitIdentity.loadOrCreate(home: dir.file("hb"))
+        let stranger = try UnitIdentity.loadOrCreate(home: dir.file("hs"))
+        let origin = try Mirror.create(at: dir.file("a.rewind"), size: 64 * 4096)
+        try origin.append([.write(0, [UInt8](repeating: 9, count: 4096))])
+        let receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group, logger: Self.logger) { _ in }
+        let port = try await receiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        // A stranger's sender: its TLS handshake is refused.
+        let bad = LinkSender(mirror: origin, peer: LinkPeer(id: b.id, host: "127.0.0.1", port: port),
+                             context: try LinkTLS.clientContext(stranger), group: group, logger: Self.logger)
+        bad.start()
+        #expect(waitUntil(10) { bad.status.state.hasPrefix("connecting: ") && bad.status.state != "connecting: " })
+        #expect(bad.status.state == "connecting: TLS handshake refused by the peer: it does not know this unit's identity (give it this unit's `rewind id`)")
+        bad.stop()
+        #expect(access(dir.file("b.rewind"), F_OK) != 0)
+        // A sender pinning another identity than the receiver's refuses the receiver.
+        let wrongPin = LinkSender(mirror: origin, peer: LinkPeer(id: stranger.id, host: "127.0.0.1", port: port),
+                                  context: try LinkTLS.clientContext(a), group: group, logger: Self.logger)
+        wrongPin.start()
+        #expect(waitUntil(10) { wrongPin.status.state == "connecting: TLS handshake refused: the peer presented identity \(b.id), not \(stranger.id)" }, "\(wrongPin.status.state)")
+        wrongPin.stop()
+        #expect(access(dir.file("b.rewind"), F_OK) != 0)
+        await receiver.stop()
+    }
+}
