@@ -137,4 +137,16 @@ fi
 echo garbage > "$T/home/key.pem"
 expect_error 1 "rewind: error: $T/home/key.pem is not a P-256 private key in PEM (invalidPEMDocument)" "$REWIND" id --home "$T/home"
 
+# Replication's arguments: refused with the reason before anything is created or bound.
+id64=$(printf 'a%.0s' $(seq 64))
+expect_error 64 "Error: give at least one --peer-id (the ID \`rewind id\` prints on the sending unit)" "$REWIND" receive r.rewind --listen 127.0.0.1:1
+expect_error 64 "Error: invalid --peer-id \"xyz\": an ID is the 64 hex digits \`rewind id\` prints" "$REWIND" receive r.rewind --listen 127.0.0.1:1 --peer-id xyz
+expect_error 64 "Error: --listen takes HOST:PORT (the link runs over TCP)" "$REWIND" receive r.rewind --listen unix:/tmp/x --peer-id "$id64"
+expect_error 64 "Error: --ack sync needs a peer to wait for: give --replicate-to ID@HOST:PORT" "$REWIND" serve v.img --size 1M --ack sync
+expect_error 64 "Error: invalid peer \"abc\": give ID@HOST:PORT (ID from \`rewind id\` on that unit)" "$REWIND" serve v.img --size 1M --replicate-to abc
+expect_error 64 "Error: invalid peer \"$id64@host\": give ID@HOST:PORT with a port from 1 to 65535" "$REWIND" serve v.img --size 1M --replicate-to "$id64@host"
+expect_error 64 "Error: invalid --ack \"maybe\": use async or sync" "$REWIND" serve v.img --size 1M --ack maybe
+[ ! -e v.img ] && [ ! -e r.rewind ] || fail "a refused command created something"; ok
+expect_error 1 "rewind: error: m is already an origin; serve it (rewind serve SOURCE --mirror m)" "$REWIND" promote m --to p.img
+
 finish
