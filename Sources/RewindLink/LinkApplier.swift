@@ -64,6 +64,19 @@ final class LinkApplier: @unchecked Sendable {
         t.start()
     }
 
+    private var refusalsLogged: [String: UInt64] = [:]
+
+    /// Whether a refusal is logged at error level: once a minute for the same host and reason.
+    func shouldLog(refusal key: String) -> Bool {
+        cond.withLock {
+            let now = monotonicNanoseconds()
+            if let last = refusalsLogged[key], now - last < 60_000_000_000 { return false }
+            if refusalsLogged.count > 1024 { refusalsLogged.removeAll() }
+            refusalsLogged[key] = now
+            return true
+        }
+    }
+
     func register(_ c: LinkConnection) {
         cond.withLock { connections[ObjectIdentifier(c)] = c }
     }
@@ -209,7 +222,11 @@ final class LinkApplier: @unchecked Sendable {
         let answer = LinkAdmission.answer(hello, local: local)
         if answer.kind == .refuse {
             let why = (try? LinkRefusal(answer).reason) ?? "refused"
-            logger.error("link from \(c.shortPeer): refused: \(why)")
+            if shouldLog(refusal: c.peerID + " " + why) {
+                logger.error("link from \(c.shortPeer): refused: \(why)")
+            } else {
+                logger.debug("link from \(c.shortPeer): refused: \(why)")
+            }
             c.refuse(why)
             return
         }

@@ -89,6 +89,7 @@ public struct LinkError: Error, CustomStringConvertible, Equatable {
     /// that refused. `expected`: the ID this end pinned (a sender), nil on a receiver.
     static func describe(_ error: Error, seen: PresentedIdentity, expected: String?) -> String {
         let text = "\(error)"
+        if text == "uncleanShutdown" { return "the connection was cut (no TLS close: the peer was killed, or the network dropped it)" }
         guard text.contains("sslError") || text.contains("handshakeFailed") else {
             if let e = error as? LinkFrameError { return "a bad frame: \(e)" }
             return text

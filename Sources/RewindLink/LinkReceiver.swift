@@ -150,8 +150,15 @@ final class LinkReceiverHandler: ChannelInboundHandler {
         if connection.sawHello {
             logger.warning("link from \(connection.shortPeer): \(LinkError.describe(error, seen: connection.seen, expected: nil)); closing")
         } else {
-            // Refused before anything was written: a stranger, a wrong identity, garbage.
-            logger.error("refused a link from \(connection.remote): \(LinkError.describe(error, seen: connection.seen, expected: nil))")
+            // Refused before anything was written: a stranger, a wrong identity, garbage. A
+            // sender retrying every few seconds gets one line a minute, not one per attempt.
+            let why = LinkError.describe(error, seen: connection.seen, expected: nil)
+            let host = connection.remote.split(separator: ":").dropLast().joined(separator: ":")
+            if applier.shouldLog(refusal: host + " " + why) {
+                logger.error("refused a link from \(connection.remote): \(why)")
+            } else {
+                logger.debug("refused a link from \(connection.remote): \(why)")
+            }
         }
         context.close(promise: nil)
     }
