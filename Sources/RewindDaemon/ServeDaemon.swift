@@ -49,8 +49,10 @@ public enum ServeDaemon {
         // The volume: source, mirror, ownership, recovery.
         let prepared = try prepare(options, logger: logger, progress: progress)
         metrics.logger = logger
+        var tuning = ServePipeline.Tuning.serve
+        tuning.keepsLogOutOfCache = options.replicateTo.isEmpty
         let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
-                                   onFull: options.onFull, observer: metrics)
+                                   tuning: tuning, onFull: options.onFull, observer: metrics)
         let linkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let replication = try identity.map {
             try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: $0, group: linkGroup, logger: logger)

@@ -22,6 +22,9 @@ final class LinkApplier: @unchecked Sendable {
     private var mirrorBox: Mirror?
     /// Open connections, closed by `stop`.
     private var connections: [ObjectIdentifier: LinkConnection] = [:]
+    /// The newest batch appended and not yet synced, and the connection to ack (`runSyncer`).
+    private var unsynced: (seq: UInt64, connection: LinkConnection)?
+    private var syncerDone = false
 
     // Applier thread only.
     private var writer: JournalWriter?
@@ -53,15 +56,57 @@ final class LinkApplier: @unchecked Sendable {
             throw RewindError.invalidArgument("\(path) is an origin's mirror (serve writes it), not a replica; receive into a new directory, or move it aside")
         }
         ownerLock = lock
-        writer = JournalWriter(mirror: m)
+        writer = makeWriter(m)
         cond.withLock { mirrorBox = m }
     }
+
+    /// The replica's writer: records are durable once the log is synced (what an ack says);
+    /// the index is committed on a thread of its own, soon after (`requestCommit`), so LMDB's
+    /// sync is off the ack's path — as on serve's write path.
+    private func makeWriter(_ m: Mirror) -> JournalWriter {
+        let w = JournalWriter(mirror: m)
+        w.indexOnThread(policy: .init(intervalNanoseconds: 100_000_000, maxChanges: 65536, maxBlocks: 16384),
+                        onFailure: { [logger] e in logger.error("indexing received records failed: \(e); records are refused until a restart") },
+                        readVolume: { _, _ in throw LinkError("a replicated record needs no read-modify-write") })
+        return w
+    }
+
+    /// Why this receiver stores nothing more (its journal failed); a restart recovers. Under `cond`.
+    private var failed: String?
+    private var failure: String? { cond.withLock { failed } }
 
     func start() {
         if let m = currentMirror { onMirror(m) }
         let t = Thread { [self] in run() }
         t.name = "rewind-receive"
         t.start()
+        let s = Thread { [self] in runSyncer() }
+        s.name = "rewind-receive-sync"
+        s.start()
+    }
+
+    /// Syncs the log behind the applier and acks what each sync covered, so the next batch is
+    /// written while the last one is synced (as serve's log syncer does).
+    private func runSyncer() {
+        while true {
+            let next: (seq: UInt64, connection: LinkConnection, mirror: Mirror)? = cond.withLock {
+                while unsynced == nil && !stopping { cond.wait() }
+                guard let u = unsynced, let m = mirrorBox else { return nil }
+                unsynced = nil
+                return (u.seq, u.connection, m)
+            }
+            guard let next else { break }
+            do {
+                try next.mirror.journal.log.sync()
+                next.connection.channel.writeAndFlush(LinkSeq(.ack, seq: next.seq).frame, promise: nil)
+            } catch {
+                let why = "syncing received records failed: \(error)"
+                cond.withLock { if failed == nil { failed = why } }
+                logger.critical("\(why); this receiver refuses every stream until it is restarted")
+                next.connection.refuse(why)
+            }
+        }
+        cond.withLock { syncerDone = true; cond.broadcast() }
     }
 
     private var refusalsLogged: [String: UInt64] = [:]
@@ -85,7 +130,7 @@ final class LinkApplier: @unchecked Sendable {
         let open = cond.withLock { Array(connections.values) }
         for c in open { c.channel.close(promise: nil) }
         cond.withLock { stopping = true; cond.broadcast() }
-        cond.withLock { while !stopped { cond.wait() } }
+        cond.withLock { while !stopped || !syncerDone { cond.wait() } }
     }
 
     func enqueue(_ e: Event) {
@@ -97,7 +142,7 @@ final class LinkApplier: @unchecked Sendable {
                 queuedBytes += f.body.readableBytes
             }
             queue.append(e)
-            cond.signal()
+            cond.broadcast()  // the applier and the syncer wait on it
         }
         if let overflow {
             logger.error("link from \(overflow.shortPeer): more than \(Self.maxQueuedBytes >> 20) MiB queued; closing")
@@ -120,7 +165,7 @@ final class LinkApplier: @unchecked Sendable {
             var batchFrom: LinkConnection?
             for e in events {
                 switch e {
-                case let .frame(c, f) where f.kind == .records && c === active && mirrorBox != nil:
+                case let .frame(c, f) where f.kind == .records && c === active && writer != nil:
                     do {
                         let records = try LinkRecords.decode(f)
                         batch += records
@@ -139,22 +184,28 @@ final class LinkApplier: @unchecked Sendable {
             if let from = batchFrom { flush(&batch, &batchBytes, from) }
         }
         builder?.abandon()
+        if failure == nil { try? writer?.commit() }
+        writer = nil
         ownerLock?.release()
         cond.withLock { stopped = true; cond.broadcast() }
     }
 
-    /// Append and sync a batch, then ack its last seq; a bad record resets the connection.
+    /// Append a batch and hand it to the syncer, which acks it once durable; a bad record
+    /// resets the connection.
     private func flush(_ batch: inout [ReplicatedRecord], _ bytes: inout Int, _ c: LinkConnection) {
         defer { batch.removeAll(keepingCapacity: true); bytes = 0 }
         guard c === active, let writer, let last = batch.last else { return }
         do {
             try writer.appendReplicated(batch)
-            try writer.commit()
-            c.channel.writeAndFlush(LinkSeq(.ack, seq: last.seq).frame, promise: nil)
         } catch {
-            writer.abort(keepLog: false)
-            if let m = currentMirror { self.writer = JournalWriter(mirror: m) }
-            fail(c, "records seq:\(batch[0].seq)…\(last.seq) not stored: \(error)")
+            // Checked before anything is written: the batch was refused whole.
+            fail(c, "records seq:\(batch[0].seq)…\(last.seq) refused: \(error)")
+            return
+        }
+        writer.requestCommit()
+        cond.withLock {
+            unsynced = (last.seq, c)
+            cond.broadcast()
         }
     }
 
@@ -207,12 +258,18 @@ final class LinkApplier: @unchecked Sendable {
         }
         if let b = builder { b.abandon(); builder = nil }
         active = nil
+        if let failed = failure {
+            c.refuse("the receiver cannot store records: \(failed)")
+            return
+        }
         var local: LinkVolume?
         if let m = currentMirror {
             do {
+                try m.journal.log.sync()  // what the welcome names is durable
                 let meta = try m.meta()
+                // Records the log holds durably count, indexed or not (the index follows).
                 local = LinkVolume(uuid: meta.uuid, size: meta.volumeSize, blockSize: meta.blockSize,
-                                   generation: meta.generation, durableSeq: meta.lastSeq)
+                                   generation: meta.generation, durableSeq: writer?.lastSeq ?? meta.lastSeq)
             } catch {
                 logger.error("link from \(c.shortPeer): refused: this mirror cannot be read: \(error)")
                 c.refuse("the receiver's mirror cannot be read")
@@ -232,9 +289,14 @@ final class LinkApplier: @unchecked Sendable {
         }
         if let m = currentMirror, let local, hello.generation > local.generation {
             do {
+                // The header is rewritten outside the index thread: it commits and stops first.
+                try writer?.commit()
+                writer = nil
                 try m.adoptGeneration(hello.generation, start: hello.generationStart)
+                writer = makeWriter(m)
                 logger.notice("link from \(c.shortPeer): the sender's generation \(hello.generation) (continuing from seq:\(hello.generationStart)) replaces generation \(local.generation)")
             } catch {
+                if writer == nil { writer = makeWriter(m) }
                 logger.error("link from \(c.shortPeer): refused: cannot record the sender's generation: \(error)")
                 c.refuse("the receiver cannot record the new generation")
                 return

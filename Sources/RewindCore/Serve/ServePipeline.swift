@@ -96,6 +96,10 @@ public final class ServePipeline: @unchecked Sendable {
         /// queue depth 1 a write + FLUSH cycle left a 1 ms gap in 15–20 % of cycles on a loaded
         /// 2-vCPU machine, and each such commit's fdatasync slowed the next FLUSH.
         public var indexCommitIdleNanoseconds: UInt64 = 20_000_000
+        /// Drop the log's pages from the page cache once written back (streaming mode). Off
+        /// when the journal is replicated: the link's senders read the records back a moment
+        /// later, from memory rather than from the disk the server is writing.
+        public var keepsLogOutOfCache = true
 
         public init() {}
         public static let serve = Tuning()
@@ -197,7 +201,7 @@ public final class ServePipeline: @unchecked Sendable {
         let last = (try? mirror.meta().lastSeq) ?? sourceSyncedSeq
         (flushedSeq, appendedSeq) = (last, last)
         journal = JournalWriter(mirror: mirror)
-        journal.keepsLogOutOfCache = true
+        journal.keepsLogOutOfCache = tuning.keepsLogOutOfCache
         journal.indexOnThread(policy: tuning.indexPolicy, onFailure: { [weak self] error in
             self?.fenceFromOtherThread("journal index commit failed: \(error)")
         }, readVolume: { [unowned self] offset, dst in try readVolume(at: offset, into: dst) })
