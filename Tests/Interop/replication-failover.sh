@@ -25,7 +25,8 @@ start_receiver() {
     eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
     eval "PID_$name=$pid"
 }
-newest() { "$REWIND" status "$1" --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["newestSeq"])' 2>/dev/null || echo -1; }
+# The newest seq: of a served origin, what its server has made durable (`timeline` asks it).
+newest() { "$REWIND" timeline "$1" --since latest --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["seq"])' 2>/dev/null || echo -1; }
 converged() { [ "$(newest "$1")" = "$(newest "$2")" ]; }
 wait_converged() { for _ in $(seq 300); do converged "$1" "$2" && return 0; sleep 0.2; done; fail "$2 did not reach $1's seq:$(newest "$1") (at seq:$(newest "$2"))"; }
 same_points() {  # same_points MIRROR... : restore sampled seqs on each, byte-identical
