@@ -16,6 +16,9 @@ public struct ReceiveOptions: Sendable {
     /// Where this unit forwards what it receives (cascade, fan-out).
     public var replicateTo: [LinkPeer] = []
     public var home: String?
+    /// The replica's own retention (`--keep-age`, `--keep-size`), as serve's.
+    public var keepAgeNanoseconds: UInt64?
+    public var keepBytes: UInt64?
     public var logLevel = "info"
     public var json = false
 
@@ -53,7 +56,9 @@ public enum ReceiveDaemon {
         } else {
             printLine("rewind: receiving into \(o.mirror) on \(bound) as \(identity.id)\n  from: \(o.peerIDs.joined(separator: ", "))")
         }
-        let group2 = ServiceGroup(configuration: .init(services: [.init(service: ReceiveService(receiver: receiver, forwarding: forwarding, logger: logger))],
+        let service = ReceiveService(receiver: receiver, forwarding: forwarding, keepAgeNanoseconds: o.keepAgeNanoseconds,
+                                     keepBytes: o.keepBytes, logger: logger)
+        let group2 = ServiceGroup(configuration: .init(services: [.init(service: service)],
                                                        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group2.run()
         try? await group.shutdownGracefully()
@@ -114,12 +119,26 @@ final class Forwarding: @unchecked Sendable {
 struct ReceiveService: Service {
     let receiver: LinkReceiver
     let forwarding: Forwarding
+    let keepAgeNanoseconds: UInt64?
+    let keepBytes: UInt64?
     let logger: Logger
 
     func run() async throws {
         var gauges: [String: Replication.PeerGauges] = [:]
+        var tick = 0
         while !Task.isShuttingDownGracefully {
             forwarding.report(&gauges)
+            tick += 1
+            // Every 10 s: the replica's own retention (it stops at its own peers and pins).
+            if tick % 10 == 0, keepAgeNanoseconds != nil || keepBytes != nil, let m = receiver.mirror {
+                do {
+                    if let r = try m.compact(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes) {
+                        logger.info("retention: compacted to seq:\(r.toHorizon) (\(r.recordsRemoved) records folded)")
+                    }
+                } catch {
+                    logger.warning("retention: \(error)")
+                }
+            }
             try? await cancelWhenGracefulShutdown { try await Task.sleep(nanoseconds: 1_000_000_000) }
         }
         logger.info("shutting down")

@@ -15,6 +15,8 @@ struct ReceiveCommand: AsyncParsableCommand {
     @Option(name: .customLong("peer-id"), help: "The ID (`rewind id`) of a unit allowed to stream here (repeatable).") var peerID: [String] = []
     @Option(name: .customLong("replicate-to"), help: "Forward to ID@HOST:PORT (repeatable).") var replicateTo: [String] = []
     @Option(help: "This unit's home directory (its key pair).") var home: String?
+    @Option(help: "The replica's own retention: keep this much history (e.g. 30d).", transform: parseDuration) var keepAge: UInt64?
+    @Option(help: "The replica's own retention: keep at most this much journal payload (e.g. 100G).", transform: parseSize) var keepSize: UInt64?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Flag(help: "Print the listening address and this unit's ID as one JSON line.") var json = false
 
@@ -30,6 +32,8 @@ struct ReceiveCommand: AsyncParsableCommand {
             var o = ReceiveOptions(mirror: mirror, host: host, port: port, peerIDs: peerID.map { $0.lowercased() })
             o.replicateTo = try replicateTo.map { t in do { return try LinkPeer(parsing: t) } catch { throw ValidationError("\(error)") } }
             o.home = home
+            o.keepAgeNanoseconds = keepAge
+            o.keepBytes = keepSize
             if let logLevel {
                 guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
                 o.logLevel = logLevel
