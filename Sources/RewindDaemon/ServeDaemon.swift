@@ -159,7 +159,28 @@ public enum ServeDaemon {
         var syncedSeq: UInt64
     }
 
+    /// `prepareVolume`; a source it created for an existing mirror that then refused it (a
+    /// replica, another source's mirror, one owned by another process) is removed again, so a
+    /// refused start leaves nothing behind.
     static func prepare(_ o: ServeOptions, logger: Logger, progress: ProgressObserver?) throws -> Prepared {
+        let mirrorPath = o.mirror ?? o.source + ".rewind"
+        let mirrorExisted = access(mirrorPath, F_OK) == 0
+        let sourceExisted = access(o.source, F_OK) == 0
+        // A replica is refused before anything is created (it is checked again once owned).
+        if mirrorExisted, let existing = try? Mirror.open(at: mirrorPath), try existing.isReplica() {
+            throw RewindError.replica(path: mirrorPath)
+        }
+        do {
+            return try prepareVolume(o, logger: logger, progress: progress)
+        } catch {
+            if mirrorExisted && !sourceExisted && unlink(o.source) == 0 {
+                logger.info("removed \(o.source), created for this start")
+            }
+            throw error
+        }
+    }
+
+    static func prepareVolume(_ o: ServeOptions, logger: Logger, progress: ProgressObserver?) throws -> Prepared {
         let mirrorPath = o.mirror ?? o.source + ".rewind"
         if access(o.source, F_OK) != 0 {
             guard let size = o.size else {
@@ -180,7 +201,7 @@ public enum ServeDaemon {
         // A moment's wait for owner.lock: a reader indexing a crashed server's log tail holds it briefly.
         func takeOwnerLock() throws -> FileLock {
             try FileLock(path: mirrorPath + "/owner.lock", kind: .exclusive, waitSeconds: 3,
-                         holder: "another rewind process (serve or rollback) owns this mirror")
+                         holder: "another rewind process (serve, receive or rollback) owns this mirror")
         }
         var existingOwnerLock: FileLock?
         if access(mirrorPath, F_OK) == 0 { existingOwnerLock = try takeOwnerLock() }

@@ -252,12 +252,6 @@ final class LinkApplier: @unchecked Sendable {
             c.refuse("\(error)")
             return
         }
-        if let old = active, old !== c {
-            logger.info("link from \(c.shortPeer) replaces the one from \(old.shortPeer)")
-            old.channel.close(promise: nil)
-        }
-        if let b = builder { b.abandon(); builder = nil }
-        active = nil
         if let failed = failure {
             c.refuse("the receiver cannot store records: \(failed)")
             return
@@ -287,6 +281,13 @@ final class LinkApplier: @unchecked Sendable {
             c.refuse(why)
             return
         }
+        // Admitted: only now does it replace the connection streaming so far.
+        if let old = active, old !== c {
+            logger.info("link from \(c.shortPeer) replaces the one from \(old.shortPeer)")
+            old.channel.close(promise: nil)
+        }
+        if let b = builder { b.abandon(); builder = nil }
+        active = nil
         if let m = currentMirror, let local, hello.generation > local.generation {
             do {
                 // The header is rewritten outside the index thread: it commits and stops first.

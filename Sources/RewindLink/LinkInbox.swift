@@ -98,6 +98,9 @@ public struct LinkError: Error, CustomStringConvertible, Equatable {
         let reason = text.range(of: "OPENSSL_internal:").map { r in
             String(text[r.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" })
         } ?? text
+        if reason == "BAD_DECRYPT" || reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC" {
+            return "a TLS record failed its integrity check (\(reason)): bytes were damaged on the way"
+        }
         switch seen.id {
         case let .some(.some(id)):
             if let expected, id != expected { return "TLS handshake refused: the peer presented identity \(id), not \(expected)" }

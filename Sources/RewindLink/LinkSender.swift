@@ -96,6 +96,8 @@ public final class LinkSender: @unchecked Sendable {
             } catch {
                 if isStopping { break }
                 let why = "\(error)"
+                // A session that streamed starts the count of repeated failures afresh.
+                if status.state == "streaming" { lastError = "" }
                 update { $0.state = "connecting: \(why)"; $0.connected = false }
                 try? recordPeer(sync: false)
                 // One line per distinct failure, not one per retry.

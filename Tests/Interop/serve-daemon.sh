@@ -49,8 +49,8 @@ echo "$m" | grep -Eq '^rewind_compactions_total [1-9]' || fail "metrics: no comp
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$METRICS/other")" = 404 ] || fail "metrics 404"; ok
 
 # --- one owner per mirror ---
-expect_error 1 "rewind: error: cfg.img.rewind/owner.lock is busy: another rewind process (serve or rollback) owns this mirror" "$REWIND" serve cfg.img --listen 127.0.0.1:0
-expect_error 1 "rewind: error: cfg.img.rewind/owner.lock is busy: another rewind process (serve or rollback) owns this mirror" "$REWIND" rollback cfg.img.rewind --at latest --yes
+expect_error 1 "rewind: error: cfg.img.rewind/owner.lock is busy: another rewind process (serve, receive or rollback) owns this mirror" "$REWIND" serve cfg.img --listen 127.0.0.1:0
+expect_error 1 "rewind: error: cfg.img.rewind/owner.lock is busy: another rewind process (serve, receive or rollback) owns this mirror" "$REWIND" rollback cfg.img.rewind --at latest --yes
 # a bookmark works beside the live server
 "$REWIND" bookmark cfg.img.rewind live >/dev/null || fail "bookmark beside serve"; ok
 

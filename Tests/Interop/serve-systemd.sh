@@ -140,7 +140,7 @@ sleep 0.5
 # A second serve of the same mirror is refused: one line on stderr (journalled by systemd),
 # exit 1, no READY=1, and the reason in STATUS=.
 start_listener "$T/notify4.sock" n4
-expect_error 1 "rewind: error: c.img.rewind/owner.lock is busy: another rewind process (serve or rollback) owns this mirror" \
+expect_error 1 "rewind: error: c.img.rewind/owner.lock is busy: another rewind process (serve, receive or rollback) owns this mirror" \
     env NOTIFY_SOCKET="$T/notify4.sock" "$REWIND" serve c.img --listen 127.0.0.1:0
 wait_for n4 '^[^ ]+ [0-9-]+ STATUS=refused: c.img.rewind/owner.lock is busy'
 ! grep -q 'READY=1' n4 || fail "a refused start sent READY=1"; ok

@@ -22,7 +22,7 @@ extension Mirror {
     /// `--source` naming the same file, or none), else it is refused with the command to run.
     public func rollback(to point: Point, source: String?, progress: ProgressObserver? = nil) throws -> RollbackReport {
         let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
-                                 holder: "another rewind process (serve or rollback) owns this mirror")
+                                 holder: "another rewind process (serve, receive or rollback) owns this mirror")
         defer { owner.release() }
         // Opened and identified before anything is recorded: the pending mark names the file,
         // and the descriptor checked is the one written.
