@@ -448,6 +448,9 @@ public final class ServePipeline: @unchecked Sendable {
         let bytes = batch.reduce(0) { $0 + $1.bytes }
         observer?.journalAppended(records: batch.count, bytes: bytes, lastSeq: seqs.upperBound)
         let needsSync = batch.contains(where: \.needsSync)
+        // Sync acknowledgement: the link reads committed records, so the index commit (which
+        // syncs the log itself first) starts now, beside this FLUSH's own log sync.
+        if needsSync && syncGate != nil { journal.requestCommit() }
         if needsSync {
             let started = monotonicNanoseconds()
             do {
@@ -492,7 +495,6 @@ public final class ServePipeline: @unchecked Sendable {
         if needsSync, let gate = syncGate {
             let held = batch.filter(\.needsSync)
             answer(batch.filter { !$0.needsSync }, nil)
-            journal.requestCommit()  // the link reads committed records: commit them now
             gate(seqs.upperBound) { for op in held { op.completion?(nil) } }
         } else {
             answer(batch, nil)
