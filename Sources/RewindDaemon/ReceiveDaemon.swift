@@ -41,7 +41,7 @@ public enum ReceiveDaemon {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger)
         let receiver = try LinkReceiver(path: o.mirror, allowed: Set(o.peerIDs), identity: identity, group: group,
-                                        logger: logger) { mirror in forwarding.start(mirror) }
+                                        logger: logger, forwards: !o.replicateTo.isEmpty) { mirror in forwarding.start(mirror) }
         let address: SocketAddress
         do {
             address = try await receiver.start(host: o.host, port: o.port)

@@ -37,8 +37,13 @@ final class LinkApplier: @unchecked Sendable {
     /// Records applied in one append and one sync, at most.
     static let maxBatchBytes = 64 << 20
 
-    init(path: String, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+    /// Drop the log's pages once written back (serve's streaming mode): on when nothing
+    /// forwards this mirror — a forwarding sender reads the records back, better from memory.
+    let logOutOfCache: Bool
+
+    init(path: String, logOutOfCache: Bool, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
         self.path = path
+        self.logOutOfCache = logOutOfCache
         self.logger = logger
         self.onMirror = onMirror
         if access(path, F_OK) == 0 { try open() }
@@ -65,6 +70,7 @@ final class LinkApplier: @unchecked Sendable {
     /// sync is off the ack's path — as on serve's write path.
     private func makeWriter(_ m: Mirror) -> JournalWriter {
         let w = JournalWriter(mirror: m)
+        w.keepsLogOutOfCache = logOutOfCache
         w.indexOnThread(policy: .init(intervalNanoseconds: 100_000_000, maxChanges: 65536, maxBlocks: 16384),
                         onFailure: { [logger] e in logger.error("indexing received records failed: \(e); records are refused until a restart") },
                         readVolume: { _, _ in throw LinkError("a replicated record needs no read-modify-write") })

@@ -25,14 +25,16 @@ public final class LinkReceiver: @unchecked Sendable {
 
     /// `onMirror`: called (on the applier thread) once the mirror exists — at start, or when a
     /// seed completes — to start what forwards it (`--replicate-to`).
+    /// `forwards`: the mirror is streamed on (`--replicate-to`), so its log stays in the page
+    /// cache for the senders that read it back.
     public init(path: String, allowed: Set<String>, identity: UnitIdentity, group: EventLoopGroup, logger: Logger,
-                onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+                forwards: Bool = false, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
         self.path = path
         self.allowed = allowed
         self.context = try LinkTLS.serverContext(identity)
         self.group = group
         self.logger = logger
-        applier = try LinkApplier(path: path, logger: logger, onMirror: onMirror)
+        applier = try LinkApplier(path: path, logOutOfCache: !forwards, logger: logger, onMirror: onMirror)
     }
 
     /// Listen on `host:port`; returns the bound address.
