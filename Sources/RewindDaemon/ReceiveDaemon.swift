@@ -1,8 +1,11 @@
 import Foundation
 import Logging
+import Metrics
 import NIOCore
 import NIOPosix
+import Prometheus
 import RewindCore
+import RewindNBD
 import RewindLink
 import ServiceLifecycle
 
@@ -20,6 +23,8 @@ public struct ReceiveOptions: Sendable {
     public var keepAgeNanoseconds: UInt64?
     public var keepBytes: UInt64?
     public var logLevel = "info"
+    /// Serve Prometheus metrics here (`--metrics`).
+    public var metrics: ListenAddress?
     public var json = false
 
     public init(mirror: String, host: String, port: Int, peerIDs: [String]) {
@@ -37,6 +42,12 @@ public enum ReceiveDaemon {
     public static func run(_ o: ReceiveOptions) async throws {
         DaemonSupport.bootstrapLogging(level: o.logLevel)
         let logger = Logger(label: "rewind.receive")
+        var registry: PrometheusCollectorRegistry?
+        if o.metrics != nil {
+            let r = PrometheusCollectorRegistry()
+            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: r))
+            registry = r
+        }
         let (identity, home) = try Replication.context(home: o.home)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger)
@@ -50,6 +61,15 @@ public enum ReceiveDaemon {
             try? await group.shutdownGracefully()
             throw RewindError.invalidArgument("cannot listen on \(o.host):\(o.port): \(error)")
         }
+        var metricsChannel: Channel?
+        if let m = o.metrics, let registry {
+            do {
+                metricsChannel = try await startMetricsServer(m, registry: registry, group: group)
+            } catch {
+                await receiver.stop()
+                throw RewindError.invalidArgument("cannot serve metrics on \(m): \(error)")
+            }
+        }
         let bound = "\(address.ipAddress ?? o.host):\(address.port ?? o.port)"
         if o.json {
             printLine(#"{"listen":"\#(bound)","id":"\#(identity.id)","home":"\#(jsonEscaped(home))","mirror":"\#(jsonEscaped(o.mirror))"}"#)
@@ -61,6 +81,7 @@ public enum ReceiveDaemon {
         let group2 = ServiceGroup(configuration: .init(services: [.init(service: service)],
                                                        gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
         try await group2.run()
+        try? await metricsChannel?.close()
         try? await group.shutdownGracefully()
         let last = (try? receiver.mirror?.meta().lastSeq).flatMap { $0 }
         logger.info("stopped; \(o.mirror) holds seq:\(last.map(String.init) ?? "none")")
@@ -126,8 +147,14 @@ struct ReceiveService: Service {
     func run() async throws {
         var gauges: [String: Replication.PeerGauges] = [:]
         var tick = 0
+        let newest = Gauge(label: "rewind_replica_newest_seq")
+        let horizon = Gauge(label: "rewind_replica_oldest_seq")
         while !Task.isShuttingDownGracefully {
             forwarding.report(&gauges)
+            if let m = try? receiver.mirror?.meta() {
+                newest.record(Int64(m.lastSeq))
+                horizon.record(Int64(m.oldestPoint))
+            }
             tick += 1
             // Every 10 s: the replica's own retention (it stops at its own peers and pins).
             if tick % 10 == 0, keepAgeNanoseconds != nil || keepBytes != nil, let m = receiver.mirror {

@@ -99,6 +99,9 @@ public struct LinkError: Error, CustomStringConvertible, Equatable {
             String(text[r.upperBound...].prefix { $0.isLetter || $0.isNumber || $0 == "_" })
         } ?? text
         if reason == "BAD_DECRYPT" || reason == "DECRYPTION_FAILED_OR_BAD_RECORD_MAC" {
+            if case .none = seen.id {  // before any certificate: the handshake's own records
+                return "TLS handshake failed its integrity check (\(reason)): a replayed or damaged handshake"
+            }
             return "a TLS record failed its integrity check (\(reason)): bytes were damaged on the way"
         }
         switch seen.id {

@@ -18,6 +18,7 @@ struct ReceiveCommand: AsyncParsableCommand {
     @Option(help: "The replica's own retention: keep this much history (e.g. 30d).", transform: parseDuration) var keepAge: UInt64?
     @Option(help: "The replica's own retention: keep at most this much journal payload (e.g. 100G).", transform: parseSize) var keepSize: UInt64?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
+    @Option(help: "Serve Prometheus metrics on HOST:PORT.") var metrics: String?
     @Flag(help: "Print the listening address and this unit's ID as one JSON line.") var json = false
 
     func run() async throws {
@@ -37,6 +38,9 @@ struct ReceiveCommand: AsyncParsableCommand {
             if let logLevel {
                 guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
                 o.logLevel = logLevel
+            }
+            if let metrics {
+                do { o.metrics = try ListenAddress(parsing: metrics, defaultPort: 9810) } catch let e as ListenAddressError { throw ValidationError(e.description) }
             }
             o.json = json
             try await ReceiveDaemon.run(o)

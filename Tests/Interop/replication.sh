@@ -95,6 +95,7 @@ cat > proxy.py <<'EOF'
 #   corrupt  one-shot: one byte in the middle of the next TLS application-data record from the
 #            sender, on a connection older than 1 s (past its handshake), is inverted; the
 #            file is removed
+# The first 16 KiB each sender sent (its TLS handshake and first records) go to DIR/conn-N.bin.
 # One line per event in DIR/log. Stops on SIGTERM.
 import os, select, signal, socket, struct, sys, time
 ctl = sys.argv[1]
@@ -180,6 +181,10 @@ while True:
             drop(p, False)
             continue
         if s is p[0]:
+            rec = path("conn-%d.bin" % p[4])
+            if not os.path.exists(rec) or os.path.getsize(rec) < 16384:
+                with open(rec, "ab") as f:
+                    f.write(data)  # before any corruption: what the sender sent
             armed = os.path.exists(path("corrupt")) and time.monotonic() - p[3] > 1
             data, hit = p[2].feed(data, armed)
             if hit:
@@ -198,7 +203,8 @@ cat > probe.py <<'EOF'
 # receiver's log names it), then "closed" once the receiver has closed the connection, or
 # "open" if it is still open after 10 s. KIND: nocert (TLS 1.3 without a client certificate),
 # garbage (4 KiB of random bytes), truncated (the first 40 bytes of a real ClientHello, then
-# the client closes: prints only its port).
+# the client closes: prints only its port), replay FILE (a real sender's recorded bytes, sent
+# again as they were: a replayed handshake).
 import os, socket, ssl, sys
 kind, port = sys.argv[1], int(sys.argv[2])
 s = socket.create_connection(("127.0.0.1", port), timeout=10)
@@ -225,6 +231,9 @@ if kind == "nocert":
         print("closed")
 elif kind == "garbage":
     s.sendall(os.urandom(4096))
+    outcome(s.recv)
+elif kind == "replay":
+    s.sendall(open(sys.argv[3], "rb").read())
     outcome(s.recv)
 elif kind == "truncated":
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -581,6 +590,15 @@ check "garbage: B's line" has_line B.log "$mb" "refused a link from 127.0.0.1:$(
 "$PY" probe.py truncated "$PB" > probe.truncated || fail "probe truncated"
 p=$(head -n 1 probe.truncated)
 check "truncated handshake: B refused it" wait_logged B.log "$mb" "refused a link from 127.0.0.1:$p: not a TLS 1.3 handshake ("
+# A replayed handshake: A's first connection through the proxy, byte for byte. TLS 1.3 gives
+# the replay a new server random, so the recorded client Finished (and every record after it)
+# fails its check: refused, nothing written.
+rec=$(ls -S "$T"/proxy/conn-*.bin | head -n 1)
+[ "$(stat -c %s "$rec")" -gt 1000 ] || fail "no recorded handshake to replay"
+"$PY" probe.py replay "$PB" "$rec" > probe.replay || fail "probe replay"
+p=$(head -n 1 probe.replay)
+check "replayed handshake: B closed the connection" [ "$(sed -n 2p probe.replay)" = closed ]
+check "replayed handshake: B's line" wait_logged B.log "$mb" "refused a link from 127.0.0.1:$p: TLS handshake failed its integrity check ("
 
 # E: a unit whose ID B does not allow (its own self-signed certificate), same volume size.
 "$REWIND" serve e.img --size 64M --listen "unix:$T/e.sock" --home homeE --replicate-to "$IB@127.0.0.1:$PB" --json >e.json 2>E.log &

@@ -8,7 +8,7 @@
 requires nbdinfo
 cd "$T"
 MiB=1048576
-KNOWN="accept-damage, block-size, description, export, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, retention-interval, size, source"
+KNOWN="accept-damage, ack, block-size, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, replicate-to, retention-interval, size, source, sync-timeout"
 
 # start_config_server FILE [serve options...] — `rewind serve --config FILE --json`, listening
 # where the file says; sets SERVER_PID and SERVER_JSON (its --json line). Waits until it listens.
@@ -179,6 +179,16 @@ source = "bad.img"
 size = "1M"
 on-full = "panic"
 CONF
+cat > ack.toml <<'CONF'
+source = "ack.img"
+size = "1M"
+ack = "eventually"
+CONF
+cat > peer.toml <<'CONF'
+source = "peer.img"
+size = "1M"
+replicate-to = ["nobody@host:7310"]
+CONF
 printf 'source = "\xff.img"\nsize = "1M"\n' > latin1.toml
 printf 'size = "1M"\n' > nosource.toml
 
@@ -198,6 +208,8 @@ refused 1 "rewind: error: type-bool.toml:3: accept-damage: expected true or fals
 refused 1 "rewind: error: type-int.toml:3: block-size: expected an integer" --config type-int.toml
 refused 1 "rewind: error: bad-values.toml:3: log-level: invalid log level \"loud\"" --config bad-values.toml
 refused 1 "rewind: error: on-full.toml:3: on-full: invalid policy \"panic\" (use compact or fail)" --config on-full.toml
+refused 1 "rewind: error: ack.toml:3: ack: invalid value \"eventually\" (use async or sync)" --config ack.toml
+refused 1 "rewind: error: peer.toml:3: replicate-to: invalid peer \"nobody@host:7310\": its ID must be the 64 hex digits \`rewind id\` prints on that unit" --config peer.toml
 refused 1 "rewind: error: bad-address.toml:3: listen: invalid address \"nonsense:port\": use HOST:PORT or unix:PATH" --config bad-address.toml
 refused 1 'rewind: error: nul.toml:1: a string holds a NUL character (\u0000)' --config nul.toml
 refused 1 'rewind: error: nul-key.toml:3: a string holds a NUL character (\u0000)' --config nul-key.toml
@@ -209,7 +221,7 @@ refused 64 "Error: give SOURCE (or \`source = \"...\"\` in the config file)" --c
 refused 64 "Error: invalid block size 0: use a power of two from 512 to 1M (e.g. 4096)" cli.img --size 1M --block-size 0
 refused 64 "Error: invalid max-connections 0: use a positive number" cli.img --size 1M --max-connections 0
 refused 64 "Error: invalid --on-full \"panic\": use compact or fail" cli.img --size 1M --on-full panic
-for f in dup unknown table duration size syntax type bad nul cli; do
+for f in dup unknown table duration size syntax type bad nul cli ack peer; do
     [ ! -e $f.img ] && [ ! -e $f.img.rewind ] || fail "a refused serve created $f.img or its mirror"; ok
 done
 finish

@@ -163,6 +163,14 @@ import Testing
         unlink(dir.file("a.rewind/peers/\(id).peer"))
         _ = try m.compact(keepAgeNanoseconds: nil, keepBytes: 0)
         #expect(try m.meta().horizon == 30)
+        // The journal's file system full (serve's makeRoom): peers yield; one left behind the
+        // horizon holds nothing more (it needs a new seed), so retention goes on.
+        try m.recordPeer(PeerRecord(id: id, address: "10.0.0.2:7310", durableSeq: 32, updated: 1), sync: true)
+        for i in 30..<40 { try m.append([.write(UInt64(i % 64) * 4096, [UInt8](repeating: UInt8(i), count: 4096))]) }
+        #expect(try m.compact(keepAgeNanoseconds: nil, keepBytes: 0)?.toHorizon == 32)
+        #expect(try m.compact(keepAgeNanoseconds: nil, keepBytes: 0, peersYield: true)?.toHorizon == 40)
+        #expect(try m.retentionHolds().isEmpty)
+        #expect(try m.status().peers.map(\.durableSeq) == [32])
     }
 
     /// Failover: promote cuts back to the point, writes the source, raises the generation,

@@ -36,7 +36,8 @@ struct Compactor {
     /// (it just synced it: `ServePipeline.retentionPass`), later than the header may say yet;
     /// the header is raised to it in the transaction that records the target, before anything
     /// is folded, so a crash after the fold never finds the floor below the horizon.
-    func compact(to target: UInt64, sourceSyncedThrough: UInt64? = nil, progress: ProgressObserver?) throws -> CompactionReport {
+    func compact(to target: UInt64, sourceSyncedThrough: UInt64? = nil, peersYield: Bool = false,
+                 progress: ProgressObserver?) throws -> CompactionReport {
         if let (floor, live) = try mirror.unreplayedSourceFloor(sourceSyncedThrough: sourceSyncedThrough), target > floor {
             if live {
                 throw RewindError.invalidArgument("seq:\(target) is after seq:\(floor), the last record the served source is known synced through (a crash now would rewrite the source from the records after it); the server syncs its source every 10 s (sooner under heavy writes): try again in a moment")
@@ -55,7 +56,7 @@ struct Compactor {
             try checkIndex(from: current.horizon, upTo: target)
         }
         // Under the pins' lock: no export pins a point below the target once it is recorded.
-        let before = try mirror.withPinsChecked(target: target) { try journal.env.write { txn -> MirrorMeta in
+        let before = try mirror.withPinsChecked(target: target, peersYield: peersYield) { try journal.env.write { txn -> MirrorMeta in
             var m = try journal.readMeta(txn)
             if m.pendingRollback != MirrorMeta.none { throw RewindError.interruptedRollback(target: m.pendingRollback) }
             guard target <= m.lastSeq else { throw RewindError.pointAfterLatest(point: "seq:\(target)", latest: m.lastSeq) }
@@ -280,8 +281,11 @@ extension Mirror {
 
     /// Compact what falls outside a window of `keepAgeNanoseconds` and/or `keepBytes` of journal
     /// payload. Returns nil when nothing is outside it.
+    /// `peersYield`: replication peers do not hold it back (the journal's file system is
+    /// full: the volume goes on, and a peer left behind the horizon needs a new seed); pins do.
     public func compact(keepAgeNanoseconds: UInt64?, keepBytes: UInt64?, now: UInt64 = wallClockNanoseconds(),
-                        sourceSyncedThrough: UInt64? = nil, progress: ProgressObserver? = nil) throws -> CompactionReport? {
+                        sourceSyncedThrough: UInt64? = nil, peersYield: Bool = false,
+                        progress: ProgressObserver? = nil) throws -> CompactionReport? {
         guard var target = try retentionTarget(keepAgeNanoseconds: keepAgeNanoseconds, keepBytes: keepBytes, now: now) else {
             return nil
         }
@@ -290,12 +294,13 @@ extension Mirror {
             target = min(target, floor)
         }
         // Retention stops at the oldest point in use (`retentionHeldBy` says so).
-        if let pin = try retentionHolds().first, pin.seq < target {
+        if let pin = try (peersYield ? livePins() : retentionHolds()).first, pin.seq < target {
             guard pin.seq > (try meta().oldestPoint) else { return nil }
             target = pin.seq
         }
         do {
-            return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough, progress: progress)
+            return try Compactor(mirror: self).compact(to: target, sourceSyncedThrough: sourceSyncedThrough,
+                                                       peersYield: peersYield, progress: progress)
         } catch RewindError.pinned {
             return nil  // a point pinned since the look above: the next pass stops at it
         }

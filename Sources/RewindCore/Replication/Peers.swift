@@ -69,9 +69,12 @@ extension Mirror {
     }
 
     /// What holds retention back, oldest point first: live pins, and each replication peer at
-    /// its durable seq (a point in use until the peer has everything after it).
+    /// its durable seq (a point in use until the peer has everything after it). A peer already
+    /// behind the horizon (folded past when the journal's file system was full) holds nothing:
+    /// it needs a new seed.
     public func retentionHolds() throws -> [Pin.Info] {
-        let peers = try peerRecords().map {
+        let horizon = try meta().horizon
+        let peers = try peerRecords().filter { $0.durableSeq >= horizon }.map {
             Pin.Info(seq: $0.durableSeq, pid: 0, since: $0.updated, holder: "replication peer \($0.id.prefix(16))… (\($0.address))")
         }
         return (try livePins() + peers).sorted { $0.seq < $1.seq }

@@ -566,10 +566,15 @@ public final class ServePipeline: @unchecked Sendable {
         try journal.commit()
         let before = try mirror.meta()
         let keep = UInt64(Double(before.journalBytes) * keepingFraction)
-        guard let report = try mirror.compact(keepAgeNanoseconds: nil, keepBytes: keep), report.toHorizon > report.fromHorizon else {
+        // The volume before a replication peer's position: peers left behind need a new seed.
+        guard let report = try mirror.compact(keepAgeNanoseconds: nil, keepBytes: keep, peersYield: true),
+              report.toHorizon > report.fromHorizon else {
             return false
         }
-        observer?.madeRoom(report, after: reason)
+        let behind = ((try? mirror.peerRecords()) ?? []).filter { $0.durableSeq < report.toHorizon }
+        let peers = behind.isEmpty ? "" : "; replication peers left behind the new oldest point, which need a new seed: "
+            + behind.map { "\($0.id.prefix(16))… at seq:\($0.durableSeq)" }.joined(separator: ", ")
+        observer?.madeRoom(report, after: reason + peers)
         return true
     }
 

@@ -119,9 +119,11 @@ extension Mirror {
 
     /// Run `body` (which records a compaction's target) with pinning held off, after checking
     /// that `target` folds past no live pin.
-    func withPinsChecked<T>(target: UInt64, _ body: () throws -> T) throws -> T {
-        try withPinsHeldOff({ pins in
-            if let pin = pins.first, pin.seq < target { throw RewindError.pinned(target: target, pin: pin) }
+    func withPinsChecked<T>(target: UInt64, peersYield: Bool = false, _ body: () throws -> T) throws -> T {
+        try withPinsHeldOff({ holds in
+            if let pin = holds.first(where: { !peersYield || $0.pid != 0 }), pin.seq < target {
+                throw RewindError.pinned(target: target, pin: pin)
+            }
         }, body)
     }
 
