@@ -1,4 +1,6 @@
 import Logging
+import Metrics
+import Prometheus
 import RewindCore
 import RewindNBD
 
@@ -12,6 +14,15 @@ enum DaemonSupport {
             h.logLevel = level
             return h
         }
+    }
+
+    /// With `wanted` (`--metrics`), route swift-metrics to a Prometheus registry, returned
+    /// for the metrics server; nil otherwise (metrics then go nowhere).
+    static func bootstrapMetrics(_ wanted: Bool) -> PrometheusCollectorRegistry? {
+        guard wanted else { return nil }
+        let registry = PrometheusCollectorRegistry()
+        MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: registry))
+        return registry
     }
 
     /// The addresses to listen on (`127.0.0.1:10809` when none is given). A Unix socket path a

@@ -42,12 +42,7 @@ public enum ReceiveDaemon {
     public static func run(_ o: ReceiveOptions) async throws {
         DaemonSupport.bootstrapLogging(level: o.logLevel)
         let logger = Logger(label: "rewind.receive")
-        var registry: PrometheusCollectorRegistry?
-        if o.metrics != nil {
-            let r = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: r))
-            registry = r
-        }
+        let registry = DaemonSupport.bootstrapMetrics(o.metrics != nil)
         let (identity, home) = try Replication.context(home: o.home)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger)

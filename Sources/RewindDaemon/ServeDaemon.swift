@@ -35,12 +35,7 @@ public enum ServeDaemon {
     static func serve(_ options: ServeOptions, progress: ProgressObserver?, notifier: SystemdNotifier?) async throws -> Bool {
         DaemonSupport.bootstrapLogging(level: options.logLevel)
         let logger = Logger(label: "rewind.serve")
-        var registry: PrometheusCollectorRegistry?
-        if options.metrics != nil {
-            let r = PrometheusCollectorRegistry()
-            MetricsSystem.bootstrap(PrometheusMetricsFactory(registry: r))
-            registry = r
-        }
+        let registry = DaemonSupport.bootstrapMetrics(options.metrics != nil)
         let metrics = ServeMetrics()
 
         let addresses = try DaemonSupport.listenAddresses(options.listen)

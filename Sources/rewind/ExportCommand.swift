@@ -38,8 +38,7 @@ struct ExportCommand: AsyncParsableCommand {
             }
             o.overlay = overlay
             if let logLevel {
-                guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
-                o.logLevel = logLevel
+                o.logLevel = try checkedLogLevel(logLevel)
             }
             if let maxConnections {
                 do { try ServeOptions.checkMaxConnections(maxConnections) } catch let e as RewindError { throw ValidationError(e.description) }

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import RewindCore
+import RewindDaemon
+import RewindLink
 
 /// Run a command body; engine errors become one line on stderr and exit status 1.
 func reporting(_ body: () throws -> Void) throws {
@@ -83,4 +85,17 @@ func humanBytes(_ n: UInt64) -> String {
     var v = Double(n), i = 0
     while v >= 1024 && i < units.count - 1 { v /= 1024; i += 1 }
     return i == 0 ? "\(n) B" : String(format: "%.1f %@", v, units[i])
+}
+
+/// `--log-level`, checked against the levels swift-log knows.
+func checkedLogLevel(_ level: String) throws -> String {
+    guard ServeOptions.logLevels.contains(level) else { throw ValidationError("invalid log level \"\(level)\"") }
+    return level
+}
+
+/// `--replicate-to` values: `ID@HOST:PORT` each.
+func parsePeers(_ texts: [String]) throws -> [LinkPeer] {
+    try texts.map { text in
+        do { return try LinkPeer(parsing: text) } catch { throw ValidationError("\(error)") }
+    }
 }

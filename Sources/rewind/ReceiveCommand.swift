@@ -31,13 +31,12 @@ struct ReceiveCommand: AsyncParsableCommand {
             do { address = try ListenAddress(parsing: listen, defaultPort: 7310) } catch let e as ListenAddressError { throw ValidationError(e.description) }
             guard case let .tcp(host, port) = address else { throw ValidationError("--listen takes HOST:PORT (the link runs over TCP)") }
             var o = ReceiveOptions(mirror: mirror, host: host, port: port, peerIDs: peerID.map { $0.lowercased() })
-            o.replicateTo = try replicateTo.map { t in do { return try LinkPeer(parsing: t) } catch { throw ValidationError("\(error)") } }
+            o.replicateTo = try parsePeers(replicateTo)
             o.home = home
             o.keepAgeNanoseconds = keepAge
             o.keepBytes = keepSize
             if let logLevel {
-                guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
-                o.logLevel = logLevel
+                o.logLevel = try checkedLogLevel(logLevel)
             }
             if let metrics {
                 do { o.metrics = try ListenAddress(parsing: metrics, defaultPort: 9810) } catch let e as ListenAddressError { throw ValidationError(e.description) }

@@ -66,8 +66,7 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("metrics")
             }
             if let logLevel {
-                guard ServeOptions.logLevels.contains(logLevel) else { throw ValidationError("invalid log level \"\(logLevel)\"") }
-                o.logLevel = logLevel
+                o.logLevel = try checkedLogLevel(logLevel)
                 set.insert("log-level")
             }
             if let maxConnections {
@@ -84,7 +83,7 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("on-full")
             }
             if !replicateTo.isEmpty {
-                o.replicateTo = try replicateTo.map { t in do { return try LinkPeer(parsing: t) } catch { throw ValidationError("\(error)") } }
+                o.replicateTo = try parsePeers(replicateTo)
                 set.insert("replicate-to")
             }
             if let home { o.home = home; set.insert("home") }
