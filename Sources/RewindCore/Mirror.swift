@@ -167,10 +167,24 @@ public final class Mirror: @unchecked Sendable {
 /// Copy `source` into the fresh, zero-length-extended `target`, leaving holes where the
 /// source has holes or all-zero blocks (like `cp --sparse=always`).
 func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, blockSize: Int, progress: ProgressObserver?) throws {
+    progress?.begin(phase: "copying", total: size)
+    try forEachNonZeroRun(of: source, size: size, blockSize: blockSize, reached: { progress?.update(done: $0) }) { at, bytes in
+        try target.write(at: at, from: bytes)
+    }
+    progress?.end()
+}
+
+/// Read `source`'s data extents below `size`, 1 MiB at a time, and call `body` with each run of
+/// non-zero blocks (its offset and bytes): holes and all-zero blocks are skipped. `reached`
+/// follows each read with the offset it reached (progress; a throw stops the walk). Returns
+/// the bytes of data extents read.
+@discardableResult
+func forEachNonZeroRun(of source: BlockFile, size: UInt64, blockSize: Int, reached: (UInt64) throws -> Void = { _ in },
+                       _ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) throws -> UInt64 {
     let chunk = 1 << 20
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { buffer.deallocate() }
-    progress?.begin(phase: "copying", total: size)
+    var read: UInt64 = 0
     for extent in try source.dataExtents(size: size) {
         var at = extent.lowerBound
         while at < extent.upperBound {
@@ -178,7 +192,7 @@ func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, bloc
             let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
             try source.read(at: at, into: slice)
             var b = 0
-            while b < n {  // write runs of non-zero blocks only
+            while b < n {
                 let blockEnd = min(b + blockSize, n)
                 if isAllZero(UnsafeRawBufferPointer(rebasing: slice[b..<blockEnd])) { b = blockEnd; continue }
                 var runEnd = blockEnd
@@ -187,14 +201,15 @@ func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, bloc
                     if isAllZero(UnsafeRawBufferPointer(rebasing: slice[runEnd..<next])) { break }
                     runEnd = next
                 }
-                try target.write(at: at + UInt64(b), from: UnsafeRawBufferPointer(rebasing: slice[b..<runEnd]))
+                try body(at + UInt64(b), UnsafeRawBufferPointer(rebasing: slice[b..<runEnd]))
                 b = runEnd
             }
             at += UInt64(n)
-            progress?.update(done: at)
+            read += UInt64(n)
+            try reached(at)
         }
     }
-    progress?.end()
+    return read
 }
 
 func randomUUID() -> [UInt8] {

@@ -48,9 +48,13 @@ public enum ServeDaemon {
         tuning.keepsLogOutOfCache = options.replicateTo.isEmpty
         let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
                                    tuning: tuning, onFull: options.onFull, observer: metrics)
-        let linkGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-        let replication = try identity.map {
-            try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: $0, group: linkGroup, logger: logger)
+        // The link's event loop, only when there are peers to stream to.
+        var linkGroup: MultiThreadedEventLoopGroup?
+        var replication: Replication?
+        if let identity {
+            let g = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+            linkGroup = g
+            replication = try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger)
         }
         var gate: SyncGate?
         if options.ackSync, let first = replication?.senders.first {
@@ -112,7 +116,7 @@ public enum ServeDaemon {
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
-        try? await linkGroup.shutdownGracefully()
+        try? await linkGroup?.shutdownGracefully()
         recordCleanStop(prepared, writer: writer, logger: logger)
         prepared.lock.release()
         prepared.sourceLock.release()

@@ -81,7 +81,8 @@ public final class LinkSender: @unchecked Sendable {
             return (channel, thread)
         }
         c?.close(promise: nil)
-        while t != nil && !(lock.withLock { current.state == "stopped" }) { usleep(10_000) }
+        guard t != nil else { return }
+        lock.withLock { while current.state != "stopped" { lock.wait() } }
     }
 
     private var isStopping: Bool { lock.withLock { stopping } }
@@ -110,20 +111,31 @@ public final class LinkSender: @unchecked Sendable {
             lock.withLock { _ = stopping ? true : lock.wait(until: Date(timeIntervalSinceNow: backoff)) }
             backoff = min(backoff * 2, LinkTiming.longestBackoff)
         }
-        update { $0.state = "stopped"; $0.connected = false }
-        try? recordPeer(sync: true)
+        try? recordPeer(sync: true, state: "stopped")
+        lock.withLock {
+            current.state = "stopped"
+            current.connected = false
+            lock.broadcast()  // `stop` waits for it
+        }
     }
 
     private func update(_ body: (inout LinkSenderStatus) -> Void) {
         lock.withLock { body(&current) }
     }
 
-    private func recordPeer(sync: Bool) throws {
+    /// Write this peer's entry in the peers table; `state` overrides the status's. Before the
+    /// peer has answered, the entry keeps the position it had (read back only then).
+    private func recordPeer(sync: Bool, state: String? = nil) throws {
         let s = status
-        guard s.durableSeq != nil || s.state == "stopped" else { return }
-        let old = try mirror.peerRecords().first { $0.id == peer.id }
-        try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: s.durableSeq ?? old?.durableSeq ?? 0,
-                                         updated: s.heard ?? old?.updated ?? 0, state: s.state, mode: s.mode), sync: sync)
+        let state = state ?? s.state
+        guard s.durableSeq != nil || state == "stopped" else { return }
+        var durable = s.durableSeq, heard = s.heard
+        if durable == nil || heard == nil, let old = try mirror.peerRecords().first(where: { $0.id == peer.id }) {
+            durable = durable ?? old.durableSeq
+            heard = heard ?? old.updated
+        }
+        try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: durable ?? 0,
+                                         updated: heard ?? 0, state: state, mode: s.mode), sync: sync)
     }
 
     // MARK: one connection
@@ -202,46 +214,24 @@ public final class LinkSender: @unchecked Sendable {
         update { $0.state = "seeding"; $0.connected = true }
         logger.info("link to \(peer): the peer has no mirror; seeding it with the volume as of seq:\(seed.horizon)")
         channel.writeAndFlush(LinkSeedBegin.frame(seed), promise: nil)
-        let chunk = 1 << 20, bs = Int(seed.blockSize)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
-        defer { buffer.deallocate() }
-        let extents = try mirror.baseDataExtents()
-        let total = extents.reduce(UInt64(0)) { $0 + UInt64($1.count) }
-        var sent: UInt64 = 0, read: UInt64 = 0, frames = 0
+        var sent: UInt64 = 0, frames = 0
         var lastReport = Date()
-        for extent in extents {
-            var at = extent.lowerBound
-            while at < extent.upperBound {
-                if isStopping { throw LinkError("stopped") }
-                let n = Int(min(UInt64(chunk), extent.upperBound - at))
-                let slice = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-                try mirror.readBase(at: at, into: slice)
-                var b = 0
-                while b < n {  // runs of non-zero blocks only
-                    let end = min(b + bs, n)
-                    if isAllZero(UnsafeRawBufferPointer(rebasing: slice[b..<end])) { b = end; continue }
-                    var runEnd = end
-                    while runEnd < n, !isAllZero(UnsafeRawBufferPointer(rebasing: slice[runEnd..<min(runEnd + bs, n)])) {
-                        runEnd = min(runEnd + bs, n)
-                    }
-                    let frame = LinkSeedData.frame(offset: at + UInt64(b), bytes: UnsafeRawBufferPointer(rebasing: slice[b..<runEnd]))
-                    frames += 1
-                    // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
-                    if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
-                    sent += UInt64(runEnd - b)
-                    b = runEnd
-                }
-                at += UInt64(n)
-                read += UInt64(n)
-                if Date().timeIntervalSince(lastReport) >= 5 {
-                    logger.info("link to \(peer): seeding, \(read) of \(total) bytes read, \(sent) sent")
-                    lastReport = Date()
-                }
-                if let f = try inbox.next(waiting: 0) {
-                    if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
-                    if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while seeding") }
-                }
+        let total = try mirror.forEachBaseDataRun(reached: { at in
+            if isStopping { throw LinkError("stopped") }
+            if Date().timeIntervalSince(lastReport) >= 5 {
+                logger.info("link to \(peer): seeding, \(at) of \(seed.volumeSize) bytes scanned, \(sent) sent")
+                lastReport = Date()
             }
+            if let f = try inbox.next(waiting: 0) {
+                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while seeding") }
+            }
+        }) { offset, bytes in
+            let frame = LinkSeedData.frame(offset: offset, bytes: bytes)
+            frames += 1
+            // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
+            if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
+            sent += UInt64(bytes.count)
         }
         try channel.writeAndFlush(LinkSeedData.endFrame(bytesSent: sent)).wait()
         let deadline = Date(timeIntervalSinceNow: 600)

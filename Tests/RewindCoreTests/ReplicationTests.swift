@@ -9,23 +9,11 @@ import Testing
 @Suite struct ReplicationTests {
     static let bs = 4096
 
-    /// Seed a replica of `origin` as the link does: its base (data extents, zero runs
-    /// skipped) as of its horizon.
+    /// Seed a replica of `origin` as the link does: its base (non-zero runs) as of its horizon.
     static func seedReplica(of origin: Mirror, at path: String) throws -> Mirror {
         let seed = try #require(try origin.seed())
         let builder = try ReplicaBuilder(path: path, seed: seed)
-        var buffer = [UInt8](repeating: 0, count: 1 << 16)
-        for extent in try origin.baseDataExtents() {
-            var at = extent.lowerBound
-            while at < extent.upperBound {
-                let n = Int(min(UInt64(buffer.count), extent.upperBound - at))
-                try buffer.withUnsafeMutableBytes { try origin.readBase(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-                if !isAllZero(buffer.withUnsafeBytes { UnsafeRawBufferPointer(rebasing: $0[0..<n]) }) {
-                    try buffer.withUnsafeBytes { try builder.write(at: at, UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
-                }
-                at += UInt64(n)
-            }
-        }
+        try origin.forEachBaseDataRun { at, bytes in try builder.write(at: at, bytes) }
         return try builder.finish()
     }
 

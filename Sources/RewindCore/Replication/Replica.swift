@@ -47,14 +47,6 @@ extension Mirror {
         if try isReplica() { throw RewindError.replica(path: path) }
     }
 
-    /// Mark the mirror a replica, or (promote) an origin.
-    public func setReplica(_ yes: Bool) throws {
-        try journal.env.write { txn in
-            if yes { try txn.put(journal.meta, Self.replicaKey, Self.replicaValue) } else { _ = try txn.delete(journal.meta, Self.replicaKey) }
-        }
-        try sync()
-    }
-
     /// The seed a new receiver starts from: this mirror's identity at its horizon. nil while a
     /// compaction is unfinished (base.img is then between two points); the sender waits.
     public func seed() throws -> ReplicaSeed? {
@@ -65,15 +57,14 @@ extension Mirror {
                            horizonCumulative: m.horizonCumulative)
     }
 
-    /// The byte ranges of base.img that may hold data (holes are zeros).
-    public func baseDataExtents() throws -> [Range<UInt64>] {
-        try base.dataExtents(size: volumeSize)
-    }
-
-    /// Read base.img (the volume as of the horizon). Hold a pin at the horizon meanwhile, so
-    /// no compaction rewrites it underneath.
-    public func readBase(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
-        try base.read(at: offset, into: buffer)
+    /// Each run of non-zero blocks of base.img (the volume as of the horizon), with its offset:
+    /// holes and zero blocks skipped (`forEachNonZeroRun`). Hold a pin at the horizon
+    /// meanwhile, so no compaction rewrites base.img underneath. Returns the bytes of data
+    /// extents read.
+    @discardableResult
+    public func forEachBaseDataRun(reached: (UInt64) throws -> Void = { _ in },
+                                   _ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) throws -> UInt64 {
+        try forEachNonZeroRun(of: base, size: volumeSize, blockSize: blockSize, reached: reached, body)
     }
 }
 
