@@ -5,6 +5,9 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
     case mirrorExists(path: String)
     case newerFormat(path: String, found: UInt32, supported: UInt32)
     case damagedMirror(path: String, why: String)
+    /// A file of the engine's own outside the journal (a peer's dirty set, `peers/ID.dirty`)
+    /// that fails its checks; `what` names it as the user knows it.
+    case damagedFile(what: String, why: String)
     case foreignMirror(path: String, expected: String, found: String)
     case invalidArgument(String)
     case outOfRange(offset: UInt64, length: UInt64, size: UInt64)
@@ -53,6 +56,7 @@ public enum RewindError: Error, CustomStringConvertible, Sendable {
         case let .newerFormat(path, found, supported):
             return "\(path) has mirror format \(found), newer than this rewind understands (\(supported)); upgrade rewind"
         case let .damagedMirror(path, why): return "mirror \(path) is damaged: \(why)"
+        case let .damagedFile(what, why): return "\(what) is damaged: \(why)"
         case let .foreignMirror(path, expected, found):
             return "mirror \(path) belongs to volume \(found), not \(expected)"
         case let .invalidArgument(why): return why

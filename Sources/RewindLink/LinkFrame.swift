@@ -34,6 +34,15 @@ public struct LinkFrame: Sendable, Equatable {
         case seedData = 9
         /// Sender → receiver: the seed is complete (bytes sent); the receiver acks the horizon.
         case seedEnd = 10
+        /// Client → receiver, first on an inspection connection (`LinkInspect`): compare, do not
+        /// stream; the receiver's applier never sees it.
+        case inspect = 11
+        /// Receiver → client: the point it compares at and its tree's root (`LinkInspectReady`).
+        case inspectReady = 12
+        /// Client → receiver: the children of these nodes of one level, please (`LinkTreeQuery`).
+        case treeQuery = 13
+        /// Receiver → client: those children's hashes, in order (`LinkTreeAnswer`).
+        case treeAnswer = 14
     }
 
     public static let version: UInt8 = 1

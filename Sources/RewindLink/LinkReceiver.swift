@@ -82,6 +82,7 @@ final class LinkConnection: @unchecked Sendable {
     let remote: String
     private let lock = NIOLock()
     private var _hello = false
+    private var _inspector: LinkInspector?
 
     init(channel: Channel, seen: PresentedIdentity) {
         self.channel = channel
@@ -94,6 +95,12 @@ final class LinkConnection: @unchecked Sendable {
     var sawHello: Bool {
         get { lock.withLock { _hello } }
         set { lock.withLock { _hello = newValue } }
+    }
+
+    /// Set when the connection opened with `inspect`: its frames go there, not to the applier.
+    var inspector: LinkInspector? {
+        get { lock.withLock { _inspector } }
+        set { lock.withLock { _inspector = newValue } }
     }
 
     /// Send `refuse` with `why`, then close.
@@ -118,6 +125,22 @@ final class LinkReceiverHandler: ChannelInboundHandler {
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         let frame = unwrapInboundIn(data)
+        if frame.kind == .keepalive {
+            context.writeAndFlush(wrapOutboundOut(LinkFrame(.keepalive)), promise: nil)
+            return
+        }
+        if let inspector = connection.inspector {
+            inspector.inbox.push(frame)
+            return
+        }
+        if !connection.sawHello && frame.kind == .inspect {
+            // A comparison (`rewind verify --peer`), not a stream: answered beside the applier.
+            let inspector = LinkInspector(connection: connection, mirror: { [applier] in applier.currentMirror }, logger: logger)
+            connection.inspector = inspector
+            inspector.inbox.push(frame)
+            inspector.start()
+            return
+        }
         if !connection.sawHello {
             guard frame.kind == .hello else {
                 logger.error("link from \(connection.shortPeer): refused: a \(frame.kind) frame before hello")
@@ -128,10 +151,6 @@ final class LinkReceiverHandler: ChannelInboundHandler {
         } else if frame.kind == .hello {
             logger.error("link from \(connection.shortPeer): refused: a second hello")
             connection.refuse("a second hello on one connection")
-            return
-        }
-        if frame.kind == .keepalive {
-            context.writeAndFlush(wrapOutboundOut(LinkFrame(.keepalive)), promise: nil)
             return
         }
         applier.enqueue(.frame(connection, frame))
@@ -166,6 +185,7 @@ final class LinkReceiverHandler: ChannelInboundHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        connection.inspector?.inbox.close("the connection closed")
         applier.enqueue(.closed(connection))
         context.fireChannelInactive()
     }

@@ -141,8 +141,12 @@ public final class LinkSender: @unchecked Sendable {
     // MARK: one connection
 
     private func connect(_ inbox: LinkInbox) throws -> Channel {
+        try Self.connect(peer: peer, context: context, group: group, inbox: inbox)
+    }
+
+    /// A connection to `peer` over mutual TLS (its ID pinned), its frames into `inbox`.
+    static func connect(peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, inbox: LinkInbox) throws -> Channel {
         let seen = PresentedIdentity()
-        let context = self.context, peer = self.peer
         let bootstrap = ClientBootstrap(group: group)
             .connectTimeout(.seconds(10))
             .channelOption(.socketOption(.tcp_nodelay), value: 1)

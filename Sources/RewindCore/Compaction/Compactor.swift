@@ -85,10 +85,13 @@ struct Compactor {
                                     recordsRemoved: 0, bytesFolded: 0, bookmarksRemoved: [])
         }
         let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
-        let written = try fold(upTo: target, progress: progress)
+        // base.sums follows the fold when it described the horizon folded from.
+        let sums = try FoldSums(mirror: mirror, from: start.horizon, uuid: start.uuid)
+        let written = try fold(upTo: target, sums: sums, progress: progress)
         CrashPoint.hit("compact.folded")
         try mirror.base.sync()
         CrashPoint.hit("compact.base-synced")
+        try sums?.finish(horizon: target)
         try deleteIndex(upTo: target, progress: progress)
         // Record `target` itself goes in the last transaction, with the header update, so an
         // interrupted compaction can always read the new horizon's time and byte count.
@@ -158,7 +161,7 @@ struct Compactor {
 
     /// Step 2: write each block's newest content <= target into base.img, once per block.
     /// Each entry it uses passes its own check (the tallies were checked before step 1).
-    private func fold(upTo target: UInt64, progress: ProgressObserver?) throws -> UInt64 {
+    private func fold(upTo target: UInt64, sums: FoldSums?, progress: ProgressObserver?) throws -> UInt64 {
         let journal = mirror.journal
         let base = mirror.base
         let bs = UInt64(mirror.blockSize)
@@ -179,12 +182,15 @@ struct Compactor {
                 func emit() throws {
                     guard let c = current else { return }
                     switch c.value {
-                    case .zero: try base.punchHole(at: c.block * bs, length: bs)
+                    case .zero:
+                        try base.punchHole(at: c.block * bs, length: bs)
+                        try sums?.folded(c.block, hash: nil)
                     case let .data(segment, off, hash):
                         try block.withUnsafeMutableBytes { b in
                             try journal.readBlock(seq: c.seq, block: c.block, segment: segment, offset: off, hash: hash, into: b)
                             try base.write(at: c.block * bs, from: UnsafeRawBufferPointer(b))
                         }
+                        try sums?.folded(c.block, hash: hash)
                     }
                     written += 1
                     current = nil

@@ -125,7 +125,7 @@ public final class Snapshot: @unchecked Sendable {
 
     /// The one pass over the index behind both: `visit` gets each changed block's newest entry
     /// at or before `seq`, checked.
-    private func scanIndex(throughLatest: Bool = false, _ visit: (UInt64, UInt64, BlockContent) throws -> Void) throws {
+    func scanIndex(throughLatest: Bool = false, _ visit: (UInt64, UInt64, BlockContent) throws -> Void) throws {
         let journal = mirror.journal
         let meta = try journal.readMeta(txn)
         // Entries at or below `oldest` may be half deleted by an unfinished compaction.

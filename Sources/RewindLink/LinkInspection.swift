@@ -1,0 +1,147 @@
+import Foundation
+import Logging
+import NIOCore
+import NIOPosix
+import NIOSSL
+import RewindCore
+
+/// What comparing a mirror with a peer's copy found (`rewind verify --peer`).
+public struct InspectionReport: Sendable, Equatable {
+    /// The point compared on both sides.
+    public var seq: UInt64
+    /// Blocks whose content differs, ascending.
+    public var differing: [UInt64]
+    public var blockSize: Int
+    /// Questions asked and hashes received, and the frame bytes each way (TLS not counted).
+    public var queries: Int
+    public var hashesReceived: UInt64
+    public var bytesSent: UInt64
+    public var bytesReceived: UInt64
+}
+
+/// The client end of an inspection: connects to a peer's `rewind receive` over the link's
+/// mutual TLS, learns the point it holds, builds this mirror's tree at that point and finds
+/// the differing blocks top-down (`TreeComparison`). Changes nothing on either side.
+public enum LinkInspection {
+    public static func compare(mirror: Mirror, peer: LinkPeer, identity: UnitIdentity, at point: Point?,
+                               group: EventLoopGroup, logger: Logger, progress: ProgressObserver? = nil) throws -> InspectionReport {
+        let inbox = LinkInbox()
+        let channel = try LinkSender.connect(peer: peer, context: try LinkTLS.clientContext(identity), group: group, inbox: inbox)
+        defer { channel.close(promise: nil) }
+        // Keep both ends from closing on silence while either builds its tree.
+        let keepalive = channel.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(Int64(LinkTiming.keepaliveSeconds)),
+                                                               delay: .seconds(Int64(LinkTiming.keepaliveSeconds))) { _ in
+            channel.writeAndFlush(LinkFrame(.keepalive), promise: nil)
+        }
+        defer { keepalive.cancel() }
+        var sent: UInt64 = 0, received: UInt64 = 0
+        func send(_ f: LinkFrame) throws {
+            sent += UInt64(f.body.readableBytes + LinkFrame.overheadBytes + 4)
+            try channel.writeAndFlush(f).wait()
+        }
+        /// The next frame that is not a keep-alive; silence past `LinkTiming.silenceSeconds` ends it.
+        func answer(_ what: String) throws -> LinkFrame {
+            while true {
+                guard let f = try inbox.next(waiting: Double(LinkTiming.silenceSeconds)) else {
+                    throw LinkError("no \(what) from the peer within \(LinkTiming.silenceSeconds) s")
+                }
+                if f.kind == .keepalive { continue }
+                received += UInt64(f.body.readableBytes + LinkFrame.overheadBytes + 4)
+                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                return f
+            }
+        }
+        let m = try mirror.meta()
+        try send(LinkInspect(volumeUUID: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize).frame)
+        let ready = try LinkInspectReady(try answer("answer to inspect"))
+        logger.info("peer \(peer) holds seq:\(ready.seq); comparing")
+        let snapshot = try Snapshot(mirror: mirror, point: point ?? .seq(ready.seq))
+        defer { snapshot.close() }
+        let tree = try PointTree(snapshot: snapshot, progress: progress)
+        var queries = 0
+        var hashes: UInt64 = 0
+        let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root, ask: { level, parents in
+            try send(LinkTreeQuery(level: UInt8(level), parents: parents).frame)
+            let all = try LinkTreeAnswer(try answer("tree answer")).hashes
+            queries += 1
+            hashes += UInt64(all.count)
+            var out: [[UInt64]] = []
+            var at = 0
+            for p in parents {
+                let n = tree.shape.children(level: level, index: p).count
+                guard at + n <= all.count else { throw LinkError("the peer answered \(all.count) hashes, fewer than asked") }
+                out.append(Array(all[at..<at + n]))
+                at += n
+            }
+            guard at == all.count else { throw LinkError("the peer answered \(all.count) hashes, more than asked") }
+            return out
+        }, visited: { level, nodes in
+            logger.debug("level \(level): \(nodes) differing nodes")
+        })
+        return InspectionReport(seq: snapshot.seq, differing: differing, blockSize: mirror.blockSize, queries: queries,
+                                hashesReceived: hashes, bytesSent: sent, bytesReceived: received)
+    }
+}
+
+/// The receiving end of an inspection, on a thread of its own beside the applier: pins the
+/// mirror's newest indexed point (a `Snapshot`: compaction waits, the applier goes on),
+/// builds its tree, and answers questions until the client closes.
+final class LinkInspector: @unchecked Sendable {
+    let connection: LinkConnection
+    let inbox = LinkInbox()
+    let mirror: @Sendable () -> Mirror?
+    let logger: Logger
+
+    init(connection: LinkConnection, mirror: @escaping @Sendable () -> Mirror?, logger: Logger) {
+        self.connection = connection
+        self.mirror = mirror
+        self.logger = logger
+    }
+
+    func start() {
+        let t = Thread { [self] in
+            do {
+                try run()
+            } catch {
+                logger.warning("inspection from \(connection.shortPeer): \(error)")
+                connection.refuse("\(error)")
+            }
+        }
+        t.name = "rewind-inspect"
+        t.start()
+    }
+
+    private func run() throws {
+        guard let first = try inbox.next(waiting: Double(LinkTiming.silenceSeconds)) else { throw LinkError("no inspect frame") }
+        let asked = try LinkInspect(first)
+        guard let m = mirror() else { throw LinkError("this receiver has no mirror yet") }
+        let meta = try m.meta()
+        guard asked.volumeUUID == meta.uuid, asked.volumeSize == meta.volumeSize, asked.blockSize == meta.blockSize else {
+            throw LinkError("the client's volume \(formatUUID(asked.volumeUUID)) (\(asked.volumeSize) bytes in blocks of \(asked.blockSize)) is not this mirror's \(formatUUID(meta.uuid)) (\(meta.volumeSize) in blocks of \(meta.blockSize))")
+        }
+        let snapshot = try Snapshot(mirror: m, point: .latest)
+        defer { snapshot.close() }
+        let tree = try PointTree(snapshot: snapshot)
+        logger.info("inspection from \(connection.shortPeer): comparing at seq:\(snapshot.seq)")
+        connection.channel.writeAndFlush(LinkInspectReady(seq: snapshot.seq, root: try tree.root()).frame, promise: nil)
+        var asked_ = 0
+        while true {
+            let f: LinkFrame?
+            do { f = try inbox.next(waiting: Double(LinkTiming.silenceSeconds)) } catch {
+                logger.info("inspection from \(connection.shortPeer): done (\(asked_) questions)")
+                return
+            }
+            guard let f else { throw LinkError("nothing asked for \(LinkTiming.silenceSeconds) s") }
+            let q = try LinkTreeQuery(f)
+            let level = Int(q.level)
+            guard level >= 1, level <= tree.shape.top else { throw LinkError("a question about level \(level); the tree has levels 1...\(tree.shape.top)") }
+            var hashes: [UInt64] = []
+            for p in q.parents {
+                guard p < tree.shape.counts[level] else { throw LinkError("a question about node \(p) of level \(level), which has \(tree.shape.counts[level])") }
+                hashes += try tree.children(level: level, index: p)
+            }
+            asked_ += 1
+            connection.channel.writeAndFlush(LinkTreeAnswer(hashes: hashes).frame, promise: nil)
+        }
+    }
+}
