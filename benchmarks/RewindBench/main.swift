@@ -12,8 +12,8 @@ struct Result: Codable { var name: String; var rewind: Double; var peer: Double;
 tuneAllocatorForLargeBuffers()
 nonisolated(unsafe) var results: [Result] = []
 let args = CommandLine.arguments
-let usage = "usage: rewind-bench DIR [--quick] [--only append|restore|reads|timeline|memory] [--json]"
-let groups = ["append", "restore", "reads", "timeline", "memory"]
+let usage = "usage: rewind-bench DIR [--quick] [--only append|restore|reads|timeline|memory|dirtyset] [--json]"
+let groups = ["append", "restore", "reads", "timeline", "memory", "dirtyset"]
 if args.contains("--help") || args.contains("-h") { print(usage); exit(0) }
 // DIR comes first and is never an option: `rewind-bench --quick` must not benchmark in "./--quick".
 guard args.count >= 2, !args[1].hasPrefix("-") else {
@@ -265,6 +265,25 @@ func benchTimelineAndMemory(records: Int) throws {
     try FileManager.default.removeItem(atPath: m.path)
 }
 
+/// A replication peer's dirty set (issue 19): its encoded size per TiB of volume at 4 KiB
+/// blocks, random and clustered (runs of 256 blocks, 1 MiB), against DRBD's plain bitmap
+/// (one bit per block: 32 MiB per TiB).
+func benchDirtySetSize() {
+    let blocks: UInt64 = 1 << 28  // 1 TiB of 4 KiB blocks
+    let bitmap = Double(blocks / 8) / 1_048_576
+    for fraction in [0.01, 0.1, 0.5, 1.0] {
+        for clustered in [false, true] {
+            let started = now()
+            let r = DirtySet.sizeReport(blocks: blocks, dirtyFraction: fraction, clustered: clustered, seed: 19)
+            let mib = Double(r.bytes) / 1_048_576
+            let label = "dirty set per TiB, \(Int(fraction * 100)) % dirty, \(clustered ? "clustered" : "random")"
+            log(String(format: "%@: %llu blocks, %.3f MiB (built in %.2f s)", label as NSString, r.count, mib, now() - started))
+            results.append(Result(name: label, rewind: mib, peer: bitmap, unit: "MiB", ratio: mib / bitmap,
+                                  note: "peer: DRBD's bitmap, 1 bit per 4 KiB block"))
+        }
+    }
+}
+
 do {
     try FileManager.default.createDirectory(atPath: root, withIntermediateDirectories: true)
     func wanted(_ name: String) -> Bool { only == nil || only == name }
@@ -273,6 +292,7 @@ do {
     if wanted("restore") { try benchRestoreAndCompaction(volumeBytes: quick ? 256 << 20 : 4 << 30) }
     if wanted("reads") { try benchPointReads(volumeBytes: quick ? 64 << 20 : 1 << 30, reads: quick ? 20_000 : 200_000) }
     if wanted("timeline") { try benchTimelineAndMemory(records: quick ? 100_000 : 1_000_000) }
+    if wanted("dirtyset") { benchDirtySetSize() }
     if !quick && wanted("memory") { try benchTimelineAndMemory(records: 10_000_000) }
 } catch {
     log("rewind-bench: \(error)")
