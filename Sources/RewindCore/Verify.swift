@@ -43,22 +43,34 @@ extension Mirror {
             while let e = entry {
                 guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
                 let seq = e.key.loadBE(at: 0)
-                guard seq == expected else {
+                // Only a catch-up follows a gap: the one standing for exactly those seqs.
+                let gapHeader = seq > expected ? (try? IndexTally.decodeStored(e.value, seq: seq))?.0 : nil
+                let skipped = gapHeader.map { $0.kind == .catchUp && $0.offset == expected - 1 } ?? false
+                guard seq == expected || skipped else {
                     throw RewindError.corruptRecord(seq: expected, why: seq > expected ? "missing (next record is seq:\(seq))" : "duplicated")
                 }
+                if let gapHeader, skipped && keep { headers += Array(repeating: gapHeader, count: Int(seq - expected)) }
+                expected = seq
                 let (h, tally) = try IndexTally.decodeStored(e.value, seq: seq)
                 tallies.add(tally, seq: seq)
                 if keep { headers.append(h) }
                 guard h.timestamp >= lastTime else {
                     throw RewindError.corruptRecord(seq: seq, why: "timestamp \(formatRFC3339(h.timestamp)) is before the previous record's")
                 }
-                guard h.offset <= volumeSize, h.length <= volumeSize - h.offset else {
+                guard h.kind == .catchUp || (h.offset <= volumeSize && h.length <= volumeSize - h.offset) else {
                     throw RewindError.corruptRecord(seq: seq, why: "range \(h.offset)+\(h.length) lies outside the volume")
                 }
                 guard h.kind != .write || h.length <= Self.maxWriteBytes else {
                     throw RewindError.corruptRecord(seq: seq, why: "write of \(h.length) bytes exceeds the \(Self.maxWriteBytes)-byte limit")
                 }
-                let expectedStored = UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs
+                if h.kind == .catchUp {
+                    guard h.offset < seq, h.offset + 1 == expected || seq == expected else {
+                        throw RewindError.corruptRecord(seq: seq, why: "a catch-up from seq:\(h.offset) where seq:\(expected - 1) precedes it")
+                    }
+                    _ = try catchUpRuns(h, seq: seq)  // its run list adds up to its blocks and stored bytes
+                }
+                let expectedStored = h.kind == .catchUp ? UInt64(h.storedLength)
+                    : UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs
                 guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {
                     throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedLength) does not match its \(h.kind.name) of \(h.length) bytes")
                 }

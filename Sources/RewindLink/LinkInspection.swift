@@ -7,8 +7,10 @@ import RewindCore
 
 /// What comparing a mirror with a peer's copy found (`rewind verify --peer`).
 public struct InspectionReport: Sendable, Equatable {
-    /// The point compared on both sides.
+    /// The point of this mirror compared.
     public var seq: UInt64
+    /// The peer's point it was compared with (its newest indexed seq).
+    public var peerSeq: UInt64
     /// Blocks whose content differs, ascending.
     public var differing: [UInt64]
     public var blockSize: Int
@@ -36,8 +38,14 @@ public enum LinkInspection {
         defer { keepalive.cancel() }
         var sent: UInt64 = 0, received: UInt64 = 0
         func send(_ f: LinkFrame) throws {
-            sent += UInt64(f.body.readableBytes + LinkFrame.overheadBytes + 4)
-            try channel.writeAndFlush(f).wait()
+            sent += UInt64(f.body.readableBytes + LinkFrame.overheadBytes)
+            do {
+                try channel.writeAndFlush(f).wait()
+            } catch {
+                // Closed under us (a TLS refusal, most often): the inbox knows why.
+                while try inbox.next(waiting: 2) != nil {}
+                throw LinkError("the connection closed")
+            }
         }
         /// The next frame that is not a keep-alive; silence past `LinkTiming.silenceSeconds` ends it.
         func answer(_ what: String) throws -> LinkFrame {
@@ -46,7 +54,7 @@ public enum LinkInspection {
                     throw LinkError("no \(what) from the peer within \(LinkTiming.silenceSeconds) s")
                 }
                 if f.kind == .keepalive { continue }
-                received += UInt64(f.body.readableBytes + LinkFrame.overheadBytes + 4)
+                received += UInt64(f.body.readableBytes + LinkFrame.overheadBytes)
                 if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
                 return f
             }
@@ -55,6 +63,12 @@ public enum LinkInspection {
         try send(LinkInspect(volumeUUID: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize).frame)
         let ready = try LinkInspectReady(try answer("answer to inspect"))
         logger.info("peer \(peer) holds seq:\(ready.seq); comparing")
+        if point == nil, ready.seq > m.lastSeq {
+            throw LinkError("the peer holds seq:\(ready.seq), after this mirror's newest seq:\(m.lastSeq); compare another point of this mirror with --at (e.g. --at latest)")
+        }
+        if point == nil, ready.seq < m.oldestPoint {
+            throw LinkError("the peer holds seq:\(ready.seq), before this mirror's oldest point seq:\(m.oldestPoint); compare another point of this mirror with --at (e.g. --at oldest)")
+        }
         let snapshot = try Snapshot(mirror: mirror, point: point ?? .seq(ready.seq))
         defer { snapshot.close() }
         let tree = try PointTree(snapshot: snapshot, progress: progress)
@@ -78,7 +92,7 @@ public enum LinkInspection {
         }, visited: { level, nodes in
             logger.debug("level \(level): \(nodes) differing nodes")
         })
-        return InspectionReport(seq: snapshot.seq, differing: differing, blockSize: mirror.blockSize, queries: queries,
+        return InspectionReport(seq: snapshot.seq, peerSeq: ready.seq, differing: differing, blockSize: mirror.blockSize, queries: queries,
                                 hashesReceived: hashes, bytesSent: sent, bytesReceived: received)
     }
 }

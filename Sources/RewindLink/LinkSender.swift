@@ -274,7 +274,7 @@ public final class LinkSender: @unchecked Sendable {
                     unacked += bytes
                     next = last.seq + 1
                     lastSent = Date()
-                    update { $0.sentSeq = last.seq; $0.bytesSent += UInt64(bytes + LinkFrame.overheadBytes + 4) }
+                    update { $0.sentSeq = last.seq; $0.bytesSent += UInt64(bytes + LinkFrame.overheadBytes) }
                     continue
                 }
             }

@@ -36,6 +36,15 @@ public struct UnitIdentity {
         return (env["HOME"] ?? NSHomeDirectory()) + "/.local/state/rewind"
     }
 
+    /// The identity in `home`; an error when it has none (a command that changes nothing
+    /// must not create one: the peer would not know it anyway).
+    public static func load(home: String) throws -> UnitIdentity {
+        guard access(home + "/key.pem", F_OK) == 0 else {
+            throw IdentityError("\(home) holds no unit identity (key.pem); give the --home of the unit the peer streams from (`rewind id --home DIR` shows its ID)")
+        }
+        return try loadOrCreate(home: home)
+    }
+
     /// The identity in `home`, created there (directory, key, certificate) if it has none.
     public static func loadOrCreate(home: String) throws -> UnitIdentity {
         let keyPath = home + "/key.pem", certPath = home + "/cert.pem"

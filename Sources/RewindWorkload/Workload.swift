@@ -28,7 +28,7 @@ public struct VolumeModel {
         case .write: bytes.replaceSubrange(Int(c.offset)..<Int(c.offset) + c.data.count, with: c.data)
         case .zero, .trim:
             for i in Int(c.offset)..<Int(c.offset + c.length) { bytes[i] = 0 }
-        case .flush: break
+        case .flush, .catchUp: break  // a catch-up is never a host's change
         }
     }
 }

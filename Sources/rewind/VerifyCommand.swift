@@ -10,7 +10,7 @@ struct VerifyCommand: ParsableCommand {
         discussion: "--peer ID@HOST:PORT reaches the peer's `rewind receive` over the link's mutual TLS (this unit's key pair from --home), compares at the point the peer holds (or --at), and lists the differing blocks; nothing changes on either side. Exit status 1 when blocks differ.")
 
     @Argument(help: "The mirror directory.") var mirror: String
-    @Option(help: "The point to compare (default latest).", transform: parsePoint) var at: Point?
+    @Option(help: "The point of this mirror to compare (default: latest with --against; the seq the peer holds with --peer).", transform: parsePoint) var at: Point?
     @Option(help: "An image to compare with, byte for byte.") var against: String?
     @Option(help: "A replication peer to compare with: ID@HOST:PORT (its `rewind receive`).") var peer: String?
     @Option(help: "This unit's home directory (its key pair), with --peer.") var home: String?
@@ -29,6 +29,7 @@ struct VerifyCommand: ParsableCommand {
         var ok: Bool
         var peer: String
         var seq: UInt64
+        var peerSeq: UInt64
         var differingBlocks: Int
         var differingBytes: UInt64
         /// Byte ranges of the volume that differ, ascending.
@@ -50,15 +51,16 @@ struct VerifyCommand: ParsableCommand {
         }
         let differingBytes = UInt64(r.differing.count) * bs
         if json {
-            printJSON(PeerResult(ok: r.differing.isEmpty, peer: target.description, seq: r.seq, differingBlocks: r.differing.count,
+            printJSON(PeerResult(ok: r.differing.isEmpty, peer: "\(target.id)@\(target.address)", seq: r.seq, peerSeq: r.peerSeq, differingBlocks: r.differing.count,
                                  differingBytes: differingBytes, ranges: runs.map { [$0.lowerBound * bs, UInt64($0.count) * bs] },
                                  queries: r.queries, hashesReceived: r.hashesReceived, bytesSent: r.bytesSent, bytesReceived: r.bytesReceived))
         } else {
             let exchanged = "\(r.queries) questions, \(r.hashesReceived) hashes received; \(r.bytesSent) bytes sent, \(r.bytesReceived) received"
+            let points = r.seq == r.peerSeq ? "seq:\(r.seq)" : "seq:\(r.seq) here and seq:\(r.peerSeq)"
             if r.differing.isEmpty {
-                print("ok: seq:\(r.seq) is identical on \(target) (\(exchanged))")
+                print("ok: \(points) \(r.seq == r.peerSeq ? "is" : "are") identical on \(target) (\(exchanged))")
             } else {
-                print("seq:\(r.seq) differs on \(target): \(r.differing.count) blocks (\(humanBytes(differingBytes))) in \(runs.count) ranges (\(exchanged))")
+                print("\(points) \(r.seq == r.peerSeq ? "differs" : "differ") on \(target): \(r.differing.count) blocks (\(humanBytes(differingBytes))) in \(runs.count) ranges (\(exchanged))")
                 for run in runs.prefix(20) {
                     print("  bytes \(run.lowerBound * bs)+\(UInt64(run.count) * bs) (blocks \(run.lowerBound)…\(run.upperBound - 1))")
                 }

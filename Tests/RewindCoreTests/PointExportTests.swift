@@ -660,7 +660,7 @@ private func expectFailure(_ message: String, sourceLocation: SourceLocation = #
         switch c.kind {
         case .write: bytes.replaceSubrange(o..<o + c.data.count, with: c.data)
         case .zero, .trim: bytes.replaceSubrange(o..<o + Int(c.length), with: repeatElement(0, count: Int(c.length)))
-        case .flush: break
+        case .flush, .catchUp: break
         }
     }
 

@@ -265,7 +265,8 @@ struct Compactor {
         let firstLive = try journal.env.read { txn -> UInt64 in
             let m = try journal.readMeta(txn)
             guard target < m.lastSeq else { return m.logEnd }
-            return try journal.header(txn, seq: target + 1).segment - UInt64(LogChunk.headerSize)
+            guard let next = try journal.record(txn, atOrAfter: target + 1) else { return m.logEnd }
+            return next.header.segment - UInt64(LogChunk.headerSize)
         }
         journal.log.deleteFiles(before: firstLive)
         journal.log.punchDeadPrefix(before: firstLive)
@@ -341,7 +342,8 @@ extension Mirror {
         try journal.env.read { txn in
             let m = try journal.readMeta(txn)
             var target = m.oldestPoint
-            func header(_ s: UInt64) throws -> RecordHeader { try journal.header(txn, seq: s) }
+            // A seq a catch-up skipped reads as the catch-up (times and byte counts still never decrease).
+            func header(_ s: UInt64) throws -> RecordHeader { try journal.record(txn, atOrAfter: s)?.header ?? journal.header(txn, seq: s) }
             if let age = keepAgeNanoseconds {
                 let cutoff = now > age ? now - age : 0
                 // Newest record strictly older than the cutoff.
@@ -361,6 +363,8 @@ extension Mirror {
                 }
                 target = max(target, lo)
             }
+            // Fold to a record, never into a catch-up's gap.
+            if target > m.horizon, let r = try journal.record(txn, atOrAfter: target) { target = r.seq }
             return target > m.horizon ? target : nil
         }
     }

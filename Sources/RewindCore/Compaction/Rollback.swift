@@ -47,7 +47,7 @@ extension Mirror {
         }
         // Where the log can be cut: at the chunk of record k+1 when that record starts it.
         let logCut = try journal.env.read { txn -> UInt64? in
-            guard k < before.lastSeq, let next = try? journal.header(txn, seq: k + 1) else { return nil }
+            guard k < before.lastSeq, let (_, next) = try? journal.record(txn, atOrAfter: k + 1) else { return nil }
             if k > before.horizon, (try? journal.header(txn, seq: k))?.segment == next.segment { return nil }
             return next.segment - UInt64(LogChunk.headerSize)
         }

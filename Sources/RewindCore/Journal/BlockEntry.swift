@@ -74,6 +74,17 @@ extension Mirror {
     /// (a stale page of an older tree, a bug): this ties it to the record that wrote it.
     func entryMatches(_ h: RecordHeader, block: UInt64, content: BlockContent) -> Bool {
         let bs = UInt64(blockSize)
+        if h.kind == .catchUp {
+            // Its blocks are listed in its payload, not given by a range: the entry must point at
+            // a whole block inside that payload (the record's tally holds the set to account).
+            guard block < volumeSize / bs else { return false }
+            switch content {
+            case .zero: return true
+            case let .data(segment, offset, _):
+                return segment == h.segment && offset >= h.segmentOffset && offset < h.segmentOffset &+ h.storedLength
+                    && UInt64(offset - h.segmentOffset) % bs == 0
+            }
+        }
         guard h.length > 0, h.kind != .flush else { return false }
         let end = h.offset + h.length
         let first = h.offset / bs, last = (end - 1) / bs

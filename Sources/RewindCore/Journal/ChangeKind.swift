@@ -4,6 +4,7 @@ public enum ChangeKind: UInt8, Sendable, CaseIterable {
     case zero = 2    // NBD_CMD_WRITE_ZEROES
     case trim = 3    // NBD_CMD_TRIM, recorded as zeroing
     case flush = 4   // NBD_CMD_FLUSH
+    case catchUp = 5 // a replica's consistent catch-up: many blocks at once (`CatchUp`)
 
     public var name: String {
         switch self {
@@ -11,6 +12,7 @@ public enum ChangeKind: UInt8, Sendable, CaseIterable {
         case .zero: "zero"
         case .trim: "trim"
         case .flush: "flush"
+        case .catchUp: "catch-up"
         }
     }
 }

@@ -81,6 +81,28 @@ public final class Journal: @unchecked Sendable {
 
     // MARK: records
 
+    /// The first record at or after `seq` (a replica's catch-up leaves seqs without records:
+    /// `CatchUp`), or nil past the newest.
+    func record(_ txn: LMDBTransaction, atOrAfter seq: UInt64) throws -> (seq: UInt64, header: RecordHeader)? {
+        let cursor = try txn.cursor(records)
+        guard let e = try cursor.seek(atLeast: seqKey(seq)) else { return nil }
+        guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
+        let found = e.key.loadBE(at: 0) as UInt64
+        return (found, try IndexTally.decodeStored(e.value, seq: found).0)
+    }
+
+    /// The last record at or before `seq`, or nil before the first.
+    func record(_ txn: LMDBTransaction, atOrBefore seq: UInt64) throws -> (seq: UInt64, header: RecordHeader)? {
+        let cursor = try txn.cursor(records)
+        let e = seq == UInt64.max ? try cursor.last()
+            : try cursor.seek(atLeast: seqKey(seq + 1)) != nil ? try cursor.previous() : try cursor.last()
+        guard let e else { return nil }
+        guard e.key.count == 8 else { throw RewindError.damagedMirror(path: path, why: "malformed record key") }
+        let found = e.key.loadBE(at: 0) as UInt64
+        guard found <= seq else { return nil }
+        return (found, try IndexTally.decodeStored(e.value, seq: found).0)
+    }
+
     func header(_ txn: LMDBTransaction, seq: UInt64) throws -> RecordHeader {
         try stored(txn, seq: seq).header
     }
@@ -108,8 +130,20 @@ public final class Journal: @unchecked Sendable {
         var expected = range.lowerBound
         var entry = try cursor.seek(atLeast: seqKey(expected))
         while let e = entry, expected <= range.upperBound {
-            guard e.key.count == 8, e.key.loadBE(at: 0) == expected else {
+            guard e.key.count == 8 else {
                 throw RewindError.corruptRecord(seq: expected, why: "missing from the journal (journal/data.mdb is damaged)")
+            }
+            let found = e.key.loadBE(at: 0) as UInt64
+            if found != expected {
+                // Only a catch-up may follow a gap: the one that stands for exactly those seqs.
+                guard found > expected, found <= range.upperBound,
+                      let (h, _) = try? IndexTally.decodeStored(e.value, seq: found), h.kind == .catchUp,
+                      h.offset < expected, expected == range.lowerBound || h.offset == expected - 1 else {
+                    throw RewindError.corruptRecord(seq: expected, why: "missing from the journal (journal/data.mdb is damaged)")
+                }
+                // Headers are kept by position: the skipped seqs get the catch-up's (no entry names them).
+                for _ in expected..<found { headers?.append(h) }
+                expected = found
             }
             let (header, tally) = try IndexTally.decodeStored(e.value, seq: expected)
             total.add(tally)
@@ -125,6 +159,13 @@ public final class Journal: @unchecked Sendable {
     }
 
     /// The payload bytes of a record, read from the log.
+    /// Bytes of a record's payload at a log position (`seq` names it when they are missing).
+    func readPayload(at position: UInt64, into dst: UnsafeMutableRawBufferPointer, seq: UInt64) throws {
+        guard try log.read(at: position, into: dst) else {
+            throw RewindError.corruptRecord(seq: seq, why: "its payload (log position \(position)) is missing from log/")
+        }
+    }
+
     func payload(seq: UInt64, header h: RecordHeader) throws -> [UInt8] {
         guard h.storedLength > 0 else { return [] }
         var bytes = [UInt8](repeating: 0, count: Int(h.storedLength))

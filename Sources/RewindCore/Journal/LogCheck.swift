@@ -38,7 +38,8 @@ extension Mirror {
                 m.logEnd = last.segment + UInt64(last.segmentOffset) + UInt64(last.storedLength)
             }
             guard m.lastSeq > m.oldestPoint else { return [] }
-            let start = try journal.header(txn, seq: m.oldestPoint + 1).segment - UInt64(LogChunk.headerSize)
+            guard let first = try journal.record(txn, atOrAfter: m.oldestPoint + 1) else { return [] }
+            let start = first.header.segment - UInt64(LogChunk.headerSize)
             let end = m.logEnd
             guard end > start else { return [] }
             let size = PayloadLog.fileBytes
@@ -80,7 +81,8 @@ extension Mirror {
         var lo = m.oldestPoint + 1, hi = m.lastSeq
         while lo < hi {
             let mid = lo + (hi - lo) / 2
-            let h = try journal.header(txn, seq: mid)
+            // A catch-up's gap reads as the catch-up (chunk positions still grow with seq).
+            let h = try journal.record(txn, atOrAfter: mid)?.header ?? journal.header(txn, seq: mid)
             if h.segment + UInt64(h.segmentOffset) + UInt64(h.storedLength) <= position { lo = mid + 1 } else { hi = mid }
         }
         return lo

@@ -156,6 +156,7 @@ extension Mirror {
         for i in 0..<Int(chunk.count) {
             let seq = chunk.firstSeq + UInt64(i)
             guard let h = try? records.withUnsafeBytes({ try RecordHeader.decode(UnsafeRawBufferPointer(rebasing: $0[i * 64..<(i + 1) * 64]), seq: seq) }),
+                  h.kind != .catchUp,  // indexed before anyone is told; one found unindexed is dropped
                   h.segment == payloadStart, h.offset <= volumeSize, h.length <= volumeSize - h.offset,
                   h.kind != .write || h.length <= Mirror.maxWriteBytes,
                   UInt64(h.storedLength) == UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs,

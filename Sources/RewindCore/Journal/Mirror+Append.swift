@@ -19,10 +19,31 @@ extension Mirror {
     /// XXH3, in `blockHashes`), zero entries for the whole blocks a zero or trim clears, and
     /// the record header itself. Shared by the append path and log replay, so both build the
     /// same index from the same records.
-    func index(_ h: RecordHeader, seq: UInt64, blockHashes: [UInt64], _ txn: LMDBTransaction, _ cursor: LMDBCursor) throws {
+    func index(_ h: RecordHeader, seq: UInt64, blockHashes: [UInt64], _ txn: LMDBTransaction, _ cursor: LMDBCursor,
+               catchUp runs: [CatchUpRun]? = nil) throws {
         let bs = UInt64(blockSize)
-        let (stored, zeroRange) = Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs)
         var tally = IndexTally()
+        if h.kind == .catchUp {
+            // The run list's blocks come first in the payload; then each data run's blocks.
+            guard let runs else { throw RewindError.invalidArgument("a catch-up indexed without its runs") }
+            var i = CatchUp.listBlocks(runs: runs.count, blockSize: blockSize)
+            for run in runs {
+                if run.zero {
+                    try markZero(txn, cursor, blocks: run.blocks, seq: seq, tally: &tally)
+                    continue
+                }
+                for block in run.blocks {
+                    let (value, hash) = BlockContent.data(segment: h.segment, offset: h.segmentOffset + UInt32(i * blockSize),
+                                                          hash: blockHashes[i]).encoded(block: block, seq: seq)
+                    try txn.put(journal.blocks, blockKey(block, seq), value)
+                    tally.add(hash)
+                    i += 1
+                }
+            }
+            try txn.put(journal.records, seqKey(seq), tally.stored(header: h, seq: seq), append: true)
+            return
+        }
+        let (stored, zeroRange) = Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs)
         for (i, block) in stored.enumerated() {
             let (value, hash) = BlockContent.data(segment: h.segment, offset: h.segmentOffset + UInt32(i * blockSize),
                                                   hash: blockHashes[i]).encoded(block: block, seq: seq)
@@ -56,6 +77,8 @@ extension Mirror {
         switch c.kind {
         case .flush:
             break
+        case .catchUp:
+            throw RewindError.invalidArgument("a catch-up is written by CatchUpWriter, not appended as a change")
         case .write:
             guard UInt64(c.data.count) == c.length else {
                 throw RewindError.invalidArgument("write of \(c.length) bytes carries \(c.data.count) bytes of data")

@@ -40,7 +40,9 @@ extension Mirror {
             var bytes = 0
             var seq = from
             while seq <= m.lastSeq, out.count < maxRecords, out.isEmpty || bytes < maxBytes {
-                let h = try journal.header(txn, seq: seq)
+                // A catch-up stands for the seqs it skipped: a peer before it gets it next.
+                guard let (found, h) = try journal.record(txn, atOrAfter: seq) else { break }
+                seq = found
                 let payload = try journal.payload(seq: seq, header: h)
                 if !payload.isEmpty {
                     let sum = payload.withUnsafeBytes { payloadChecksum($0, blockSize: blockSize) }
@@ -64,9 +66,9 @@ extension Mirror {
             let m = try journal.readMeta(txn)
             guard seq < m.lastSeq else { return (0, 0, 0) }
             guard seq >= m.horizon else { return (m.lastSeq - seq, m.lastCumulative - m.horizonCumulative, 0) }
-            let cumulative = seq == m.horizon ? m.horizonCumulative : try journal.header(txn, seq: seq).cumulative
+            let cumulative = seq == m.horizon ? m.horizonCumulative : try journal.record(txn, atOrBefore: seq)?.header.cumulative ?? m.horizonCumulative
             // Seconds: how long ago the oldest record the peer lacks was written.
-            let next = try journal.header(txn, seq: seq + 1).timestamp
+            let next = try journal.record(txn, atOrAfter: seq + 1)?.header.timestamp ?? journal.header(txn, seq: seq + 1).timestamp
             let now = wallClockNanoseconds()
             return (m.lastSeq - seq, m.lastCumulative - cumulative, now > next ? Double(now - next) / 1e9 : 0)
         }

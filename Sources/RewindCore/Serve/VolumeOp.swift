@@ -38,7 +38,7 @@ public struct VolumeOp: Sendable {
         case .write: self.init(.write(change.data), offset: change.offset, fua: change.fua, completion: completion)
         case .zero: self.init(.zero(length: change.length, noHole: true), offset: change.offset, fua: change.fua, completion: completion)
         case .trim: self.init(.trim(length: change.length), offset: change.offset, fua: change.fua, completion: completion)
-        case .flush: self.init(.flush, offset: 0, completion: completion)
+        case .flush, .catchUp: self.init(.flush, offset: 0, completion: completion)  // a catch-up is never a host's change
         }
     }
 

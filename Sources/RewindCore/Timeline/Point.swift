@@ -93,6 +93,10 @@ extension Mirror {
         }
         if seq < oldest { throw RewindError.pointBeforeHorizon(point: point.description, horizon: oldest) }
         if seq > meta.lastSeq { throw RewindError.pointAfterLatest(point: point.description, latest: meta.lastSeq) }
+        if seq > oldest, try txn.get(journal.records, seqKey(seq)) == nil,
+           let (after, h) = try journal.record(txn, atOrAfter: seq), h.kind == .catchUp {
+            throw RewindError.invalidArgument("\(point) is not a point on this replica: a catch-up brought it from seq:\(h.offset) to seq:\(after) at once (use either)")
+        }
         return seq
     }
 
@@ -100,8 +104,10 @@ extension Mirror {
     private func flushPoint(atOrBefore seq: UInt64, given: Point, meta: MirrorMeta, _ txn: LMDBTransaction) throws -> UInt64 {
         var s = seq
         while s > meta.oldestPoint {
-            if try journal.header(txn, seq: s).kind == .flush { return s }
-            s -= 1
+            // Seqs a catch-up skipped are not points: step over them.
+            guard let (found, h) = try journal.record(txn, atOrBefore: s), found > meta.oldestPoint else { s = meta.oldestPoint; break }
+            if h.kind == .flush { return found }
+            s = found - 1
         }
         if s == 0 { return 0 }
         throw RewindError.invalidArgument("no FLUSH point at or before \(given): none in seq:\(meta.oldestPoint + 1)...seq:\(seq), and the oldest point seq:\(meta.oldestPoint) is not known to be one")
@@ -117,7 +123,9 @@ extension Mirror {
         var lo = oldest, hi = meta.lastSeq  // invariant: time(lo) <= ns
         while lo < hi {
             let mid = lo + (hi - lo + 1) / 2
-            if try journal.header(txn, seq: mid).timestamp <= ns { lo = mid } else { hi = mid - 1 }
+            // A seq a catch-up skipped has the catch-up's time, so `lo` always ends on a record.
+            let t = try journal.record(txn, atOrAfter: mid)?.header.timestamp ?? journal.header(txn, seq: mid).timestamp
+            if t <= ns { lo = mid } else { hi = mid - 1 }
         }
         return lo
     }

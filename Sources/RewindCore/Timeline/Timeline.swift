@@ -9,6 +9,8 @@ public struct TimelineBucket: Sendable, Codable {
     public var zeroes: UInt64 = 0
     public var trims: UInt64 = 0
     public var flushes: UInt64 = 0
+    /// Catch-ups (a replica's: many blocks at once, the seqs before them not points here).
+    public var catchUps: UInt64 = 0
 }
 
 extension Mirror {
@@ -41,12 +43,13 @@ extension Mirror {
             if bucket == nil { bucket = TimelineBucket(start: start, firstSeq: r.seq, lastSeq: r.seq) }
             bucket!.lastSeq = r.seq
             bucket!.records += 1
-            bucket!.bytes += r.header.length
+            bucket!.bytes += r.header.kind == .catchUp ? r.header.length * UInt64(blockSize) : r.header.length
             switch r.header.kind {
             case .write: bucket!.writes += 1
             case .zero: bucket!.zeroes += 1
             case .trim: bucket!.trims += 1
             case .flush: bucket!.flushes += 1
+            case .catchUp: bucket!.catchUps += 1
             }
         }
         if let b = bucket { try body(b) }
