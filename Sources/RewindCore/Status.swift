@@ -47,6 +47,13 @@ public struct PeerStatus: Sendable, Codable {
     public var heard: String
     public var state: String
     public var mode: String
+    /// `--peer-keep-size`: records kept for it while behind, at most.
+    public var keepBytes: UInt64?
+    /// In dirty-set mode (records it lacked were folded): the blocks they changed, since which
+    /// seq, and the set's size on disk. nil while it holds records.
+    public var dirtyBlocks: UInt64?
+    public var dirtySince: UInt64?
+    public var dirtySetBytes: Int?
 }
 
 /// A pin as `status` shows it.
@@ -78,9 +85,12 @@ extension Mirror {
                             role: try isReplica() ? "replica" : "origin",
                             peers: try peerRecords().map { p in
                                 let lag = try lag(after: p.durableSeq)
+                                let dirty = try? peerDirty(p.id)
                                 return PeerStatus(id: p.id, address: p.address, durableSeq: p.durableSeq, lagRecords: lag.records,
                                                   lagBytes: lag.bytes, lagSeconds: lag.seconds,
-                                                  heard: p.updated == 0 ? "" : formatRFC3339(p.updated), state: p.state, mode: p.mode)
+                                                  heard: p.updated == 0 ? "" : formatRFC3339(p.updated), state: p.state, mode: p.mode,
+                                                  keepBytes: p.keepBytes, dirtyBlocks: dirty?.blocks.count, dirtySince: dirty?.from,
+                                                  dirtySetBytes: dirty?.blocks.encodedSize)
                             })
     }
 }

@@ -22,6 +22,8 @@ public struct ReceiveOptions: Sendable {
     /// The replica's own retention (`--keep-age`, `--keep-size`), as serve's.
     public var keepAgeNanoseconds: UInt64?
     public var keepBytes: UInt64?
+    /// Records kept for a forwarded peer that is behind, at most (`--peer-keep-size`).
+    public var peerKeepBytes: UInt64?
     public var logLevel = "info"
     /// Serve Prometheus metrics here (`--metrics`).
     public var metrics: ListenAddress?
@@ -45,7 +47,7 @@ public enum ReceiveDaemon {
         let registry = DaemonSupport.bootstrapMetrics(o.metrics != nil)
         let (identity, home) = try Replication.context(home: o.home)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger)
+        let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger, keepBytes: o.peerKeepBytes)
         let receiver = try LinkReceiver(path: o.mirror, allowed: Set(o.peerIDs), identity: identity, group: group,
                                         logger: logger, forwards: !o.replicateTo.isEmpty) { mirror in forwarding.start(mirror) }
         let address: SocketAddress
@@ -99,8 +101,10 @@ final class Forwarding: @unchecked Sendable {
     let logger: Logger
     private let lock = NSLock()
     private var replication: Replication?
+    let keepBytes: UInt64?
 
-    init(peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger) {
+    init(peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger, keepBytes: UInt64? = nil) {
+        self.keepBytes = keepBytes
         self.peers = peers
         self.identity = identity
         self.group = group
@@ -112,7 +116,7 @@ final class Forwarding: @unchecked Sendable {
         lock.withLock {
             guard replication == nil else { return }
             do {
-                let r = try Replication(mirror: mirror, peers: peers, identity: identity, group: group, logger: logger)
+                let r = try Replication(mirror: mirror, peers: peers, identity: identity, group: group, logger: logger, keepBytes: keepBytes)
                 r.start()
                 replication = r
             } catch {

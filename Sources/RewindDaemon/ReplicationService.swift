@@ -23,10 +23,11 @@ final class Replication: @unchecked Sendable {
         }
     }
 
-    init(mirror: Mirror, peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger) throws {
+    init(mirror: Mirror, peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger,
+         keepBytes: UInt64? = nil) throws {
         self.mirror = mirror
         let tls = try LinkTLS.clientContext(identity)
-        let senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger) }
+        let senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger, keepBytes: keepBytes) }
         self.senders = senders
         mirror.indexCommitted = { for s in senders { s.nudge() } }
     }
@@ -42,6 +43,9 @@ final class Replication: @unchecked Sendable {
             let st = s.status
             g.connected.record(st.connected ? 1 : 0)
             g.bytesSent.record(Int64(st.bytesSent))
+            let dirty = try? mirror.peerDirty(s.peer.id)
+            g.dirtyBlocks.record(Int64(dirty?.blocks.count ?? 0))
+            g.dirtySetBytes.record(Int64(dirty?.blocks.encodedSize ?? 0))
             if let d = st.durableSeq, let lag = try? mirror.lag(after: d) {
                 g.durable.record(Int64(d))
                 g.lagRecords.record(Int64(lag.records))
@@ -52,7 +56,7 @@ final class Replication: @unchecked Sendable {
     }
 
     struct PeerGauges {
-        let connected, durable, lagRecords, lagBytes, lagSeconds, bytesSent: Gauge
+        let connected, durable, lagRecords, lagBytes, lagSeconds, bytesSent, dirtyBlocks, dirtySetBytes: Gauge
         init(peer: LinkPeer) {
             let d = [("peer", peer.id)]
             connected = Gauge(label: "rewind_peer_connected", dimensions: d)
@@ -61,6 +65,9 @@ final class Replication: @unchecked Sendable {
             lagBytes = Gauge(label: "rewind_peer_lag_bytes", dimensions: d)
             lagSeconds = Gauge(label: "rewind_peer_lag_seconds", dimensions: d)
             bytesSent = Gauge(label: "rewind_peer_sent_bytes", dimensions: d)
+            // Dirty-set mode (records it lacked were folded): the blocks to catch it up with.
+            dirtyBlocks = Gauge(label: "rewind_peer_dirty_blocks", dimensions: d)
+            dirtySetBytes = Gauge(label: "rewind_peer_dirty_set_bytes", dimensions: d)
         }
     }
 }

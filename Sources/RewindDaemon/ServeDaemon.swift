@@ -54,7 +54,8 @@ public enum ServeDaemon {
         if let identity {
             let g = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             linkGroup = g
-            replication = try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger)
+            replication = try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger,
+                                          keepBytes: options.peerKeepBytes)
         }
         var gate: SyncGate?
         if options.ackSync, let first = replication?.senders.first {

@@ -29,6 +29,7 @@ import TOMLKit
 /// home = "/var/lib/rewind"   # this unit's key pair (`rewind id --home`)
 /// ack = "async"              # or "sync": FLUSH/FUA wait for the first peer
 /// sync-timeout = "5s"        # DURATION a sync FLUSH waits before degrading to async ("0s": forever)
+/// peer-keep-size = "20G"     # SIZE of records kept for a peer that is behind; past it, its changed blocks
 /// ```
 /// `readConfig` checks every value before `serve` creates or opens anything. Its errors name
 /// the place: `FILE:LINE:COLUMN: <the TOML parser's message>` for a syntax error (a duplicate
@@ -65,12 +66,15 @@ public struct ServeOptions: Sendable {
     public var ackSync = false
     /// How long a sync FLUSH waits for the peer before the link degrades to async (0: forever).
     public var syncTimeoutSeconds: Double = 5
+    /// Records kept for a peer that is behind, at most (payload bytes); past it, retention
+    /// folds them and the peer keeps the blocks they changed (`PeerDirty`). nil: no bound.
+    public var peerKeepBytes: UInt64?
 
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout"]
+                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size"]
 
     /// `--ack`: true for sync, nil when neither.
     public static func parseAck(_ text: String) -> Bool? {
@@ -183,6 +187,7 @@ public struct ServeOptions: Sendable {
         if fromFile("home") { home = c.home }
         if fromFile("ack") { ackSync = c.ackSync }
         if fromFile("sync-timeout") { syncTimeoutSeconds = c.syncTimeoutSeconds }
+        if fromFile("peer-keep-size") { peerKeepBytes = c.peerKeepBytes }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -234,6 +239,7 @@ public struct ServeOptions: Sendable {
             guard let sync = Self.parseAck(text) else { throw ConfigValueError("invalid value \"\(text)\" (use async or sync)") }
             ackSync = sync
         case "sync-timeout": syncTimeoutSeconds = try Double(ConfigValue.duration(value)) / 1e9
+        case "peer-keep-size": peerKeepBytes = try ConfigValue.size(value)
         default: return false
         }
         return true

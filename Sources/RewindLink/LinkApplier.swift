@@ -31,6 +31,8 @@ final class LinkApplier: @unchecked Sendable {
     private var ownerLock: FileLock?
     private var active: LinkConnection?
     private var builder: ReplicaBuilder?
+    /// A catch-up being received (`CatchUpWriter`); the writer is set aside meanwhile.
+    private var catchUp: CatchUpWriter?
 
     /// Frames queued past this close their connection (a sender keeps to its window).
     static let maxQueuedBytes = 256 << 20
@@ -190,6 +192,7 @@ final class LinkApplier: @unchecked Sendable {
             if let from = batchFrom { flush(&batch, &batchBytes, from) }
         }
         builder?.abandon()
+        catchUp?.abandon()
         if failure == nil { try? writer?.commit() }
         writer = nil
         ownerLock?.release()
@@ -229,6 +232,10 @@ final class LinkApplier: @unchecked Sendable {
                 logger.info("link from \(c.shortPeer): closed")
                 active = nil
                 if let b = builder { b.abandon(); builder = nil; logger.warning("seed from \(c.shortPeer) abandoned unfinished; the next connection seeds again") }
+                if catchUp != nil {
+                    abandonCatchUp()
+                    logger.warning("catch-up from \(c.shortPeer) abandoned unfinished; this mirror stays at its previous point")
+                }
             }
         case let .frame(c, f):
             if f.kind == .hello { hello(c, f); return }
@@ -241,11 +248,17 @@ final class LinkApplier: @unchecked Sendable {
                     let (offset, bytes) = try LinkSeedData.decode(f)
                     try bytes.withUnsafeReadableBytes { try builder.write(at: offset, $0) }
                 case .seedEnd: try seedEnd(c, LinkSeedData.decodeEnd(f))
+                case .catchUpBegin: try catchUpBegin(c, LinkCatchUpBegin(f))
+                case .catchUpData:
+                    guard let catchUp else { throw LinkError("catch-up data without a catch-up") }
+                    try f.body.withUnsafeReadableBytes { try catchUp.write($0) }
+                case .catchUpEnd: try catchUpEnd(c, LinkCatchUpData.decodeEnd(f))
                 case .records: throw LinkError("records before the mirror exists")
                 default: throw LinkError("an unexpected \(f.kind) frame")
                 }
             } catch {
                 if let b = builder { b.abandon(); builder = nil }
+                if catchUp != nil { abandonCatchUp() }
                 fail(c, "\(error)")
             }
         }
@@ -293,6 +306,7 @@ final class LinkApplier: @unchecked Sendable {
             old.channel.close(promise: nil)
         }
         if let b = builder { b.abandon(); builder = nil }
+        if catchUp != nil { abandonCatchUp() }
         active = nil
         if let m = currentMirror, let local, hello.generation > local.generation {
             do {
@@ -331,5 +345,37 @@ final class LinkApplier: @unchecked Sendable {
         logger.info("link from \(c.shortPeer): seeded \(path) (\(sent) bytes of data) as of seq:\(b.seed.horizon)")
         c.channel.writeAndFlush(LinkSeq(.ack, seq: b.seed.horizon).frame, promise: nil)
         if let m = currentMirror { onMirror(m) }
+    }
+
+    /// A catch-up: the writer (and its index thread) is set aside — committed first, so the
+    /// mirror's newest record is the durable seq the welcome named — and the catch-up written
+    /// on its own, applied as one point at its end.
+    private func catchUpBegin(_ c: LinkConnection, _ begin: LinkCatchUpBegin) throws {
+        guard let m = currentMirror, catchUp == nil, builder == nil else { throw LinkError("a catch-up without a mirror, or inside another") }
+        try writer?.commit()
+        writer = nil
+        do {
+            catchUp = try CatchUpWriter(mirror: m, from: begin.from, seq: begin.seq, timestamp: begin.timestamp, runs: begin.runs)
+        } catch {
+            writer = makeWriter(m)
+            throw error
+        }
+        let blocks = begin.runs.reduce(UInt64(0)) { $0 + UInt64($1.blocks.count) }
+        logger.info("link from \(c.shortPeer): catching up from seq:\(begin.from) to seq:\(begin.seq) as one point (\(blocks) blocks in \(begin.runs.count) runs)")
+    }
+
+    private func catchUpEnd(_ c: LinkConnection, _ checksum: UInt64) throws {
+        guard let cu = catchUp, let m = currentMirror else { throw LinkError("a catch-up end without a catch-up") }
+        try cu.finish(checksum: checksum)
+        catchUp = nil
+        writer = makeWriter(m)
+        logger.info("link from \(c.shortPeer): caught up to seq:\(cu.seq)")
+        c.channel.writeAndFlush(LinkSeq(.ack, seq: cu.seq).frame, promise: nil)
+    }
+
+    private func abandonCatchUp() {
+        catchUp?.abandon()
+        catchUp = nil
+        if writer == nil, let m = currentMirror { writer = makeWriter(m) }
     }
 }

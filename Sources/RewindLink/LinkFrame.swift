@@ -43,6 +43,13 @@ public struct LinkFrame: Sendable, Equatable {
         case treeQuery = 13
         /// Receiver → client: those children's hashes, in order (`LinkTreeAnswer`).
         case treeAnswer = 14
+        /// Sender → receiver: a catch-up follows (`LinkCatchUpBegin`): the blocks the records
+        /// it lacks changed, as of the sender's horizon, applied as one point.
+        case catchUpBegin = 15
+        /// Sender → receiver: data blocks of the catch-up, in run order.
+        case catchUpData = 16
+        /// Sender → receiver: the catch-up is complete (its checksum); the receiver acks its seq.
+        case catchUpEnd = 17
     }
 
     public static let version: UInt8 = 1

@@ -33,7 +33,12 @@ public final class LinkSender: @unchecked Sendable {
     /// How often an idle sender looks for new records, when no commit nudges it.
     static let pollSeconds = 0.05
 
-    public init(mirror: Mirror, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger) {
+    /// Records kept for this peer while it is behind, at most (`--peer-keep-size`; nil: all).
+    let keepBytes: UInt64?
+
+    public init(mirror: Mirror, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger,
+                keepBytes: UInt64? = nil) {
+        self.keepBytes = keepBytes
         self.mirror = mirror
         self.peer = peer
         self.context = context
@@ -65,7 +70,7 @@ public final class LinkSender: @unchecked Sendable {
         // Until the peer first answers, it holds every record from the oldest point on.
         if (try? mirror.peerRecords().contains { $0.id == peer.id }) != true, let m = try? mirror.meta() {
             try? mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: m.oldestPoint,
-                                              updated: 0, state: "connecting"), sync: true)
+                                              updated: 0, state: "connecting", keepBytes: keepBytes), sync: true)
         }
         let t = Thread { [self] in run() }
         t.name = "rewind-link \(peer.shortID)"
@@ -135,7 +140,7 @@ public final class LinkSender: @unchecked Sendable {
             heard = heard ?? old.updated
         }
         try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: durable ?? 0,
-                                         updated: heard ?? 0, state: state, mode: s.mode), sync: sync)
+                                         updated: heard ?? 0, state: state, mode: s.mode, keepBytes: keepBytes), sync: sync)
     }
 
     // MARK: one connection
@@ -188,7 +193,7 @@ public final class LinkSender: @unchecked Sendable {
                                         generation: m.generation, lastSeq: m.lastSeq,
                                         generationStart: try mirror.generationStart()).frame, promise: nil)
         guard let answer = try inbox.next(waiting: 10) else { throw LinkError("no answer to hello within 10 s") }
-        let durable: UInt64
+        var durable: UInt64
         switch answer.kind {
         case .welcome:
             durable = try LinkSeq(answer).seq
@@ -202,6 +207,10 @@ public final class LinkSender: @unchecked Sendable {
             throw LinkError("refused by the peer: \(try LinkRefusal(answer).reason)")
         default:
             throw LinkError("the peer answered hello with a \(answer.kind) frame")
+        }
+        if durable < (try mirror.meta().horizon) {
+            acked(durable)
+            durable = try catchUp(channel, inbox, from: durable)
         }
         update { $0.state = "streaming"; $0.connected = true }
         acked(durable)
@@ -245,6 +254,7 @@ public final class LinkSender: @unchecked Sendable {
             case .ack:
                 let seq = try LinkSeq(f).seq
                 guard seq == seed.horizon else { throw LinkError("the peer acked seq:\(seq) for a seed as of seq:\(seed.horizon)") }
+                mirror.removePeerDirty(peer.id)  // a seeded peer starts afresh
                 logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
                 return seq
             case .keepalive: continue
@@ -253,6 +263,74 @@ public final class LinkSender: @unchecked Sendable {
             }
         }
         throw LinkError("the peer did not ack the seed within 600 s")
+    }
+
+    /// The peer holds `from`, folded here since: send the blocks changed after it (its dirty
+    /// set, `PeerDirty`) as of the horizon, pinned meanwhile, as one catch-up (`CatchUp`); the
+    /// peer applies it as one point and acks the horizon. Returns it.
+    private func catchUp(_ channel: Channel, _ inbox: LinkInbox, from: UInt64) throws -> UInt64 {
+        let horizon = try mirror.meta().horizon
+        let pin = try mirror.pin(.seq(horizon), holder: "catching up replication peer \(peer.shortID)…")
+        defer { pin.release() }
+        let m = try mirror.meta()
+        guard m.horizon == horizon, m.target <= m.horizon else { throw LinkError("a compaction moved the oldest point; catching up again") }
+        guard let dirty = try mirror.peerDirty(peer.id), dirty.through == horizon, dirty.from <= from else {
+            update { $0.state = "needs a resync" }
+            throw LinkError("the peer holds seq:\(from), before this mirror's oldest point seq:\(horizon), and no record of the blocks changed since reaches it: it needs a new seed (move its mirror aside)")
+        }
+        let snapshot = try Snapshot(mirror: mirror, point: .seq(horizon))
+        defer { snapshot.close() }
+        let runs = try snapshot.catchUpRuns(for: dirty.blocks)
+        let bs = mirror.blockSize
+        let dataBlocks = runs.reduce(UInt64(0)) { $0 + ($1.zero ? 0 : UInt64($1.blocks.count)) }
+        let listBytes = CatchUp.listBlocks(runs: runs.count, blockSize: bs) * bs
+        guard runs.count <= LinkCatchUpBegin.maxRuns, UInt64(listBytes) + dataBlocks * UInt64(bs) <= CatchUpWriter.maxStoredBytes else {
+            update { $0.state = "needs a resync" }
+            throw LinkError("the peer's catch-up (\(dirty.blocks.count) blocks in \(runs.count) runs) is more than one catch-up holds (4 GiB of data); it needs a new seed (move its mirror aside)")
+        }
+        update { $0.state = "catching up"; $0.connected = true }
+        logger.info("link to \(peer): the peer holds seq:\(from), folded here since; catching it up to seq:\(horizon) as one point: \(dirty.blocks.count) blocks changed, \(dataBlocks * UInt64(bs)) bytes of data")
+        channel.writeAndFlush(LinkCatchUpBegin(from: from, seq: horizon, timestamp: m.horizonTime, runs: runs).frame, promise: nil)
+        var hashes = CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { blockHashes($0, blockSize: bs) }
+        var sent: UInt64 = 0, frames = 0
+        var lastReport = Date()
+        try snapshot.forEachCatchUpData(runs, maxBytes: Self.batchBytes) { piece in
+            if isStopping { throw LinkError("stopped") }
+            if let f = try inbox.next(waiting: 0) {
+                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while catching up") }
+            }
+            hashes += blockHashes(piece, blockSize: bs)
+            let frame = LinkCatchUpData.frame(piece)
+            frames += 1
+            // Every 8th frame is waited for: at most ~32 MiB queued in the channel.
+            if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
+            sent += UInt64(piece.count)
+            update { $0.bytesSent += UInt64(piece.count + LinkFrame.overheadBytes) }
+            if Date().timeIntervalSince(lastReport) >= 5 {
+                logger.info("link to \(peer): catching up, \(sent) of \(dataBlocks * UInt64(bs)) bytes sent")
+                lastReport = Date()
+            }
+        }
+        try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: payloadChecksum(blockHashes: hashes))).wait()
+        let deadline = Date(timeIntervalSinceNow: 600)
+        while Date() < deadline {
+            guard let f = try inbox.next(waiting: 1) else { continue }
+            switch f.kind {
+            case .ack:
+                let seq = try LinkSeq(f).seq
+                guard seq == horizon else { throw LinkError("the peer acked seq:\(seq) for a catch-up to seq:\(horizon)") }
+                acked(seq)
+                try recordPeer(sync: true, state: "streaming")
+                mirror.removePeerDirty(peer.id)
+                logger.info("link to \(peer): caught up to seq:\(horizon) (\(sent) bytes of data sent)")
+                return seq
+            case .keepalive: continue
+            case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
+            default: throw LinkError("a \(f.kind) frame where the catch-up's ack was due")
+            }
+        }
+        throw LinkError("the peer did not ack the catch-up within 600 s")
     }
 
     /// Send records from `durable` + 1 on, keeping at most `windowBytes` unacknowledged.

@@ -17,6 +17,8 @@ struct ReceiveCommand: AsyncParsableCommand {
     @Option(help: "This unit's home directory (its key pair).") var home: String?
     @Option(help: "The replica's own retention: keep this much history (e.g. 30d).", transform: parseDuration) var keepAge: UInt64?
     @Option(help: "The replica's own retention: keep at most this much journal payload (e.g. 100G).", transform: parseSize) var keepSize: UInt64?
+    @Option(name: .customLong("peer-keep-size"), help: "Keep at most this much journal payload for a --replicate-to peer that is behind (e.g. 20G); past it, that peer is later caught up from the blocks changed, as one point.", transform: parseSize)
+    var peerKeepSize: UInt64?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "Serve Prometheus metrics on HOST:PORT.") var metrics: String?
     @Flag(help: "Print the listening address and this unit's ID as one JSON line.") var json = false
@@ -35,6 +37,7 @@ struct ReceiveCommand: AsyncParsableCommand {
             o.home = home
             o.keepAgeNanoseconds = keepAge
             o.keepBytes = keepSize
+            o.peerKeepBytes = peerKeepSize
             if let logLevel {
                 o.logLevel = try checkedLogLevel(logLevel)
             }

@@ -33,6 +33,8 @@ struct ServeCommand: AsyncParsableCommand {
     var ack: String?
     @Option(help: "How long a sync FLUSH waits for the peer before the link degrades to async until the peer catches up (e.g. 5s; 0s: wait forever).", transform: parseDuration)
     var syncTimeout: UInt64?
+    @Option(name: .customLong("peer-keep-size"), help: "Keep at most this much journal payload for a --replicate-to peer that is behind (e.g. 20G); past it, retention folds those records and the peer is later caught up from the blocks they changed, as one point.", transform: parseSize)
+    var peerKeepSize: UInt64?
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
@@ -93,6 +95,7 @@ struct ServeCommand: AsyncParsableCommand {
                 set.insert("ack")
             }
             if let syncTimeout { o.syncTimeoutSeconds = Double(syncTimeout) / 1e9; set.insert("sync-timeout") }
+            if let peerKeepSize { o.peerKeepBytes = peerKeepSize; set.insert("peer-keep-size") }
             if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
             if o.ackSync && o.replicateTo.isEmpty { throw ValidationError("--ack sync needs a peer to wait for: give --replicate-to ID@HOST:PORT") }

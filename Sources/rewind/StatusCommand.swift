@@ -34,7 +34,12 @@ struct StatusCommand: ParsableCommand {
                 for (name, seq) in s.bookmarks.sorted(by: { $0.value < $1.value }) { print("bookmark     \(name) = seq:\(seq)") }
                 for pin in s.pins { print("pin          seq:\(pin.seq) held by \(pin.holder) (pid \(pin.pid)) since \(pin.since)") }
                 for p in s.peers {
-                    print("peer         \(p.id.prefix(16))… at \(p.address): durable seq:\(p.durableSeq), behind by \(p.lagRecords) records, \(humanBytes(p.lagBytes)), \(String(format: "%.1f", p.lagSeconds)) s; \(p.mode), \(p.state.isEmpty ? "never connected" : p.state)")
+                    var line = "peer         \(p.id.prefix(16))… at \(p.address): durable seq:\(p.durableSeq), behind by \(p.lagRecords) records, \(humanBytes(p.lagBytes)), \(String(format: "%.1f", p.lagSeconds)) s; \(p.mode), \(p.state.isEmpty ? "never connected" : p.state)"
+                    if let keep = p.keepBytes { line += "; keeps at most \(humanBytes(keep)) of records for it" }
+                    if let blocks = p.dirtyBlocks, let since = p.dirtySince {
+                        line += "; dirty set: \(blocks) blocks changed since seq:\(since) (\(humanBytes(UInt64(p.dirtySetBytes ?? 0)))), records it lacked were folded: caught up as one point when it returns"
+                    }
+                    print(line)
                 }
                 if let oldest = s.pins.first { print("retention    stops at seq:\(oldest.seq) while it is pinned") }
                 for gap in s.logDamage { print("log          DAMAGED: \(gap)") }

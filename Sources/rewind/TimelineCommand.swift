@@ -14,10 +14,12 @@ struct TimelineCommand: ParsableCommand {
 
     struct RecordLine: Encodable {
         var seq: UInt64, time: String, kind: String, offset: UInt64, length: UInt64, fua: Bool, checksum: String
+        /// A catch-up's: the seq it follows and the blocks it sets (its offset and length fields).
+        var from: UInt64? = nil, blocks: UInt64? = nil
     }
     struct BucketLine: Encodable {
         var start: String, firstSeq: UInt64, lastSeq: UInt64, records: UInt64, bytes: UInt64
-        var writes: UInt64, zeroes: UInt64, trims: UInt64, flushes: UInt64
+        var writes: UInt64, zeroes: UInt64, trims: UInt64, flushes: UInt64, catchUps: UInt64
     }
 
     func run() throws {
@@ -32,9 +34,9 @@ struct TimelineCommand: ParsableCommand {
                 try m.forEachBucket(in: first...last, widthNanoseconds: width) { b in
                     let line = BucketLine(start: formatRFC3339(b.start), firstSeq: b.firstSeq, lastSeq: b.lastSeq,
                                           records: b.records, bytes: b.bytes, writes: b.writes, zeroes: b.zeroes,
-                                          trims: b.trims, flushes: b.flushes)
+                                          trims: b.trims, flushes: b.flushes, catchUps: b.catchUps)
                     if json { printJSON(line) } else {
-                        print("\(line.start)  \("\(b.firstSeq)-\(b.lastSeq)".padding(toLength: 20, withPad: " ", startingAt: 0))  \(String(b.records).padding(toLength: 8, withPad: " ", startingAt: 0))  \(humanBytes(b.bytes).padding(toLength: 8, withPad: " ", startingAt: 0))  \(b.writes)/\(b.zeroes)/\(b.trims)/\(b.flushes)")
+                        print("\(line.start)  \("\(b.firstSeq)-\(b.lastSeq)".padding(toLength: 20, withPad: " ", startingAt: 0))  \(String(b.records).padding(toLength: 8, withPad: " ", startingAt: 0))  \(humanBytes(b.bytes).padding(toLength: 8, withPad: " ", startingAt: 0))  \(b.writes)/\(b.zeroes)/\(b.trims)/\(b.flushes)\(b.catchUps > 0 ? " + \(b.catchUps) catch-up" : "")")
                     }
                 }
             } else {
@@ -42,12 +44,16 @@ struct TimelineCommand: ParsableCommand {
                 try m.forEachRecord(in: first...last) { r in
                     let h = r.header
                     if json {
+                        let catchUp = h.kind == .catchUp
                         printJSON(RecordLine(seq: r.seq, time: formatRFC3339(h.timestamp), kind: h.kind.name,
                                              offset: h.offset, length: h.length, fua: h.fua,
-                                             checksum: "0x" + String(h.checksum, radix: 16)))
+                                             checksum: "0x" + String(h.checksum, radix: 16),
+                                             from: catchUp ? h.offset : nil, blocks: catchUp ? h.length : nil))
                     } else {
                         let kind = h.kind.name + (h.fua ? "+fua" : "")
-                        print("\(String(r.seq).padding(toLength: 10, withPad: " ", startingAt: 0)) \(formatRFC3339(h.timestamp))  \(kind.padding(toLength: 9, withPad: " ", startingAt: 0)) \(String(h.offset).padding(toLength: 15, withPad: " ", startingAt: 0)) \(h.length)")
+                        // A catch-up shows the seq it follows and the blocks it sets.
+                        let (offset, length) = h.kind == .catchUp ? ("from seq:\(h.offset)", "\(h.length) blocks") : (String(h.offset), String(h.length))
+                        print("\(String(r.seq).padding(toLength: 10, withPad: " ", startingAt: 0)) \(formatRFC3339(h.timestamp))  \(kind.padding(toLength: 9, withPad: " ", startingAt: 0)) \(offset.padding(toLength: 15, withPad: " ", startingAt: 0)) \(length)")
                     }
                 }
             }

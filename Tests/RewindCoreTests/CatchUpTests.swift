@@ -150,6 +150,55 @@ import Testing
         _ = try reopened.verify()
     }
 
+    /// A peer's bound (`keepBytes`): it holds retention only for that much of the records it
+    /// lacks; retention folds the rest, and before it does, the blocks those records changed
+    /// go into the peer's dirty set, durably — exactly those, extended by each later fold —
+    /// while a peer with no bound still holds everything it lacks.
+    @Test func aBoundedPeerKeepsTheBlocksTheFoldedRecordsChanged() throws {
+        let dir = TempDir("catchup-bound")
+        defer { dir.remove() }
+        let m = try Mirror.create(at: dir.file("m.rewind"), size: 64 * 4096)
+        let bounded = String(repeating: "b1", count: 32), unbounded = String(repeating: "c2", count: 32)
+        // Record k writes block k - 1.
+        for i in 0..<20 { try m.append([.write(UInt64(i) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        try m.recordPeer(PeerRecord(id: bounded, address: "10.0.0.2:7310", durableSeq: 5, updated: 1, keepBytes: 4 * 4096), sync: true)
+        #expect(try m.retentionHolds().map(\.seq) == [16])
+        _ = try m.compact(keepAgeNanoseconds: nil, keepBytes: 0)
+        #expect(try m.meta().horizon == 16)
+        var expected = DirtySet()
+        expected.insert(5..<16)  // records 6...16
+        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 16, blocks: expected))
+        #expect(try m.status().peers.map { [$0.dirtyBlocks, $0.dirtySince] } == [[11, 5]])
+        // A later fold extends it: a trim across blocks 40..<44, more writes. In dirty-set mode
+        // the peer holds nothing (its records are gone): retention folds what it wants.
+        try m.append([.trim(40 * 4096, 4 * 4096)])
+        for i in 50..<60 { try m.append([.write(UInt64(i) * 4096, [UInt8](repeating: 7, count: 4096))]) }
+        _ = try m.compact(keepAgeNanoseconds: nil, keepBytes: 0)
+        let horizon = try m.meta().horizon
+        #expect(horizon == 31)
+        expected.insert(16..<20)  // records 17...20
+        expected.insert(40..<44)  // the trim, record 21
+        expected.insert(50..<60)  // records 22...31
+        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 31, blocks: expected))
+        // A peer without a bound holds what it lacks.
+        try m.recordPeer(PeerRecord(id: unbounded, address: "10.0.0.3:7310", durableSeq: 31, updated: 1), sync: true)
+        for i in 0..<8 { try m.append([.write(UInt64(i) * 4096, [UInt8](repeating: 3, count: 4096))]) }
+        #expect(try m.compact(keepAgeNanoseconds: nil, keepBytes: 0) == nil)
+        #expect(try m.meta().horizon == 31)
+        #expect(try m.peerDirty(unbounded) == nil)
+        // A damaged set is an error naming it, never an empty set.
+        let path = dir.file("m.rewind/peers/\(bounded).dirty")
+        var bytes = fileBytes(path)
+        bytes[bytes.count - 3] ^= 1
+        try writeFile(path, bytes)
+        do {
+            _ = try m.peerDirty(bounded)
+            Issue.record("a damaged dirty set was read")
+        } catch {
+            #expect("\(error)" == "peers/b1b1b1b1b1b1b1b1….dirty is damaged: its checksum does not match")
+        }
+    }
+
     /// A catch-up that does not follow the newest record, goes back in time, or names blocks
     /// out of order or past the volume is refused before anything is written.
     @Test func badCatchUpsAreRefused() throws {

@@ -69,6 +69,59 @@ import Testing
         await receiver.stop()
     }
 
+    /// A peer past its bound (`keepBytes`) while stopped: retention folds what it lacked and
+    /// the origin keeps the blocks those records changed; when the receiver returns it is
+    /// caught up to the horizon as one point, then streams; every point from there reads as
+    /// on the origin, and the dirty set is gone.
+    @Test func aPeerPastItsBoundIsCaughtUpAsOnePoint() async throws {
+        let dir = Dir()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let a = try UnitIdentity.loadOrCreate(home: dir.file("ha")), b = try UnitIdentity.loadOrCreate(home: dir.file("hb"))
+        let origin = try Mirror.create(at: dir.file("a.rewind"), size: 256 * 4096)
+        for i in 0..<20 { try origin.append([.write(UInt64(i) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        var receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group,
+                                        logger: Self.logger) { _ in }
+        let port = try await receiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        let peer = LinkPeer(id: b.id, host: "127.0.0.1", port: port)
+        let sender = LinkSender(mirror: origin, peer: peer, context: try LinkTLS.clientContext(a), group: group,
+                                logger: Self.logger, keepBytes: 8 * 4096)
+        sender.start()
+        #expect(try waitUntil { (try receiver.mirror?.meta().lastSeq) == 20 })
+        #expect(try waitUntil { try origin.peerRecords().map(\.durableSeq) == [20] })
+        await receiver.stop()
+
+        // Away: 40 more records (some trims), retention keeps nothing but what the bound holds.
+        for i in 20..<60 {
+            if i % 7 == 0 {
+                try origin.append([.trim(UInt64(i % 32) * 4096, 3 * 4096)])
+            } else {
+                try origin.append([.write(UInt64(40 + i * 3) * 4096, [UInt8](repeating: UInt8(i), count: 2 * 4096))])
+            }
+        }
+        _ = try origin.compact(keepAgeNanoseconds: nil, keepBytes: 0)
+        let horizon = try origin.meta().horizon
+        #expect(horizon > 20 && horizon < 60)
+        let dirty = try #require(try origin.peerDirty(b.id))
+        #expect(dirty.from == 20 && dirty.through == horizon)
+        #expect(try origin.status().peers.first?.dirtyBlocks == dirty.blocks.count)
+
+        receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group, logger: Self.logger) { _ in }
+        _ = try await receiver.start(host: "127.0.0.1", port: port)
+        #expect(try waitUntil(40) { (try receiver.mirror?.meta().lastSeq) == 60 })
+        let replica = try #require(receiver.mirror)
+        for seq in horizon...60 {
+            let x = try Snapshot(mirror: origin, point: .seq(seq)), y = try Snapshot(mirror: replica, point: .seq(seq))
+            #expect(try x.read(at: 0, count: 256 * 4096) == y.read(at: 0, count: 256 * 4096), "seq:\(seq)")
+            x.close(); y.close()
+        }
+        #expect(throws: RewindError.self) { _ = try replica.resolve(.seq(21)) }
+        #expect(try waitUntil { try origin.peerDirty(b.id) == nil })
+        #expect(try waitUntil { try origin.peerRecords().map(\.durableSeq) == [60] })
+        _ = try replica.verify()
+        sender.stop()
+        await receiver.stop()
+    }
+
     @Test func aStrangerIsRefusedBeforeAnythingIsWritten() async throws {
         let dir = Dir()
         let group = MultiThreadedEventLoopGroup.singleton

@@ -85,6 +85,9 @@ struct Compactor {
                                     recordsRemoved: 0, bytesFolded: 0, bookmarksRemoved: [])
         }
         let horizonRecord = try journal.env.read { try journal.header($0, seq: target) }
+        // Peers that lack some of these records keep the blocks they changed instead.
+        try mirror.recordFoldForPeers(horizon: start.horizon, target: target)
+        CrashPoint.hit("compact.peers-recorded")
         // base.sums follows the fold when it described the horizon folded from.
         let sums = try FoldSums(mirror: mirror, from: start.horizon, uuid: start.uuid)
         let written = try fold(upTo: target, sums: sums, progress: progress)

@@ -19,8 +19,13 @@ public struct PeerRecord: Sendable, Codable, Equatable {
     public var state: String
     /// The acknowledgement mode: `async` (the host never waits for this peer).
     public var mode: String
+    /// Records kept for it while it is behind, at most (payload bytes; `--peer-keep-size`):
+    /// past that, retention folds them and it keeps the blocks they changed (`PeerDirty`).
+    public var keepBytes: UInt64?
 
-    public init(id: String, address: String, durableSeq: UInt64, updated: UInt64, state: String = "", mode: String = "async") {
+    public init(id: String, address: String, durableSeq: UInt64, updated: UInt64, state: String = "", mode: String = "async",
+                keepBytes: UInt64? = nil) {
+        self.keepBytes = keepBytes
         self.id = id
         self.address = address
         self.durableSeq = durableSeq
@@ -32,6 +37,21 @@ public struct PeerRecord: Sendable, Codable, Equatable {
 
 extension Mirror {
     var peersDirectory: String { path + "/peers" }
+
+    /// The oldest seq such that the records after it hold at most `bytes` of payload.
+    func seqKeeping(bytes: UInt64) throws -> UInt64 {
+        try journal.env.read { txn in
+            let m = try journal.readMeta(txn)
+            guard m.lastCumulative - m.horizonCumulative > bytes else { return m.horizon }
+            var lo = m.horizon + 1, hi = m.lastSeq
+            while lo < hi {
+                let mid = lo + (hi - lo) / 2
+                let c = try journal.record(txn, atOrAfter: mid)?.header.cumulative ?? m.lastCumulative
+                if m.lastCumulative - c <= bytes { hi = mid } else { lo = mid + 1 }
+            }
+            return try journal.record(txn, atOrAfter: lo)?.seq ?? m.lastSeq
+        }
+    }
 
     /// Record `peer`'s position; `sync`: durably (the file and the directory entry).
     public func recordPeer(_ peer: PeerRecord, sync: Bool) throws {
@@ -74,8 +94,11 @@ extension Mirror {
     /// it needs a new seed.
     public func retentionHolds() throws -> [Pin.Info] {
         let horizon = try meta().horizon
-        let peers = try peerRecords().filter { $0.durableSeq >= horizon }.map {
-            Pin.Info(seq: $0.durableSeq, pid: 0, since: $0.updated, holder: "replication peer \($0.id.prefix(16))… (\($0.address))")
+        let peers = try peerRecords().filter { $0.durableSeq >= horizon }.map { p -> Pin.Info in
+            // A bounded peer holds no more than its bound's worth of records.
+            var held = p.durableSeq
+            if let keep = p.keepBytes { held = max(held, try seqKeeping(bytes: keep)) }
+            return Pin.Info(seq: held, pid: 0, since: p.updated, holder: "replication peer \(p.id.prefix(16))… (\(p.address))")
         }
         return (try livePins() + peers).sorted { $0.seq < $1.seq }
     }

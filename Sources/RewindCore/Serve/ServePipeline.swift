@@ -566,13 +566,14 @@ public final class ServePipeline: @unchecked Sendable {
         try journal.commit()
         let before = try mirror.meta()
         let keep = UInt64(Double(before.journalBytes) * keepingFraction)
-        // The volume before a replication peer's position: peers left behind need a new seed.
+        // The volume before a replication peer's position: peers left behind keep the blocks
+        // the folded records changed (`PeerDirty`) and are caught up from them when they return.
         guard let report = try mirror.compact(keepAgeNanoseconds: nil, keepBytes: keep, peersYield: true),
               report.toHorizon > report.fromHorizon else {
             return false
         }
         let behind = ((try? mirror.peerRecords()) ?? []).filter { $0.durableSeq < report.toHorizon }
-        let peers = behind.isEmpty ? "" : "; replication peers left behind the new oldest point, which need a new seed: "
+        let peers = behind.isEmpty ? "" : "; replication peers left behind the new oldest point, to be caught up from the blocks changed: "
             + behind.map { "\($0.id.prefix(16))… at seq:\($0.durableSeq)" }.joined(separator: ", ")
         observer?.madeRoom(report, after: reason + peers)
         return true

@@ -1,0 +1,116 @@
+import Foundation
+import Glibc
+
+/// What a replication peer lacks once records it had not received were folded (its bound,
+/// `--peer-keep-size`, passed, or the journal's file system full): not the records, but the
+/// blocks they changed (`DirtySet`), kept in `MIRROR/peers/ID.dirty` so a restart keeps it.
+/// The peer is then caught up from the horizon in one consistent point (`CatchUp`).
+///
+/// ```
+///  0  8 magic "RWPEERDS"    16 8 through: the horizon the set reaches (folded records up to it)
+///  8  8 from: the peer's    24 8 XXH3-64 of bytes 0..<24 and the set's encoding after it
+///       durable seq then    32 …  the set (`DirtySet.encoded()`)
+/// ```
+public struct PeerDirty: Sendable, Equatable {
+    /// The blocks records (from, through] changed.
+    public var from: UInt64
+    public var through: UInt64
+    public var blocks: DirtySet
+
+    public init(from: UInt64, through: UInt64, blocks: DirtySet) {
+        self.from = from
+        self.through = through
+        self.blocks = blocks
+    }
+
+    static let magic = Array("RWPEERDS".utf8)
+
+    func encoded() -> [UInt8] {
+        var head = Self.magic
+        head.appendLE(from); head.appendLE(through)
+        let set = blocks.encoded()
+        var b = head
+        b.appendLE(xxh3(head + set))
+        return b + set
+    }
+
+    static func decode(_ bytes: [UInt8], what: String) throws -> PeerDirty {
+        guard bytes.count >= 32, Array(bytes[0..<8]) == magic else {
+            throw RewindError.damagedFile(what: what, why: "it is not a peer's dirty set")
+        }
+        let (from, through, check) = bytes.withUnsafeBytes {
+            ($0.loadLE(at: 8, as: UInt64.self), $0.loadLE(at: 16, as: UInt64.self), $0.loadLE(at: 24, as: UInt64.self))
+        }
+        let set = Array(bytes[32...])
+        guard xxh3(Array(bytes[0..<24]) + set) == check else { throw RewindError.damagedFile(what: what, why: "its checksum does not match") }
+        return PeerDirty(from: from, through: through, blocks: try DirtySet.decode(set, what: what))
+    }
+}
+
+extension Mirror {
+    func peerDirtyPath(_ id: String) -> String { peersDirectory + "/" + id + ".dirty" }
+
+    /// The peer's dirty set, or nil when it has none (it holds records, or needs a resync).
+    public func peerDirty(_ id: String) throws -> PeerDirty? {
+        let path = peerDirtyPath(id)
+        guard let data = FileManager.default.contents(atPath: path) else { return nil }
+        return try PeerDirty.decode([UInt8](data), what: "peers/\(id.prefix(16))….dirty")
+    }
+
+    /// Record it durably (new file, fsync, rename, directory).
+    func recordPeerDirty(_ id: String, _ dirty: PeerDirty) throws {
+        let final = peerDirtyPath(id), staging = peersDirectory + "/." + id + ".dirty.new"
+        let f = try BlockFile(path: staging, mode: .createOrTruncate)
+        try f.write(at: 0, dirty.encoded())
+        try f.sync()
+        guard rename(staging, final) == 0 else { throw RewindError.io(path: final, operation: "rename", errno: errno) }
+        syncDirectory(containing: final)
+    }
+
+    /// The peer was caught up: it holds records again.
+    public func removePeerDirty(_ id: String) {
+        unlink(peerDirtyPath(id))
+        syncDirectory(containing: peerDirtyPath(id))
+    }
+
+    /// Before a compaction folds (horizon, target]: each peer that lacks some of those records
+    /// gets the blocks they changed added to its dirty set, durably, first. A peer already
+    /// behind the horizon with no dirty set reaching it has lost track (a resync finds what
+    /// differs) and is left alone. Idempotent: a redone compaction finds `through` reached.
+    func recordFoldForPeers(horizon: UInt64, target: UInt64) throws {
+        for peer in try peerRecords() where peer.durableSeq < target {
+            let existing = try? peerDirty(peer.id)
+            if let existing, existing.through >= target { continue }
+            let start: UInt64
+            var dirty: PeerDirty
+            if let existing, existing.through == horizon, existing.from <= peer.durableSeq || peer.durableSeq < horizon {
+                start = horizon
+                dirty = existing
+            } else if peer.durableSeq >= horizon {
+                start = peer.durableSeq
+                dirty = PeerDirty(from: peer.durableSeq, through: horizon, blocks: DirtySet())
+            } else {
+                continue
+            }
+            try forEachChangedRange(in: start + 1...target) { dirty.blocks.insert($0) }
+            dirty.through = target
+            try recordPeerDirty(peer.id, dirty)
+        }
+    }
+
+    /// The block ranges the records in `seqs` changed, record by record.
+    func forEachChangedRange(in seqs: ClosedRange<UInt64>, _ body: (Range<UInt64>) throws -> Void) throws {
+        let bs = UInt64(blockSize)
+        var catchUps: [(UInt64, RecordHeader)] = []
+        try forEachRecord(in: seqs) { r in
+            let h = r.header
+            switch h.kind {
+            case .flush: break
+            case .catchUp: catchUps.append((r.seq, h))
+            case .write, .zero, .trim:
+                if h.length > 0 { try body(h.offset / bs..<(h.offset + h.length + bs - 1) / bs) }
+            }
+        }
+        for (seq, h) in catchUps { for run in try catchUpRuns(h, seq: seq) { try body(run.blocks) } }
+    }
+}
