@@ -34,8 +34,14 @@ final class LinkApplier: @unchecked Sendable {
     /// A catch-up being received (`CatchUpWriter`); the writer is set aside meanwhile.
     private var catchUp: CatchUpWriter?
 
-    /// Frames queued past this close their connection (a sender keeps to its window).
+    /// Frames queued past this close their connection (a sender keeps to its window; seed and
+    /// catch-up data are held back by `pauseQueuedBytes` first).
     static let maxQueuedBytes = 256 << 20
+    /// Past this, a connection's reads pause until the applier has taken the queue: TCP's
+    /// back-pressure then slows a seed's or a catch-up's sender to the pace of this disk.
+    static let pauseQueuedBytes = 48 << 20
+    /// Connections whose reads are paused (under `cond`).
+    private var paused: [ObjectIdentifier: LinkConnection] = [:]
     /// Records applied in one append and one sync, at most.
     static let maxBatchBytes = 64 << 20
 
@@ -148,6 +154,10 @@ final class LinkApplier: @unchecked Sendable {
             if case let .frame(c, f) = e {
                 if queuedBytes > Self.maxQueuedBytes { overflow = c; return }
                 queuedBytes += f.body.readableBytes
+                if queuedBytes > Self.pauseQueuedBytes && paused[ObjectIdentifier(c)] == nil {
+                    paused[ObjectIdentifier(c)] = c
+                    c.channel.setOption(ChannelOptions.autoRead, value: false).whenComplete { _ in }
+                }
             }
             queue.append(e)
             cond.broadcast()  // the applier and the syncer wait on it
@@ -165,6 +175,8 @@ final class LinkApplier: @unchecked Sendable {
                 let e = queue
                 queue.removeAll()
                 queuedBytes = 0
+                for c in paused.values { c.channel.setOption(ChannelOptions.autoRead, value: true).whenComplete { _ in } }
+                paused.removeAll()
                 return e
             }
             if events.isEmpty { break }

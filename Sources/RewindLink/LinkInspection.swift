@@ -27,8 +27,35 @@ public struct InspectionReport: Sendable, Equatable {
 public enum LinkInspection {
     public static func compare(mirror: Mirror, peer: LinkPeer, identity: UnitIdentity, at point: Point?,
                                group: EventLoopGroup, logger: Logger, progress: ProgressObserver? = nil) throws -> InspectionReport {
+        let m = try mirror.meta()
+        return try exchange(peer: peer, context: try LinkTLS.clientContext(identity), group: group, logger: logger,
+                            uuid: m.uuid, size: m.volumeSize, blockSize: m.blockSize) { peerSeq in
+            if point == nil, peerSeq > m.lastSeq {
+                throw LinkError("the peer holds seq:\(peerSeq), after this mirror's newest seq:\(m.lastSeq); compare another point of this mirror with --at (e.g. --at latest)")
+            }
+            if point == nil, peerSeq < m.oldestPoint {
+                throw LinkError("the peer holds seq:\(peerSeq), before this mirror's oldest point seq:\(m.oldestPoint); compare another point of this mirror with --at (e.g. --at oldest)")
+            }
+            let snapshot = try Snapshot(mirror: mirror, point: point ?? .seq(peerSeq))
+            return (try PointTree(snapshot: snapshot, progress: progress), { snapshot.close() })
+        }
+    }
+
+    /// Compare a tree already built (a sender's resync) with the peer's newest point.
+    static func compare(tree: PointTree, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup,
+                        logger: Logger) throws -> InspectionReport {
+        let m = try tree.snapshot.mirror.meta()
+        return try exchange(peer: peer, context: context, group: group, logger: logger,
+                            uuid: m.uuid, size: m.volumeSize, blockSize: m.blockSize) { _ in (tree, {}) }
+    }
+
+    /// One inspection connection: inspect, then `local(peerSeq)` gives the tree to compare
+    /// (and what to do when done), then the top-down exchange.
+    private static func exchange(peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger,
+                                 uuid: [UInt8], size: UInt64, blockSize: UInt32,
+                                 local: (UInt64) throws -> (PointTree, () -> Void)) throws -> InspectionReport {
         let inbox = LinkInbox()
-        let channel = try LinkSender.connect(peer: peer, context: try LinkTLS.clientContext(identity), group: group, inbox: inbox)
+        let channel = try LinkSender.connect(peer: peer, context: context, group: group, inbox: inbox)
         defer { channel.close(promise: nil) }
         // Keep both ends from closing on silence while either builds its tree.
         let keepalive = channel.eventLoop.scheduleRepeatedTask(initialDelay: .seconds(Int64(LinkTiming.keepaliveSeconds)),
@@ -59,19 +86,11 @@ public enum LinkInspection {
                 return f
             }
         }
-        let m = try mirror.meta()
-        try send(LinkInspect(volumeUUID: m.uuid, volumeSize: m.volumeSize, blockSize: m.blockSize).frame)
+        try send(LinkInspect(volumeUUID: uuid, volumeSize: size, blockSize: blockSize).frame)
         let ready = try LinkInspectReady(try answer("answer to inspect"))
-        logger.info("peer \(peer) holds seq:\(ready.seq); comparing")
-        if point == nil, ready.seq > m.lastSeq {
-            throw LinkError("the peer holds seq:\(ready.seq), after this mirror's newest seq:\(m.lastSeq); compare another point of this mirror with --at (e.g. --at latest)")
-        }
-        if point == nil, ready.seq < m.oldestPoint {
-            throw LinkError("the peer holds seq:\(ready.seq), before this mirror's oldest point seq:\(m.oldestPoint); compare another point of this mirror with --at (e.g. --at oldest)")
-        }
-        let snapshot = try Snapshot(mirror: mirror, point: point ?? .seq(ready.seq))
-        defer { snapshot.close() }
-        let tree = try PointTree(snapshot: snapshot, progress: progress)
+        logger.debug("peer \(peer) holds seq:\(ready.seq); comparing")
+        let (tree, done) = try local(ready.seq)
+        defer { done() }
         var queries = 0
         var hashes: UInt64 = 0
         let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root, ask: { level, parents in
@@ -92,7 +111,7 @@ public enum LinkInspection {
         }, visited: { level, nodes in
             logger.debug("level \(level): \(nodes) differing nodes")
         })
-        return InspectionReport(seq: snapshot.seq, peerSeq: ready.seq, differing: differing, blockSize: mirror.blockSize, queries: queries,
+        return InspectionReport(seq: tree.seq, peerSeq: ready.seq, differing: differing, blockSize: tree.shape.blockSize, queries: queries,
                                 hashesReceived: hashes, bytesSent: sent, bytesReceived: received)
     }
 }

@@ -133,7 +133,7 @@ public final class LinkSender: @unchecked Sendable {
     private func recordPeer(sync: Bool, state: String? = nil) throws {
         let s = status
         let state = state ?? s.state
-        guard s.durableSeq != nil || state == "stopped" else { return }
+        guard s.durableSeq != nil || state == "stopped" || state == "seeding" else { return }
         var durable = s.durableSeq, heard = s.heard
         if durable == nil || heard == nil, let old = try mirror.peerRecords().first(where: { $0.id == peer.id }) {
             durable = durable ?? old.durableSeq
@@ -225,6 +225,7 @@ public final class LinkSender: @unchecked Sendable {
         let pin = try mirror.pin(.seq(seed.horizon), holder: "seeding replication peer \(peer.shortID)…")
         defer { pin.release() }
         update { $0.state = "seeding"; $0.connected = true }
+        try? recordPeer(sync: false)
         logger.info("link to \(peer): the peer has no mirror; seeding it with the volume as of seq:\(seed.horizon)")
         channel.writeAndFlush(LinkSeedBegin.frame(seed), promise: nil)
         var sent: UInt64 = 0, frames = 0
@@ -274,12 +275,17 @@ public final class LinkSender: @unchecked Sendable {
         defer { pin.release() }
         let m = try mirror.meta()
         guard m.horizon == horizon, m.target <= m.horizon else { throw LinkError("a compaction moved the oldest point; catching up again") }
-        guard let dirty = try mirror.peerDirty(peer.id), dirty.through == horizon, dirty.from <= from else {
-            update { $0.state = "needs a resync" }
-            throw LinkError("the peer holds seq:\(from), before this mirror's oldest point seq:\(horizon), and no record of the blocks changed since reaches it: it needs a new seed (move its mirror aside)")
-        }
         let snapshot = try Snapshot(mirror: mirror, point: .seq(horizon))
         defer { snapshot.close() }
+        let blocks: DirtySet
+        if let dirty = try mirror.peerDirty(peer.id), dirty.through == horizon, dirty.from <= from {
+            blocks = dirty.blocks
+        } else {
+            // No record of what changed since (lost, or never kept): find it by comparing
+            // checksum trees, this mirror's at the horizon with the peer's at its seq (K8).
+            blocks = try resyncBlocks(peerAt: from, snapshot)
+        }
+        let dirty = PeerDirty(from: from, through: horizon, blocks: blocks)
         let runs = try snapshot.catchUpRuns(for: dirty.blocks)
         let bs = mirror.blockSize
         let dataBlocks = runs.reduce(UInt64(0)) { $0 + ($1.zero ? 0 : UInt64($1.blocks.count)) }
@@ -331,6 +337,30 @@ public final class LinkSender: @unchecked Sendable {
             }
         }
         throw LinkError("the peer did not ack the catch-up within 600 s")
+    }
+
+    /// The blocks where the peer's point `seq` differs from `snapshot`, by checksum tree over
+    /// an inspection connection beside this one (the receiver answers it from its newest
+    /// indexed point, which reaches `seq` within its index's commit interval).
+    private func resyncBlocks(peerAt seq: UInt64, _ snapshot: Snapshot) throws -> DirtySet {
+        update { $0.state = "resyncing: comparing checksums" }
+        logger.info("link to \(peer): the peer holds seq:\(seq), before this mirror's oldest point seq:\(snapshot.seq), with no record of the blocks changed since; comparing checksum trees")
+        let tree = try PointTree(snapshot: snapshot)
+        for attempt in 1...50 {
+            let report = try LinkInspection.compare(tree: tree, peer: peer, context: context, group: group, logger: logger)
+            if report.peerSeq == seq {
+                var out = DirtySet()
+                for b in report.differing { out.insert(b) }
+                logger.info("link to \(peer): \(out.count) blocks differ (\(report.queries) questions, \(report.bytesSent + report.bytesReceived) bytes of checksums exchanged)")
+                update { $0.bytesSent += report.bytesSent }
+                return out
+            }
+            guard report.peerSeq < seq, attempt < 50 else {
+                throw LinkError("the peer compared at seq:\(report.peerSeq), not at seq:\(seq) it holds")
+            }
+            Thread.sleep(forTimeInterval: 0.1)  // its index commits within 100 ms
+        }
+        throw LinkError("the peer's index did not reach seq:\(seq)")
     }
 
     /// Send records from `durable` + 1 on, keeping at most `windowBytes` unacknowledged.
