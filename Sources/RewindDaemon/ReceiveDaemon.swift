@@ -24,6 +24,8 @@ public struct ReceiveOptions: Sendable {
     public var keepBytes: UInt64?
     /// Records kept for a forwarded peer that is behind, at most (`--peer-keep-size`).
     public var peerKeepBytes: UInt64?
+    /// `--rejoin`: MIRROR is a former origin's, rejoining as a receiver of the new origin.
+    public var rejoin = false
     public var logLevel = "info"
     /// Serve Prometheus metrics here (`--metrics`).
     public var metrics: ListenAddress?
@@ -49,7 +51,7 @@ public enum ReceiveDaemon {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger, keepBytes: o.peerKeepBytes)
         let receiver = try LinkReceiver(path: o.mirror, allowed: Set(o.peerIDs), identity: identity, group: group,
-                                        logger: logger, forwards: !o.replicateTo.isEmpty) { mirror in forwarding.start(mirror) }
+                                        logger: logger, forwards: !o.replicateTo.isEmpty, rejoin: o.rejoin) { mirror in forwarding.start(mirror) }
         let address: SocketAddress
         do {
             address = try await receiver.start(host: o.host, port: o.port)

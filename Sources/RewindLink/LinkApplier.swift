@@ -49,7 +49,13 @@ final class LinkApplier: @unchecked Sendable {
     /// forwards this mirror — a forwarding sender reads the records back, better from memory.
     let logOutOfCache: Bool
 
-    init(path: String, logOutOfCache: Bool, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+    /// `receive --rejoin`: a former origin's mirror is taken as a replica, and a newer
+    /// generation's sender it diverged from is admitted after cutting the records after the
+    /// seq that generation began at (they never reached the new origin).
+    let rejoin: Bool
+
+    init(path: String, logOutOfCache: Bool, rejoin: Bool = false, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+        self.rejoin = rejoin
         self.path = path
         self.logOutOfCache = logOutOfCache
         self.logger = logger
@@ -64,9 +70,13 @@ final class LinkApplier: @unchecked Sendable {
         let lock = try FileLock(path: path + "/owner.lock", kind: .exclusive, waitSeconds: 3,
                                 holder: "another rewind process (serve, receive or rollback) owns this mirror")
         let m = try Mirror.open(at: path, recover: true, ownerLockHeld: true)
-        guard try m.isReplica() else {
-            lock.release()
-            throw RewindError.invalidArgument("\(path) is an origin's mirror (serve writes it), not a replica; receive into a new directory, or move it aside")
+        if try !m.isReplica() {
+            guard rejoin else {
+                lock.release()
+                throw RewindError.invalidArgument("\(path) is an origin's mirror (serve writes it), not a replica; receive into a new directory, move it aside, or, for a former origin rejoining after a failover, give --rejoin")
+            }
+            try m.markReplica()
+            logger.notice("\(path) was an origin's mirror; it is a replica from now on (--rejoin)")
         }
         ownerLock = lock
         writer = makeWriter(m)
@@ -301,7 +311,27 @@ final class LinkApplier: @unchecked Sendable {
                 return
             }
         }
-        let answer = LinkAdmission.answer(hello, local: local)
+        var answer = LinkAdmission.answer(hello, local: local)
+        if answer.kind == .refuse, rejoin, let m = currentMirror, let l = local, hello.volumeUUID == l.uuid,
+           hello.volumeSize == l.size, hello.blockSize == l.blockSize, hello.generation > l.generation,
+           l.durableSeq > hello.generationStart {
+            // A former origin rejoining: what it wrote after the failover point never reached
+            // the new origin; cut it, then follow the new generation from that point.
+            do {
+                try writer?.commit()
+                writer = nil
+                let cut = try m.rollback(to: .seq(hello.generationStart), source: nil, ownerLockHeld: true)
+                writer = makeWriter(m)
+                logger.notice("link from \(c.shortPeer): rejoining: seq:\(hello.generationStart + 1)…seq:\(l.durableSeq) of generation \(l.generation), written after the failover point and never replicated, are cut (\(cut.recordsRemoved) records)")
+                local?.durableSeq = hello.generationStart
+                answer = LinkAdmission.answer(hello, local: local)
+            } catch {
+                if writer == nil { writer = makeWriter(m) }
+                logger.error("link from \(c.shortPeer): refused: cannot rejoin at seq:\(hello.generationStart): \(error)")
+                c.refuse("the receiver cannot rejoin at seq:\(hello.generationStart): \(error)")
+                return
+            }
+        }
         if answer.kind == .refuse {
             let why = (try? LinkRefusal(answer).reason) ?? "refused"
             if shouldLog(refusal: c.peerID + " " + why) {

@@ -92,6 +92,24 @@ public final class LinkSender: @unchecked Sendable {
 
     private var isStopping: Bool { lock.withLock { stopping } }
 
+    /// Set by `syncOnce`: the session ends once the peer holds the newest record.
+    private var untilCaughtUp = false
+
+    /// One session on the caller's thread (`rewind resync`): connect, then seed, catch up
+    /// (from the peer's dirty set, or by checksum tree) or stream, until the peer holds this
+    /// mirror's newest record. Returns what the peer held at first and holds now.
+    public func syncOnce() throws -> (before: UInt64?, after: UInt64) {
+        lock.withLock { untilCaughtUp = true }
+        var first: UInt64?
+        lock.withLock { firstDurable = nil }
+        try session()
+        first = lock.withLock { firstDurable }
+        return (first, status.durableSeq ?? 0)
+    }
+
+    /// The durable seq the peer named on connecting (nil: it had no mirror).
+    private var firstDurable: UInt64?
+
     private func run() {
         var backoff = LinkTiming.firstBackoff
         var lastError = ""
@@ -197,6 +215,7 @@ public final class LinkSender: @unchecked Sendable {
         switch answer.kind {
         case .welcome:
             durable = try LinkSeq(answer).seq
+            lock.withLock { firstDurable = durable }
             let newest = try mirror.meta().lastSeq
             guard durable <= newest else {
                 throw LinkError("the peer holds seq:\(durable), past this mirror's newest seq:\(newest): they have diverged")
@@ -372,6 +391,10 @@ public final class LinkSender: @unchecked Sendable {
         while !isStopping {
             // Acknowledgements first: they open the window.
             while let f = try inbox.next(waiting: 0) { try handle(f, &inflight, &unacked, sent: next - 1) }
+            if lock.withLock({ untilCaughtUp }), inflight.isEmpty, let d = status.durableSeq, d >= (try mirror.meta().lastSeq) {
+                try recordPeer(sync: true)
+                return
+            }
             if unacked < Self.windowBytes {
                 let batch = try mirror.replicatedRecords(from: next, maxRecords: Self.batchRecords, maxBytes: Self.batchBytes)
                 if let last = batch.last {

@@ -11,7 +11,7 @@ struct Rewind: AsyncParsableCommand {
         version: "0.1.0",
         subcommands: [ServeCommand.self, InitCommand.self, TimelineCommand.self, BookmarkCommand.self, BookmarksCommand.self,
                       RestoreCommand.self, RollbackCommand.self, ExportCommand.self, CompactCommand.self, VerifyCommand.self,
-                      StatusCommand.self, IdCommand.self, ReceiveCommand.self, PromoteCommand.self])
+                      StatusCommand.self, IdCommand.self, ReceiveCommand.self, PromoteCommand.self, ResyncCommand.self])
 
     static func main() async {
         tuneAllocatorForLargeBuffers()

@@ -20,10 +20,12 @@ extension Mirror {
     /// refused and writers stop with a message to re-run the same rollback, which redoes the
     /// idempotent steps. A run that finishes it must be started the same way (same target, and
     /// `--source` naming the same file, or none), else it is refused with the command to run.
-    public func rollback(to point: Point, source: String?, progress: ProgressObserver? = nil) throws -> RollbackReport {
-        let owner = try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
-                                 holder: "another rewind process (serve, receive or rollback) owns this mirror")
-        defer { owner.release() }
+    /// `ownerLockHeld`: the caller owns the mirror already (`receive --rejoin`).
+    public func rollback(to point: Point, source: String?, ownerLockHeld: Bool = false,
+                         progress: ProgressObserver? = nil) throws -> RollbackReport {
+        let owner = ownerLockHeld ? nil : try FileLock(path: ownerLockPath, kind: .exclusive, waitSeconds: 0,
+                                                       holder: "another rewind process (serve, receive or rollback) owns this mirror")
+        defer { owner?.release() }
         // Opened and identified before anything is recorded: the pending mark names the file,
         // and the descriptor checked is the one written.
         let reverting = try source.map { try RollbackSource(path: $0) }

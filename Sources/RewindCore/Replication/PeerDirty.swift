@@ -67,6 +67,13 @@ extension Mirror {
         syncDirectory(containing: final)
     }
 
+    /// Stop keeping anything for a peer: its entry and its dirty set.
+    public func forgetPeer(_ id: String) {
+        unlink(peersDirectory + "/" + id + ".peer")
+        unlink(peerDirtyPath(id))
+        syncDirectory(containing: peerDirtyPath(id))
+    }
+
     /// The peer was caught up: it holds records again.
     public func removePeerDirty(_ id: String) {
         unlink(peerDirtyPath(id))

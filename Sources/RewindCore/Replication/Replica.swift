@@ -42,6 +42,13 @@ extension Mirror {
         }
     }
 
+    /// Make a former origin's mirror a replica (`receive --rejoin`): from now on only
+    /// `receive` writes it, until a `promote`.
+    public func markReplica() throws {
+        try journal.env.write { txn in try txn.put(journal.meta, Self.replicaKey, Self.replicaValue) }
+        try sync()
+    }
+
     /// Throw `replica` when only `receive` may write this mirror.
     public func refuseIfReplica() throws {
         if try isReplica() { throw RewindError.replica(path: path) }
