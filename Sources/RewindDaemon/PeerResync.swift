@@ -12,6 +12,8 @@ public enum PeerResync {
         public var before: UInt64?
         public var after: UInt64
         public var bytesSent: UInt64
+        /// Checksums the peer sent back when compared by tree (frame bytes).
+        public var checksumBytesReceived: UInt64
         public var check: InspectionReport
     }
 
@@ -39,7 +41,8 @@ public enum PeerResync {
             let (before, after) = try sender.syncOnce()
             let check = try LinkInspection.compare(mirror: mirror, peer: peer, identity: identity, at: .seq(after),
                                                    group: group, logger: logger)
-            return Report(before: before, after: after, bytesSent: sender.status.bytesSent, check: check)
+            return Report(before: before, after: after, bytesSent: sender.status.bytesSent,
+                          checksumBytesReceived: sender.status.checksumBytesReceived, check: check)
         } catch let e as LinkError {
             throw RewindError.invalidArgument("resyncing \(peer): \(e.description)")
         }

@@ -371,7 +371,7 @@ public final class LinkSender: @unchecked Sendable {
                 var out = DirtySet()
                 for b in report.differing { out.insert(b) }
                 logger.info("link to \(peer): \(out.count) blocks differ (\(report.queries) questions, \(report.bytesSent + report.bytesReceived) bytes of checksums exchanged)")
-                update { $0.bytesSent += report.bytesSent }
+                update { $0.bytesSent += report.bytesSent; $0.checksumBytesReceived += report.bytesReceived }
                 return out
             }
             guard report.peerSeq < seq, attempt < 50 else {
@@ -452,5 +452,7 @@ public struct LinkSenderStatus: Sendable, Equatable {
     public var heard: UInt64?
     /// Frame bytes sent (records; the TLS records around them are not counted).
     public var bytesSent: UInt64 = 0
+    /// Frame bytes of checksums the peer sent back in resyncs (its tree's differing subtrees).
+    public var checksumBytesReceived: UInt64 = 0
     public var mode = "async"
 }

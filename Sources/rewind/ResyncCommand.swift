@@ -21,6 +21,7 @@ struct ResyncCommand: ParsableCommand {
         var before: UInt64?
         var seq: UInt64
         var bytesSent: UInt64
+        var checksumBytesReceived: UInt64
         var differingBlocks: Int
     }
 
@@ -32,10 +33,10 @@ struct ResyncCommand: ParsableCommand {
             let ok = r.check.differing.isEmpty
             if json {
                 printJSON(Result(ok: ok, peer: "\(target.id)@\(target.address)", before: r.before, seq: r.after, bytesSent: r.bytesSent,
-                                 differingBlocks: r.check.differing.count))
+                                 checksumBytesReceived: r.checksumBytesReceived, differingBlocks: r.check.differing.count))
             } else if ok {
                 let from = r.before.map { "seq:\($0)" } ?? "no mirror"
-                print("ok: \(target) holds seq:\(r.after) (it held \(from)); \(r.bytesSent) bytes sent; identical by checksum tree")
+                print("ok: \(target) holds seq:\(r.after) (it held \(from)); \(r.bytesSent) bytes sent\(r.checksumBytesReceived > 0 ? ", \(r.checksumBytesReceived) bytes of checksums received" : ""); identical by checksum tree")
             } else {
                 print("\(target) holds seq:\(r.after), but \(r.check.differing.count) blocks differ from this mirror's seq:\(r.after): its copy is damaged; move its mirror aside and run resync again (it is then seeded)")
             }
