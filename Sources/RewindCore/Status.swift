@@ -54,6 +54,10 @@ public struct PeerStatus: Sendable, Codable {
     public var dirtyBlocks: UInt64?
     public var dirtySince: UInt64?
     public var dirtySetBytes: Int?
+    /// Why the records it lacked were folded.
+    public var dirtyWhy: String?
+    /// `--peer-min-free`.
+    public var minFreeBytes: UInt64?
 }
 
 /// A pin as `status` shows it.
@@ -90,7 +94,8 @@ extension Mirror {
                                                   lagBytes: lag.bytes, lagSeconds: lag.seconds,
                                                   heard: p.updated == 0 ? "" : formatRFC3339(p.updated), state: p.state, mode: p.mode,
                                                   keepBytes: p.keepBytes, dirtyBlocks: dirty?.blocks.count, dirtySince: dirty?.from,
-                                                  dirtySetBytes: dirty?.blocks.encodedSize)
+                                                  dirtySetBytes: dirty?.blocks.encodedSize, dirtyWhy: dirty?.why,
+                                                  minFreeBytes: p.minFreeBytes)
                             })
     }
 }

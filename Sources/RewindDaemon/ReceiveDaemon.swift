@@ -24,6 +24,7 @@ public struct ReceiveOptions: Sendable {
     public var keepBytes: UInt64?
     /// Records kept for a forwarded peer that is behind, at most (`--peer-keep-size`).
     public var peerKeepBytes: UInt64?
+    public var peerMinFreeBytes: UInt64?
     /// `--rejoin`: MIRROR is a former origin's, rejoining as a receiver of the new origin.
     public var rejoin = false
     public var logLevel = "info"
@@ -49,7 +50,7 @@ public enum ReceiveDaemon {
         let registry = DaemonSupport.bootstrapMetrics(o.metrics != nil)
         let (identity, home) = try Replication.context(home: o.home)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
-        let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger, keepBytes: o.peerKeepBytes)
+        let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger, keepBytes: o.peerKeepBytes, minFreeBytes: o.peerMinFreeBytes)
         let receiver = try LinkReceiver(path: o.mirror, allowed: Set(o.peerIDs), identity: identity, group: group,
                                         logger: logger, forwards: !o.replicateTo.isEmpty, rejoin: o.rejoin) { mirror in forwarding.start(mirror) }
         let address: SocketAddress
@@ -104,9 +105,12 @@ final class Forwarding: @unchecked Sendable {
     private let lock = NSLock()
     private var replication: Replication?
     let keepBytes: UInt64?
+    let minFreeBytes: UInt64?
 
-    init(peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger, keepBytes: UInt64? = nil) {
+    init(peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger, keepBytes: UInt64? = nil,
+         minFreeBytes: UInt64? = nil) {
         self.keepBytes = keepBytes
+        self.minFreeBytes = minFreeBytes
         self.peers = peers
         self.identity = identity
         self.group = group
@@ -118,7 +122,8 @@ final class Forwarding: @unchecked Sendable {
         lock.withLock {
             guard replication == nil else { return }
             do {
-                let r = try Replication(mirror: mirror, peers: peers, identity: identity, group: group, logger: logger, keepBytes: keepBytes)
+                let r = try Replication(mirror: mirror, peers: peers, identity: identity, group: group, logger: logger, keepBytes: keepBytes,
+                                        minFreeBytes: minFreeBytes)
                 r.start()
                 replication = r
             } catch {

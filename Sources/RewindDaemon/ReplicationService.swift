@@ -24,10 +24,11 @@ final class Replication: @unchecked Sendable {
     }
 
     init(mirror: Mirror, peers: [LinkPeer], identity: UnitIdentity, group: EventLoopGroup, logger: Logger,
-         keepBytes: UInt64? = nil) throws {
+         keepBytes: UInt64? = nil, minFreeBytes: UInt64? = nil) throws {
         self.mirror = mirror
         let tls = try LinkTLS.clientContext(identity)
-        let senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger, keepBytes: keepBytes) }
+        let senders = peers.map { LinkSender(mirror: mirror, peer: $0, context: tls, group: group, logger: logger, keepBytes: keepBytes,
+                                           minFreeBytes: minFreeBytes) }
         self.senders = senders
         mirror.indexCommitted = { for s in senders { s.nudge() } }
     }

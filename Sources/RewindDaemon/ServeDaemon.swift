@@ -55,7 +55,7 @@ public enum ServeDaemon {
             let g = MultiThreadedEventLoopGroup(numberOfThreads: 1)
             linkGroup = g
             replication = try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger,
-                                          keepBytes: options.peerKeepBytes)
+                                          keepBytes: options.peerKeepBytes, minFreeBytes: options.peerMinFreeBytes)
         }
         var gate: SyncGate?
         if options.ackSync, let first = replication?.senders.first {

@@ -30,6 +30,7 @@ import TOMLKit
 /// ack = "async"              # or "sync": FLUSH/FUA wait for the first peer
 /// sync-timeout = "5s"        # DURATION a sync FLUSH waits before degrading to async ("0s": forever)
 /// peer-keep-size = "20G"     # SIZE of records kept for a peer that is behind; past it, its changed blocks
+/// peer-min-free = "10G"      # SIZE: below this much free space on the journal's file system, the same
 /// ```
 /// `readConfig` checks every value before `serve` creates or opens anything. Its errors name
 /// the place: `FILE:LINE:COLUMN: <the TOML parser's message>` for a syntax error (a duplicate
@@ -69,12 +70,14 @@ public struct ServeOptions: Sendable {
     /// Records kept for a peer that is behind, at most (payload bytes); past it, retention
     /// folds them and the peer keeps the blocks they changed (`PeerDirty`). nil: no bound.
     public var peerKeepBytes: UInt64?
+    /// Below this much free space on the journal's file system, peers hold no records.
+    public var peerMinFreeBytes: UInt64?
 
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size"]
+                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size", "peer-min-free"]
 
     /// `--ack`: true for sync, nil when neither.
     public static func parseAck(_ text: String) -> Bool? {
@@ -188,6 +191,7 @@ public struct ServeOptions: Sendable {
         if fromFile("ack") { ackSync = c.ackSync }
         if fromFile("sync-timeout") { syncTimeoutSeconds = c.syncTimeoutSeconds }
         if fromFile("peer-keep-size") { peerKeepBytes = c.peerKeepBytes }
+        if fromFile("peer-min-free") { peerMinFreeBytes = c.peerMinFreeBytes }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -240,6 +244,7 @@ public struct ServeOptions: Sendable {
             ackSync = sync
         case "sync-timeout": syncTimeoutSeconds = try Double(ConfigValue.duration(value)) / 1e9
         case "peer-keep-size": peerKeepBytes = try ConfigValue.size(value)
+        case "peer-min-free": peerMinFreeBytes = try ConfigValue.size(value)
         default: return false
         }
         return true

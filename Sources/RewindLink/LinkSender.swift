@@ -35,10 +35,13 @@ public final class LinkSender: @unchecked Sendable {
 
     /// Records kept for this peer while it is behind, at most (`--peer-keep-size`; nil: all).
     let keepBytes: UInt64?
+    /// Below this much free space on the journal's file system, none (`--peer-min-free`).
+    let minFreeBytes: UInt64?
 
     public init(mirror: Mirror, peer: LinkPeer, context: NIOSSLContext, group: EventLoopGroup, logger: Logger,
-                keepBytes: UInt64? = nil) {
+                keepBytes: UInt64? = nil, minFreeBytes: UInt64? = nil) {
         self.keepBytes = keepBytes
+        self.minFreeBytes = minFreeBytes
         self.mirror = mirror
         self.peer = peer
         self.context = context
@@ -70,7 +73,8 @@ public final class LinkSender: @unchecked Sendable {
         // Until the peer first answers, it holds every record from the oldest point on.
         if (try? mirror.peerRecords().contains { $0.id == peer.id }) != true, let m = try? mirror.meta() {
             try? mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: m.oldestPoint,
-                                              updated: 0, state: "connecting", keepBytes: keepBytes), sync: true)
+                                              updated: 0, state: "connecting", keepBytes: keepBytes,
+                                              minFreeBytes: minFreeBytes), sync: true)
         }
         let t = Thread { [self] in run() }
         t.name = "rewind-link \(peer.shortID)"
@@ -158,7 +162,8 @@ public final class LinkSender: @unchecked Sendable {
             heard = heard ?? old.updated
         }
         try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: durable ?? 0,
-                                         updated: heard ?? 0, state: state, mode: s.mode, keepBytes: keepBytes), sync: sync)
+                                         updated: heard ?? 0, state: state, mode: s.mode, keepBytes: keepBytes,
+                                         minFreeBytes: minFreeBytes), sync: sync)
     }
 
     // MARK: one connection

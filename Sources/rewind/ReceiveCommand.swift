@@ -19,6 +19,8 @@ struct ReceiveCommand: AsyncParsableCommand {
     @Option(help: "The replica's own retention: keep at most this much journal payload (e.g. 100G).", transform: parseSize) var keepSize: UInt64?
     @Option(name: .customLong("peer-keep-size"), help: "Keep at most this much journal payload for a --replicate-to peer that is behind (e.g. 20G); past it, that peer is later caught up from the blocks changed, as one point.", transform: parseSize)
     var peerKeepSize: UInt64?
+    @Option(name: .customLong("peer-min-free"), help: "Below this much free space on the journal's file system, --replicate-to peers that are behind hold no records (caught up later from the blocks changed).", transform: parseSize)
+    var peerMinFree: UInt64?
     @Flag(help: "MIRROR is a former origin's, rejoining after a failover as a receiver of the new origin: its records after the failover point (never replicated) are cut, and it converges by receiving only what differs.")
     var rejoin = false
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
@@ -40,6 +42,7 @@ struct ReceiveCommand: AsyncParsableCommand {
             o.keepAgeNanoseconds = keepAge
             o.keepBytes = keepSize
             o.peerKeepBytes = peerKeepSize
+            o.peerMinFreeBytes = peerMinFree
             o.rejoin = rejoin
             if let logLevel {
                 o.logLevel = try checkedLogLevel(logLevel)

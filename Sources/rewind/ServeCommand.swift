@@ -35,6 +35,8 @@ struct ServeCommand: AsyncParsableCommand {
     var syncTimeout: UInt64?
     @Option(name: .customLong("peer-keep-size"), help: "Keep at most this much journal payload for a --replicate-to peer that is behind (e.g. 20G); past it, retention folds those records and the peer is later caught up from the blocks they changed, as one point.", transform: parseSize)
     var peerKeepSize: UInt64?
+    @Option(name: .customLong("peer-min-free"), help: "Below this much free space on the journal's file system (e.g. 10G), --replicate-to peers that are behind hold no records; retention folds them and they are caught up later from the blocks changed.", transform: parseSize)
+    var peerMinFree: UInt64?
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     func run() async throws {
@@ -96,6 +98,7 @@ struct ServeCommand: AsyncParsableCommand {
             }
             if let syncTimeout { o.syncTimeoutSeconds = Double(syncTimeout) / 1e9; set.insert("sync-timeout") }
             if let peerKeepSize { o.peerKeepBytes = peerKeepSize; set.insert("peer-keep-size") }
+            if let peerMinFree { o.peerMinFreeBytes = peerMinFree; set.insert("peer-min-free") }
             if let file { o.apply(config: file, setOnCommandLine: set) }
             o.json = json
             if o.ackSync && o.replicateTo.isEmpty { throw ValidationError("--ack sync needs a peer to wait for: give --replicate-to ID@HOST:PORT") }

@@ -36,8 +36,9 @@ struct StatusCommand: ParsableCommand {
                 for p in s.peers {
                     var line = "peer         \(p.id.prefix(16))… at \(p.address): durable seq:\(p.durableSeq), behind by \(p.lagRecords) records, \(humanBytes(p.lagBytes)), \(String(format: "%.1f", p.lagSeconds)) s; \(p.mode), \(p.state.isEmpty ? "never connected" : p.state)"
                     if let keep = p.keepBytes { line += "; keeps at most \(humanBytes(keep)) of records for it" }
+                    if let minFree = p.minFreeBytes { line += ", none below \(humanBytes(minFree)) free" }
                     if let blocks = p.dirtyBlocks, let since = p.dirtySince {
-                        line += "; dirty set: \(blocks) blocks changed since seq:\(since) (\(humanBytes(UInt64(p.dirtySetBytes ?? 0)))), records it lacked were folded: caught up as one point when it returns"
+                        line += "; dirty set: \(blocks) blocks changed since seq:\(since) (\(humanBytes(UInt64(p.dirtySetBytes ?? 0)))), as \(p.dirtyWhy ?? "records it lacked were folded"): caught up as one point when it returns"
                     }
                     print(line)
                 }

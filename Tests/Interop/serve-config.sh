@@ -8,7 +8,7 @@
 requires nbdinfo
 cd "$T"
 MiB=1048576
-KNOWN="accept-damage, ack, block-size, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, peer-keep-size, replicate-to, retention-interval, size, source, sync-timeout"
+KNOWN="accept-damage, ack, block-size, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, peer-keep-size, peer-min-free, replicate-to, retention-interval, size, source, sync-timeout"
 
 # start_config_server FILE [serve options...] — `rewind serve --config FILE --json`, listening
 # where the file says; sets SERVER_PID and SERVER_JSON (its --json line). Waits until it listens.

@@ -11,7 +11,7 @@ expect_error 1 "rewind: error: missing.img does not exist (give --size to create
 expect_error 64 "Error: invalid address \"nonsense:port\": use HOST:PORT or unix:PATH" "$REWIND" serve x.img --size 1M --listen nonsense:port
 expect_error 64 "Error: invalid log level \"loud\"" "$REWIND" serve x.img --size 1M --log-level loud
 printf 'listen = "127.0.0.1:0"\nbogus = 1\n' > bad.conf
-expect_error 1 "rewind: error: bad.conf:2: unknown key \"bogus\" (known: accept-damage, ack, block-size, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, peer-keep-size, replicate-to, retention-interval, size, source, sync-timeout)" "$REWIND" serve x.img --config bad.conf
+expect_error 1 "rewind: error: bad.conf:2: unknown key \"bogus\" (known: accept-damage, ack, block-size, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, peer-keep-size, peer-min-free, replicate-to, retention-interval, size, source, sync-timeout)" "$REWIND" serve x.img --config bad.conf
 [ ! -e missing.img ] && [ ! -e missing.img.rewind ] || fail "a refused start created files"; ok
 
 # --- config file + metrics + retention while serving ---

@@ -167,8 +167,13 @@ import Testing
         #expect(try m.meta().horizon == 16)
         var expected = DirtySet()
         expected.insert(5..<16)  // records 6...16
-        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 16, blocks: expected))
+        let why = "the records it lacked passed --peer-keep-size 16384 bytes"
+        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 16, blocks: expected, why: why))
         #expect(try m.status().peers.map { [$0.dirtyBlocks, $0.dirtySince] } == [[11, 5]])
+        // Free space below a peer's --peer-min-free: it holds nothing either.
+        try m.recordPeer(PeerRecord(id: unbounded, address: "10.0.0.3:7310", durableSeq: 20, updated: 1, minFreeBytes: UInt64.max), sync: true)
+        #expect(try m.retentionHolds().isEmpty)
+        m.forgetPeer(unbounded)
         // A later fold extends it: a trim across blocks 40..<44, more writes. In dirty-set mode
         // the peer holds nothing (its records are gone): retention folds what it wants.
         try m.append([.trim(40 * 4096, 4 * 4096)])
@@ -179,7 +184,7 @@ import Testing
         expected.insert(16..<20)  // records 17...20
         expected.insert(40..<44)  // the trim, record 21
         expected.insert(50..<60)  // records 22...31
-        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 31, blocks: expected))
+        #expect(try m.peerDirty(bounded) == PeerDirty(from: 5, through: 31, blocks: expected, why: why))
         // A peer without a bound holds what it lacks.
         try m.recordPeer(PeerRecord(id: unbounded, address: "10.0.0.3:7310", durableSeq: 31, updated: 1), sync: true)
         for i in 0..<8 { try m.append([.write(UInt64(i) * 4096, [UInt8](repeating: 3, count: 4096))]) }

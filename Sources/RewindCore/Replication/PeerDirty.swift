@@ -7,43 +7,52 @@ import Glibc
 /// The peer is then caught up from the horizon in one consistent point (`CatchUp`).
 ///
 /// ```
-///  0  8 magic "RWPEERDS"    16 8 through: the horizon the set reaches (folded records up to it)
-///  8  8 from: the peer's    24 8 XXH3-64 of bytes 0..<24 and the set's encoding after it
-///       durable seq then    32 …  the set (`DirtySet.encoded()`)
+///  0  8 magic "RWPEERDS"    24  4 n: bytes of the reason
+///  8  8 from: the peer's    28  4 zero
+///       durable seq then    32  8 XXH3-64 of bytes 0..<32, the reason and the set
+/// 16  8 through: the        40  n the reason (UTF-8): why records it lacked were folded
+///       horizon it reaches  40+n  the set (`DirtySet.encoded()`)
 /// ```
 public struct PeerDirty: Sendable, Equatable {
     /// The blocks records (from, through] changed.
     public var from: UInt64
     public var through: UInt64
     public var blocks: DirtySet
+    /// Why the records it lacked were folded (the first fold's reason).
+    public var why: String
 
-    public init(from: UInt64, through: UInt64, blocks: DirtySet) {
+    public init(from: UInt64, through: UInt64, blocks: DirtySet, why: String = "") {
         self.from = from
         self.through = through
         self.blocks = blocks
+        self.why = why
     }
 
     static let magic = Array("RWPEERDS".utf8)
 
     func encoded() -> [UInt8] {
+        let reason = Array(why.utf8.prefix(1024))
         var head = Self.magic
-        head.appendLE(from); head.appendLE(through)
+        head.appendLE(from); head.appendLE(through); head.appendLE(UInt32(reason.count)); head.appendLE(UInt32(0))
         let set = blocks.encoded()
         var b = head
-        b.appendLE(xxh3(head + set))
-        return b + set
+        b.appendLE(xxh3(head + reason + set))
+        return b + reason + set
     }
 
     static func decode(_ bytes: [UInt8], what: String) throws -> PeerDirty {
-        guard bytes.count >= 32, Array(bytes[0..<8]) == magic else {
+        guard bytes.count >= 40, Array(bytes[0..<8]) == magic else {
             throw RewindError.damagedFile(what: what, why: "it is not a peer's dirty set")
         }
-        let (from, through, check) = bytes.withUnsafeBytes {
-            ($0.loadLE(at: 8, as: UInt64.self), $0.loadLE(at: 16, as: UInt64.self), $0.loadLE(at: 24, as: UInt64.self))
+        let (from, through, n, check) = bytes.withUnsafeBytes {
+            ($0.loadLE(at: 8, as: UInt64.self), $0.loadLE(at: 16, as: UInt64.self), Int($0.loadLE(at: 24, as: UInt32.self)),
+             $0.loadLE(at: 32, as: UInt64.self))
         }
-        let set = Array(bytes[32...])
-        guard xxh3(Array(bytes[0..<24]) + set) == check else { throw RewindError.damagedFile(what: what, why: "its checksum does not match") }
-        return PeerDirty(from: from, through: through, blocks: try DirtySet.decode(set, what: what))
+        guard n <= 1024, bytes.count >= 40 + n else { throw RewindError.damagedFile(what: what, why: "it is cut short") }
+        let reason = Array(bytes[40..<40 + n]), set = Array(bytes[(40 + n)...])
+        guard xxh3(Array(bytes[0..<32]) + reason + set) == check else { throw RewindError.damagedFile(what: what, why: "its checksum does not match") }
+        return PeerDirty(from: from, through: through, blocks: try DirtySet.decode(set, what: what),
+                         why: String(decoding: reason, as: UTF8.self))
     }
 }
 
@@ -85,6 +94,7 @@ extension Mirror {
     /// behind the horizon with no dirty set reaching it has lost track (a resync finds what
     /// differs) and is left alone. Idempotent: a redone compaction finds `through` reached.
     func recordFoldForPeers(horizon: UInt64, target: UInt64) throws {
+        let m = try meta()
         for peer in try peerRecords() where peer.durableSeq < target {
             let existing = try? peerDirty(peer.id)
             if let existing, existing.through >= target { continue }
@@ -95,7 +105,7 @@ extension Mirror {
                 dirty = existing
             } else if peer.durableSeq >= horizon {
                 start = peer.durableSeq
-                dirty = PeerDirty(from: peer.durableSeq, through: horizon, blocks: DirtySet())
+                dirty = PeerDirty(from: peer.durableSeq, through: horizon, blocks: DirtySet(), why: try foldReason(peer, m))
             } else {
                 continue
             }
@@ -103,6 +113,17 @@ extension Mirror {
             dirty.through = target
             try recordPeerDirty(peer.id, dirty)
         }
+    }
+
+    /// Why retention folds records `peer` lacks: its bound, low free space, or a full disk.
+    private func foldReason(_ peer: PeerRecord, _ m: MirrorMeta) throws -> String {
+        if let keep = peer.keepBytes, try lag(after: peer.durableSeq).bytes > keep {
+            return "the records it lacked passed --peer-keep-size \(keep) bytes"
+        }
+        if let minFree = peer.minFreeBytes, let space = journal.log.fileSystemSpace(), space.free < minFree {
+            return "the journal's free space fell below --peer-min-free \(minFree) bytes"
+        }
+        return "the journal's file system was full"
     }
 
     /// The block ranges the records in `seqs` changed, record by record.

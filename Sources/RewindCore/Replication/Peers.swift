@@ -22,10 +22,14 @@ public struct PeerRecord: Sendable, Codable, Equatable {
     /// Records kept for it while it is behind, at most (payload bytes; `--peer-keep-size`):
     /// past that, retention folds them and it keeps the blocks they changed (`PeerDirty`).
     public var keepBytes: UInt64?
+    /// Below this much free space on the journal's file system it holds no records
+    /// (`--peer-min-free`): retention folds them and it keeps the blocks they changed.
+    public var minFreeBytes: UInt64?
 
     public init(id: String, address: String, durableSeq: UInt64, updated: UInt64, state: String = "", mode: String = "async",
-                keepBytes: UInt64? = nil) {
+                keepBytes: UInt64? = nil, minFreeBytes: UInt64? = nil) {
         self.keepBytes = keepBytes
+        self.minFreeBytes = minFreeBytes
         self.id = id
         self.address = address
         self.durableSeq = durableSeq
@@ -94,7 +98,8 @@ extension Mirror {
     /// it needs a new seed.
     public func retentionHolds() throws -> [Pin.Info] {
         let horizon = try meta().horizon
-        let peers = try peerRecords().filter { $0.durableSeq >= horizon }.map { p -> Pin.Info in
+        let free = journal.log.fileSystemSpace()?.free ?? UInt64.max
+        let peers = try peerRecords().filter { $0.durableSeq >= horizon && free >= ($0.minFreeBytes ?? 0) }.map { p -> Pin.Info in
             // A bounded peer holds no more than its bound's worth of records.
             var held = p.durableSeq
             if let keep = p.keepBytes { held = max(held, try seqKeeping(bytes: keep)) }
