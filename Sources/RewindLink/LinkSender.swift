@@ -267,6 +267,7 @@ public final class LinkSender: @unchecked Sendable {
         }) { offset, bytes in
             let frame = LinkSeedData.frame(offset: offset, bytes: bytes)
             frames += 1
+            update { $0.bytesSent += UInt64(bytes.count + LinkFrame.overheadBytes) }
             // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
             if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
             sent += UInt64(bytes.count)

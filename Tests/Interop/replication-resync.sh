@@ -34,7 +34,13 @@ start_receiver() {
     eval "PID_$name=$pid"
 }
 stop_receiver() { local pid; eval "pid=\$PID_$1"; kill "$pid"; wait "$pid" 2>/dev/null || true; }
-newest() { "$REWIND" timeline "$1" --since latest --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["seq"])' 2>/dev/null || echo -1; }
+# The newest seq: of a served origin, what its server has made durable (`timeline` asks it);
+# of a mirror compacted up to its newest record (no record left to list), its oldest point.
+newest() {
+    "$REWIND" timeline "$1" --since latest --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["seq"])' 2>/dev/null \
+        || "$REWIND" status "$1" --json 2>/dev/null | "$PY" -c 'import json,sys; m = json.load(sys.stdin); assert m["records"] == 0; print(m["newestSeq"])' 2>/dev/null \
+        || echo -1
+}
 converged() { [ "$(newest "$1")" = "$(newest "$2")" ]; }
 wait_converged() { for _ in $(seq 300); do converged "$1" "$2" && return 0; sleep 0.2; done; fail "$2 did not reach $1's seq:$(newest "$1") (at seq:$(newest "$2"))"; }
 same_at() {  # same_at SEQ MIRROR...: the restores of SEQ on each are byte-identical
@@ -100,7 +106,6 @@ print(total, frames)
 PY
 
 A=a.img.rewind
-PEER_B="$ID_B@127.0.0.1"   # the port follows once B listens
 SHORT_A="${ID_A:0:16}…" SHORT_B="${ID_B:0:16}…"
 
 # 1. Seed by resync. A serves alone: a seeded random workload of writes and zeroes, a FLUSH.
@@ -175,13 +180,14 @@ OUT=$("$REWIND" resync $A --peer "$PEER_B" --home ha --json 2>resync.err) || STA
 [ "$STATUS" = 0 ] || { cat resync.err >&2; fail "resync --json exited $STATUS"; }; ok
 [ ! -s resync.err ] || fail "resync --json wrote to stderr: $(cat resync.err)"; ok
 # The bytes sent: the questions of the comparison, then the K blocks, one catch-up data frame
-# per run of them (none holds 4 MiB; 16 bytes of framing each).
+# per run of them (none holds 4 MiB; 16 bytes of framing each). Received: the peer's answers.
 WANT=$((QSENT + K * BS + 16 * RUNS))
-[ "$OUT" = "{\"before\":$D,\"bytesSent\":$WANT,\"differingBlocks\":0,\"ok\":true,\"peer\":\"$PEER_B\",\"seq\":$H}" ] \
-    || fail "resync --json said [$OUT], expected bytesSent $WANT"; ok
+[ "$OUT" = "{\"before\":$D,\"bytesSent\":$WANT,\"checksumBytesReceived\":$QRECV,\"differingBlocks\":0,\"ok\":true,\"peer\":\"$PEER_B\",\"seq\":$H}" ] \
+    || fail "resync --json said [$OUT], expected bytesSent $WANT, checksumBytesReceived $QRECV"; ok
 [ $((WANT * 100)) -le $((102 * K * BS + 100 * 65536)) ] || fail "$WANT bytes sent for $K blocks: more than 1.02 × theirs + 64 KiB"; ok
 echo "catch-up by checksum tree: $K of $NW written blocks changed ($RUNS runs); $WANT bytes sent," \
-     "$(awk "BEGIN { printf \"%.4f\", $WANT / ($K * $BS) }") × the changed bytes ($Q questions)"
+     "$(awk "BEGIN { printf \"%.4f\", $WANT / ($K * $BS) }") × the changed bytes ($Q questions; $QRECV bytes of checksums received," \
+     "$(awk "BEGIN { printf \"%.4f\", ($WANT + $QRECV) / ($K * $BS) }") × both ways)"
 # B holds one catch-up record, at A's newest, from B's old point.
 check_caught_up() {  # check_caught_up MIRROR: after seq:D, one catch-up at seq:H from seq:D setting K blocks
     "$REWIND" timeline "$1" --since "seq:$D" --json > tl.txt
@@ -204,7 +210,7 @@ check_caught_up b.rewind
 # the sender's log on stderr says how it found them.
 stop_receiver B
 RECV_PORT=$PORT_B start_receiver B b-at-d.rewind --peer-id "$ID_A"
-expect_output "ok: $SHOWN_B holds seq:$H (it held seq:$D); $WANT bytes sent; identical by checksum tree" \
+expect_output "ok: $SHOWN_B holds seq:$H (it held seq:$D); $WANT bytes sent, $QRECV bytes of checksums received; identical by checksum tree" \
     "$REWIND" resync $A --peer "$PEER_B" --home ha 2>resync.err
 LINK_B="link to $SHOWN_B:"
 for line in "the peer holds seq:$D, before this mirror's oldest point seq:$H, with no record of the blocks changed since; comparing checksum trees" \
@@ -250,8 +256,7 @@ continue with: rewind serve b.img --mirror b.rewind" ] || fail "promote said [$o
 cp -a $A a-copy.rewind
 # A seq after the failover point, as A wrote it (never replicated).
 S=$((P + 50))
-"$REWIND" restore a-copy.rewind --at "seq:$S" --to a-old-s.img >/dev/null 2>&1 \
-    || "$REWIND" restore $A --at "seq:$S" --to a-old-s.img >/dev/null
+"$REWIND" restore $A --at "seq:$S" --to a-old-s.img >/dev/null
 PORT_A=$(free_port)
 PEER_A="$ID_A@127.0.0.1:$PORT_A" SHOWN_A="$SHORT_A@127.0.0.1:$PORT_A"
 start_server b.img --mirror b.rewind --home hb --replicate-to "$PEER_A"
@@ -268,12 +273,15 @@ expect_error 1 "rewind: error: $A is an origin's mirror (serve writes it), not a
 RECV_PORT=$PORT_A start_receiver A $A --peer-id "$ID_B" --rejoin
 wait_converged b.rewind $A
 grep -qF "$A was an origin's mirror; it is a replica from now on (--rejoin)" recv-A.log || { cat recv-A.log >&2; fail "A did not log becoming a replica"; }; ok
-grep -qF "link from $SHORT_B (127.0.0.1:" recv-A.log || fail "A's log does not name B's links as expected"
 grep -qE "link from $SHORT_B \(127\.0\.0\.1:[0-9]+\): rejoining: seq:$((P + 1))…seq:$X of generation 0, written after the failover point and never replicated, are cut \($((X - P)) records\)$" recv-A.log \
     || { cat recv-A.log >&2; fail "A did not log cutting seq:$((P + 1))…seq:$X"; }; ok
 grep -qE ": the sender's generation 1 \(continuing from seq:$P\) replaces generation 0$" recv-A.log || fail "A did not take on generation 1"; ok
 grep -qE ": resuming after seq:$P \(the sender has seq:$Q\)$" recv-A.log || fail "A did not resume after seq:$P"; ok
 since_mark "$T/serve.log" "$MARK" | grep -qF "link to $SHOWN_A: streaming from seq:$((P + 1))" || fail "B did not stream to A from seq:$((P + 1))"; ok
+# A's records after seq:P are B's, record for record (seq, time, kind, range, checksum).
+"$REWIND" timeline $A --since "seq:$P" --json > a-tl.txt
+"$REWIND" timeline b.rewind --since "seq:$P" --json | cmp -s - a-tl.txt || fail "A's records after seq:$P are not B's"; ok
+[ "$(wc -l < a-tl.txt)" = $((Q - P + 1)) ] || fail "A lists $(wc -l < a-tl.txt) records from seq:$P, expected $((Q - P + 1))"; ok
 ! since_mark "$T/serve.log" "$MARK" | grep -qE "link to $SHOWN_A: .*(seeding|catching)" || fail "B seeded or caught A up instead of streaming"; ok
 expect_output "ok: seq:$Q is identical on $SHOWN_A (0 questions, 0 hashes received; 44 bytes sent, 32 received)" \
     "$REWIND" verify b.rewind --peer "$PEER_A" --home hb
@@ -314,7 +322,8 @@ grep -qF "link to $SHOWN_A: the peer holds seq:$P, folded here since; catching i
     || fail "B did not catch A up with $K2 blocks"; ok
 grep -qF "link to $SHOWN_A: caught up to seq:$Q2 ($((K2 * BS)) bytes of data sent)" serve-b2.log || fail "B did not log the catch-up's end"; ok
 grep -qF "link to $SHOWN_A: streaming from seq:$((Q2 + 1))" serve-b2.log || fail "B did not stream after the catch-up"; ok
-grep -qE "rejoining: seq:$((P + 1))…seq:$X of generation 0, written after the failover point and never replicated, are cut \($((X - P)) records\)$" recv-A.log \
+grep -qF "a-copy.rewind was an origin's mirror; it is a replica from now on (--rejoin)" recv-A.log || { cat recv-A.log >&2; fail "the copy did not log becoming a replica"; }; ok
+grep -qE "link from $SHORT_B \(127\.0\.0\.1:[0-9]+\): rejoining: seq:$((P + 1))…seq:$X of generation 0, written after the failover point and never replicated, are cut \($((X - P)) records\)$" recv-A.log \
     || { cat recv-A.log >&2; fail "the copy did not log cutting seq:$((P + 1))…seq:$X"; }; ok
 grep -qE ": catching up from seq:$P to seq:$Q2 as one point \($K2 blocks in $RUNS2 runs\)$" recv-A.log || { cat recv-A.log >&2; fail "the copy did not log the catch-up"; }; ok
 "$REWIND" timeline a-copy.rewind --since "seq:$P" --json > copy-tl.txt
@@ -330,6 +339,7 @@ expect_output "ok: seq:$Q3 is identical on $SHOWN_A (0 questions, 0 hashes recei
     "$REWIND" verify b.rewind --peer "$PEER_A" --home hb
 "$REWIND" restore a-copy.rewind --at "seq:$Q2" --to cmp.img >/dev/null
 cmp -s b-q.img cmp.img || fail "the copy's seq:$Q2 is not B's"; ok
+rm -f cmp.img b-p.img b-q.img
 same_at "$Q3" b.rewind a-copy.rewind
 echo "rejoin after B's fold: $K2 blocks differ in $RUNS2 runs ($QQ2 questions, $((QSENT2 + QRECV2)) bytes of checksums)"
 stop_server

@@ -43,10 +43,18 @@ extension Mirror {
     }
 
     /// Make a former origin's mirror a replica (`receive --rejoin`): from now on only
-    /// `receive` writes it, until a `promote`.
+    /// `receive` writes it, until a `promote`. What it knew as an origin goes: the source it
+    /// journalled (no source follows a replica; what the source was owed would hold its
+    /// compactions forever) and the peers it streamed to (their positions would hold its
+    /// retention; the peers it forwards to now are recorded afresh).
     public func markReplica() throws {
-        try journal.env.write { txn in try txn.put(journal.meta, Self.replicaKey, Self.replicaValue) }
+        try journal.env.write { txn in
+            try txn.put(journal.meta, Self.replicaKey, Self.replicaValue)
+            _ = try txn.delete(journal.meta, SourceIdentity.key)
+            _ = try txn.delete(journal.meta, SourceState.key)
+        }
         try sync()
+        for peer in try peerRecords() { forgetPeer(peer.id) }
     }
 
     /// Throw `replica` when only `receive` may write this mirror.
