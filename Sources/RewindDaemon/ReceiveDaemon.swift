@@ -27,6 +27,8 @@ public struct ReceiveOptions: Sendable {
     public var peerMinFreeBytes: UInt64?
     /// `--rejoin`: MIRROR is a former origin's, rejoining as a receiver of the new origin.
     public var rejoin = false
+    /// `--seed-from IMAGE`: an earlier copy of the volume the first seed starts from.
+    public var seedFrom: String?
     public var logLevel = "info"
     /// Serve Prometheus metrics here (`--metrics`).
     public var metrics: ListenAddress?
@@ -52,7 +54,7 @@ public enum ReceiveDaemon {
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 2)
         let forwarding = Forwarding(peers: o.replicateTo, identity: identity, group: group, logger: logger, keepBytes: o.peerKeepBytes, minFreeBytes: o.peerMinFreeBytes)
         let receiver = try LinkReceiver(path: o.mirror, allowed: Set(o.peerIDs), identity: identity, group: group,
-                                        logger: logger, forwards: !o.replicateTo.isEmpty, rejoin: o.rejoin) { mirror in forwarding.start(mirror) }
+                                        logger: logger, forwards: !o.replicateTo.isEmpty, rejoin: o.rejoin, staleCopy: o.seedFrom) { mirror in forwarding.start(mirror) }
         let address: SocketAddress
         do {
             address = try await receiver.start(host: o.host, port: o.port)

@@ -53,9 +53,16 @@ final class LinkApplier: @unchecked Sendable {
     /// generation's sender it diverged from is admitted after cutting the records after the
     /// seq that generation began at (they never reached the new origin).
     let rejoin: Bool
+    /// `receive --seed-from IMAGE`: with no mirror yet, start from this earlier copy of the
+    /// volume; the seed then sends only the blocks that differ from it.
+    let staleCopy: String?
+    /// The stale copy's tree while a seed compares it (applier thread).
+    private var staleSums: BaseSums?
 
-    init(path: String, logOutOfCache: Bool, rejoin: Bool = false, logger: Logger, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+    init(path: String, logOutOfCache: Bool, rejoin: Bool = false, staleCopy: String? = nil, logger: Logger,
+         onMirror: @escaping @Sendable (Mirror) -> Void) throws {
         self.rejoin = rejoin
+        self.staleCopy = staleCopy
         self.path = path
         self.logOutOfCache = logOutOfCache
         self.logger = logger
@@ -253,7 +260,7 @@ final class LinkApplier: @unchecked Sendable {
             if c === active {
                 logger.info("link from \(c.shortPeer): closed")
                 active = nil
-                if let b = builder { b.abandon(); builder = nil; logger.warning("seed from \(c.shortPeer) abandoned unfinished; the next connection seeds again") }
+                if let b = builder { b.abandon(); builder = nil; staleSums = nil; logger.warning("seed from \(c.shortPeer) abandoned unfinished; the next connection seeds again") }
                 if catchUp != nil {
                     abandonCatchUp()
                     logger.warning("catch-up from \(c.shortPeer) abandoned unfinished; this mirror stays at its previous point")
@@ -270,6 +277,21 @@ final class LinkApplier: @unchecked Sendable {
                     let (offset, bytes) = try LinkSeedData.decode(f)
                     try bytes.withUnsafeReadableBytes { try builder.write(at: offset, $0) }
                 case .seedEnd: try seedEnd(c, LinkSeedData.decodeEnd(f))
+                case .seedZero:
+                    guard let builder, staleSums != nil else { throw LinkError("seed zeros without a seed from a stale copy") }
+                    let (offset, length) = try LinkSeedData.decodeZero(f)
+                    try builder.zero(at: offset, length: length)
+                case .treeQuery:
+                    guard let sums = staleSums else { throw LinkError("a tree question without a seed from a stale copy") }
+                    let q = try LinkTreeQuery(f)
+                    let level = Int(q.level)
+                    guard level >= 1, level <= sums.tree.top else { throw LinkError("a question about level \(level)") }
+                    var hashes: [UInt64] = []
+                    for p in q.parents {
+                        guard p < sums.tree.counts[level] else { throw LinkError("a question about node \(p) of level \(level)") }
+                        hashes += try sums.nodes(level: level - 1, sums.tree.children(level: level, index: p))
+                    }
+                    c.channel.writeAndFlush(LinkTreeAnswer(hashes: hashes).frame, promise: nil)
                 case .catchUpBegin: try catchUpBegin(c, LinkCatchUpBegin(f))
                 case .catchUpData:
                     guard let catchUp else { throw LinkError("catch-up data without a catch-up") }
@@ -279,7 +301,7 @@ final class LinkApplier: @unchecked Sendable {
                 default: throw LinkError("an unexpected \(f.kind) frame")
                 }
             } catch {
-                if let b = builder { b.abandon(); builder = nil }
+                if let b = builder { b.abandon(); builder = nil; staleSums = nil }
                 if catchUp != nil { abandonCatchUp() }
                 fail(c, "\(error)")
             }
@@ -332,6 +354,11 @@ final class LinkApplier: @unchecked Sendable {
                 return
             }
         }
+        if answer.kind == .needSeed, staleCopy != nil {
+            var body = ByteBuffer()
+            body.writeInteger(UInt8(1))  // a stale copy to compare: only differences, please
+            answer = LinkFrame(.needSeed, body: body)
+        }
         if answer.kind == .refuse {
             let why = (try? LinkRefusal(answer).reason) ?? "refused"
             if shouldLog(refusal: c.peerID + " " + why) {
@@ -347,7 +374,7 @@ final class LinkApplier: @unchecked Sendable {
             logger.info("link from \(c.shortPeer) replaces the one from \(old.shortPeer)")
             old.channel.close(promise: nil)
         }
-        if let b = builder { b.abandon(); builder = nil }
+        if let b = builder { b.abandon(); builder = nil; staleSums = nil }
         if catchUp != nil { abandonCatchUp() }
         active = nil
         if let m = currentMirror, let local, hello.generation > local.generation {
@@ -374,12 +401,20 @@ final class LinkApplier: @unchecked Sendable {
 
     private func seedBegin(_ c: LinkConnection, _ seed: ReplicaSeed) throws {
         guard currentMirror == nil, builder == nil else { throw LinkError("a seed for a mirror that exists") }
-        builder = try ReplicaBuilder(path: path, seed: seed)
-        logger.info("link from \(c.shortPeer): seeding \(path): volume \(formatUUID(seed.uuid)), \(seed.volumeSize) bytes, as of seq:\(seed.horizon)")
+        let b = try ReplicaBuilder(path: path, seed: seed, stale: staleCopy)
+        builder = b
+        logger.info("link from \(c.shortPeer): seeding \(path): volume \(formatUUID(seed.uuid)), \(seed.volumeSize) bytes, as of seq:\(seed.horizon)\(staleCopy.map { " from the stale copy \($0)" } ?? "")")
+        if staleCopy != nil {
+            // Hash the copy, then answer the sender's questions: only the differences follow.
+            let sums = try b.staleSums()
+            staleSums = sums
+            c.channel.writeAndFlush(LinkInspectReady(seq: seed.horizon, root: try sums.node(level: sums.tree.top, index: 0)).frame, promise: nil)
+        }
     }
 
     private func seedEnd(_ c: LinkConnection, _ sent: UInt64) throws {
         guard let b = builder else { throw LinkError("a seed end without a seed") }
+        staleSums = nil
         guard b.bytesWritten == sent else { throw LinkError("the seed ended after \(b.bytesWritten) bytes; the sender sent \(sent)") }
         builder = nil
         _ = try b.finish()

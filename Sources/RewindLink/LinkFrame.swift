@@ -50,6 +50,8 @@ public struct LinkFrame: Sendable, Equatable {
         case catchUpData = 16
         /// Sender → receiver: the catch-up is complete (its checksum); the receiver acks its seq.
         case catchUpEnd = 17
+        /// Sender → receiver, while seeding a stale copy: this range reads as zeros.
+        case seedZero = 18
     }
 
     public static let version: UInt8 = 1

@@ -28,13 +28,14 @@ public final class LinkReceiver: @unchecked Sendable {
     /// `forwards`: the mirror is streamed on (`--replicate-to`), so its log stays in the page
     /// cache for the senders that read it back.
     public init(path: String, allowed: Set<String>, identity: UnitIdentity, group: EventLoopGroup, logger: Logger,
-                forwards: Bool = false, rejoin: Bool = false, onMirror: @escaping @Sendable (Mirror) -> Void) throws {
+                forwards: Bool = false, rejoin: Bool = false, staleCopy: String? = nil,
+                onMirror: @escaping @Sendable (Mirror) -> Void) throws {
         self.path = path
         self.allowed = allowed
         self.context = try LinkTLS.serverContext(identity)
         self.group = group
         self.logger = logger
-        applier = try LinkApplier(path: path, logOutOfCache: !forwards, rejoin: rejoin, logger: logger, onMirror: onMirror)
+        applier = try LinkApplier(path: path, logOutOfCache: !forwards, rejoin: rejoin, staleCopy: staleCopy, logger: logger, onMirror: onMirror)
     }
 
     /// Listen on `host:port`; returns the bound address.

@@ -115,6 +115,23 @@ public enum LinkSeedData {
         return (offset, b)
     }
 
+    /// `seedZero`: a range that reads as zeros in the seed (offset, length).
+    public static func zeroFrame(offset: UInt64, length: UInt64) -> LinkFrame {
+        var b = ByteBuffer()
+        b.writeInteger(offset)
+        b.writeInteger(length)
+        return LinkFrame(.seedZero, body: b)
+    }
+
+    public static func decodeZero(_ frame: LinkFrame) throws -> (offset: UInt64, length: UInt64) {
+        guard frame.kind == .seedZero else { throw LinkMessageError.unexpected(frame.kind, expected: .seedZero) }
+        var b = frame.body
+        guard b.readableBytes == 16, let offset: UInt64 = b.readInteger(), let length: UInt64 = b.readInteger() else {
+            throw LinkMessageError.malformed(.seedZero, bytes: frame.body.readableBytes)
+        }
+        return (offset, length)
+    }
+
     public static func endFrame(bytesSent: UInt64) -> LinkFrame {
         var b = ByteBuffer()
         b.writeInteger(bytesSent)

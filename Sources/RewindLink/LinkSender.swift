@@ -226,7 +226,8 @@ public final class LinkSender: @unchecked Sendable {
                 throw LinkError("the peer holds seq:\(durable), past this mirror's newest seq:\(newest): they have diverged")
             }
         case .needSeed:
-            durable = try seed(channel, inbox)
+            // A body of [1]: the peer holds a stale copy to start from; only differences are sent.
+            durable = try seed(channel, inbox, stale: answer.body.getInteger(at: answer.body.readerIndex, as: UInt8.self) == 1)
         case .refuse:
             throw LinkError("refused by the peer: \(try LinkRefusal(answer).reason)")
         default:
@@ -244,7 +245,7 @@ public final class LinkSender: @unchecked Sendable {
     }
 
     /// Send base.img as of the horizon (pinned meanwhile), then wait for the peer to ack it.
-    private func seed(_ channel: Channel, _ inbox: LinkInbox) throws -> UInt64 {
+    private func seed(_ channel: Channel, _ inbox: LinkInbox, stale: Bool = false) throws -> UInt64 {
         guard let seed = try mirror.seed() else { throw LinkError("a compaction is unfinished; seeding waits for it") }
         let pin = try mirror.pin(.seq(seed.horizon), holder: "seeding replication peer \(peer.shortID)…")
         defer { pin.release() }
@@ -254,23 +255,30 @@ public final class LinkSender: @unchecked Sendable {
         channel.writeAndFlush(LinkSeedBegin.frame(seed), promise: nil)
         var sent: UInt64 = 0, frames = 0
         var lastReport = Date()
-        let total = try mirror.forEachBaseDataRun(reached: { at in
-            if isStopping { throw LinkError("stopped") }
-            if Date().timeIntervalSince(lastReport) >= 5 {
-                logger.info("link to \(peer): seeding, \(at) of \(seed.volumeSize) bytes scanned, \(sent) sent")
-                lastReport = Date()
-            }
-            if let f = try inbox.next(waiting: 0) {
-                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
-                if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while seeding") }
-            }
-        }) { offset, bytes in
-            let frame = LinkSeedData.frame(offset: offset, bytes: bytes)
+        var total: UInt64 = 0
+        func send(_ frame: LinkFrame, data: Int) throws {
             frames += 1
-            update { $0.bytesSent += UInt64(bytes.count + LinkFrame.overheadBytes) }
+            update { $0.bytesSent += UInt64(frame.body.readableBytes + LinkFrame.overheadBytes) }
             // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
             if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
-            sent += UInt64(bytes.count)
+            sent += UInt64(data)
+        }
+        if stale {
+            total = try seedDifferences(channel, inbox, horizon: seed.horizon, send: send)
+        } else {
+            total = try mirror.forEachBaseDataRun(reached: { at in
+                if isStopping { throw LinkError("stopped") }
+                if Date().timeIntervalSince(lastReport) >= 5 {
+                    logger.info("link to \(peer): seeding, \(at) of \(seed.volumeSize) bytes scanned, \(sent) sent")
+                    lastReport = Date()
+                }
+                if let f = try inbox.next(waiting: 0) {
+                    if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                    if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while seeding") }
+                }
+            }) { offset, bytes in
+                try send(LinkSeedData.frame(offset: offset, bytes: bytes), data: bytes.count)
+            }
         }
         try channel.writeAndFlush(LinkSeedData.endFrame(bytesSent: sent)).wait()
         let deadline = Date(timeIntervalSinceNow: 600)
@@ -281,7 +289,11 @@ public final class LinkSender: @unchecked Sendable {
                 let seq = try LinkSeq(f).seq
                 guard seq == seed.horizon else { throw LinkError("the peer acked seq:\(seq) for a seed as of seq:\(seed.horizon)") }
                 mirror.removePeerDirty(peer.id)  // a seeded peer starts afresh
-                logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
+                if stale {
+                    logger.info("link to \(peer): seeded from its stale copy, \(sent) bytes of data sent (\(total) bytes of blocks differed)")
+                } else {
+                    logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
+                }
                 return seq
             case .keepalive: continue
             case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
@@ -289,6 +301,77 @@ public final class LinkSender: @unchecked Sendable {
             }
         }
         throw LinkError("the peer did not ack the seed within 600 s")
+    }
+
+    /// Seeding a peer that starts from a stale copy of the volume: its tree's root comes back
+    /// (it hashes its copy first), the trees are compared top-down on this connection, and only
+    /// the differing blocks go: data, or a range of zeros. Returns the data bytes compared.
+    private func seedDifferences(_ channel: Channel, _ inbox: LinkInbox, horizon: UInt64,
+                                 send: (LinkFrame, Int) throws -> Void) throws -> UInt64 {
+        logger.info("link to \(peer): the peer holds a stale copy; comparing checksum trees")
+        // The peer hashes its copy first: keep the link alive meanwhile.
+        func next(_ what: String) throws -> LinkFrame {
+            var silent = Date()
+            while true {
+                if isStopping { throw LinkError("stopped") }
+                if Date().timeIntervalSince(silent) > 600 { throw LinkError("no \(what) from the peer within 600 s") }
+                guard let f = try inbox.next(waiting: Double(LinkTiming.keepaliveSeconds)) else {
+                    channel.writeAndFlush(LinkFrame(.keepalive), promise: nil)
+                    continue
+                }
+                if f.kind == .keepalive { silent = Date(); continue }
+                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                return f
+            }
+        }
+        let ready = try LinkInspectReady(try next("tree root"))
+        let snapshot = try Snapshot(mirror: mirror, point: .seq(horizon))
+        defer { snapshot.close() }
+        let tree = try PointTree(snapshot: snapshot)
+        var received: UInt64 = 0
+        let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root) { level, parents in
+            let q = LinkTreeQuery(level: UInt8(level), parents: parents).frame
+            update { $0.bytesSent += UInt64(q.body.readableBytes + LinkFrame.overheadBytes) }
+            channel.writeAndFlush(q, promise: nil)
+            let answer = try next("tree answer")
+            received += UInt64(answer.body.readableBytes + LinkFrame.overheadBytes)
+            let all = try LinkTreeAnswer(answer).hashes
+            var out: [[UInt64]] = []
+            var at = 0
+            for p in parents {
+                let n = tree.shape.children(level: level, index: p).count
+                guard at + n <= all.count else { throw LinkError("the peer answered \(all.count) hashes, fewer than asked") }
+                out.append(Array(all[at..<at + n]))
+                at += n
+            }
+            guard at == all.count else { throw LinkError("the peer answered \(all.count) hashes, more than asked") }
+            return out
+        }
+        update { $0.checksumBytesReceived += received }
+        var blocks = DirtySet()
+        for b in differing { blocks.insert(b) }
+        let runs = try snapshot.catchUpRuns(for: blocks)
+        let bs = UInt64(mirror.blockSize)
+        logger.info("link to \(peer): \(differing.count) blocks of its copy differ; sending those")
+        let piece = Self.batchBytes / Int(bs)
+        var buffer = [UInt8](repeating: 0, count: piece * Int(bs))
+        for run in runs {
+            if run.zero {
+                try send(LinkSeedData.zeroFrame(offset: run.blocks.lowerBound * bs, length: UInt64(run.blocks.count) * bs), 0)
+                continue
+            }
+            var at = run.blocks.lowerBound
+            while at < run.blocks.upperBound {
+                let n = Int(min(UInt64(piece), run.blocks.upperBound - at))
+                try buffer.withUnsafeMutableBytes { raw in
+                    let slice = UnsafeMutableRawBufferPointer(rebasing: raw[0..<n * Int(bs)])
+                    try snapshot.read(at: at * bs, into: slice)
+                    try send(LinkSeedData.frame(offset: at * bs, bytes: UnsafeRawBufferPointer(slice)), n * Int(bs))
+                }
+                at += UInt64(n)
+            }
+        }
+        return UInt64(differing.count) * bs
     }
 
     /// The peer holds `from`, folded here since: send the blocks changed after it (its dirty

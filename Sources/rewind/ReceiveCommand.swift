@@ -1,4 +1,5 @@
 import ArgumentParser
+import Glibc
 import RewindCore
 import RewindDaemon
 import RewindLink
@@ -23,6 +24,8 @@ struct ReceiveCommand: AsyncParsableCommand {
     var peerMinFree: UInt64?
     @Flag(help: "MIRROR is a former origin's, rejoining after a failover as a receiver of the new origin: its records after the failover point (never replicated) are cut, and it converges by receiving only what differs.")
     var rejoin = false
+    @Option(name: .customLong("seed-from"), help: "With no mirror yet: start from this earlier copy of the volume (yesterday's image, a backup); the seed then sends only the blocks that differ from it.")
+    var seedFrom: String?
     @Option(help: "trace, debug, info, notice, warning, error or critical.") var logLevel: String?
     @Option(help: "Serve Prometheus metrics on HOST:PORT.") var metrics: String?
     @Flag(help: "Print the listening address and this unit's ID as one JSON line.") var json = false
@@ -44,6 +47,10 @@ struct ReceiveCommand: AsyncParsableCommand {
             o.peerKeepBytes = peerKeepSize
             o.peerMinFreeBytes = peerMinFree
             o.rejoin = rejoin
+            if let seedFrom {
+                guard access(seedFrom, R_OK) == 0 else { throw ValidationError("--seed-from \(seedFrom): no readable file there") }
+                o.seedFrom = seedFrom
+            }
             if let logLevel {
                 o.logLevel = try checkedLogLevel(logLevel)
             }

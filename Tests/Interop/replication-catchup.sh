@@ -43,6 +43,7 @@ wait_converged() { for _ in $(seq 300); do converged "$1" "$2" && return 0; slee
 st() { "$REWIND" status "$1" --json | "$PY" -c 'import json,sys; s=json.load(sys.stdin); p=(s["peers"] or [{}])[0]; v=eval(sys.argv[1]); print("none" if v is None else v)' "$2"; }
 lines() { wc -l < "$1"; }
 at_seq() { [ "$(newest "$1")" = "$2" ]; }
+indexed() { [ "$(st "$1" 's["newestSeq"]')" = "$2" ]; }
 keeps() { [ "$(st "$1" 'p.get("keepBytes")')" = "$2" ]; }
 # settled: A's journal back within --keep-size (+ SLACK); folded: A2 folded to its newest, seq:$H.
 settled() { payload=$(st $A 's["journalPayloadBytes"]'); [ "$payload" -le $((KEEP + SLACK)) ]; }
@@ -131,7 +132,7 @@ done
 # Sustained writes while B is away: 8 rounds of 5 MiB. After each, measured right away and once
 # a retention pass had its turn: A's journal payload, the dirty set (its blocks exactly those the
 # folded records changed, since B's seq), the dirty file's size, the status line.
-ROUNDS=8; ROUND_BYTES=$((5 << 20)); SLACK=$((64 << 10))
+ROUNDS=8; ROUND_BYTES=$((5 << 20)); SLACK=0
 # A plain bitmap of this volume's blocks, in whole containers of 64 Ki blocks (8 KiB each, the
 # Roaring form's worst case, docs/formats.md "Dirty set"), and 1 KiB for headers.
 CONTAINERS=$(( (VOLUME / 4096 + 65535) / 65536 ))
@@ -141,12 +142,13 @@ MAX_NOW=0; MAX_SETTLED=0; MAX_DIRTY_FILE=0
 for r in $(seq $ROUNDS); do
     first=$(( $(newest $A) + 1 ))
     last=$("$PY" workload.py "$SOCK" $((100 + r)) $ROUND_BYTES "$first" 16384 1 3 1 req-2.txt)
+    # Measured once the round's records are indexed (status reads the index; it follows the log).
+    eventually indexed $A "$last" || fail "round $r: A's index is at seq:$(st $A 's["newestSeq"]'), expected seq:$last"; ok
     payload=$(st $A 's["journalPayloadBytes"]')
     [ "$payload" -le $((KEEP + ROUND_BYTES + (1 << 20))) ] || fail "round $r: A's journal holds $payload bytes of payload right after 5 MiB of writes"
     [ "$payload" -gt "$MAX_NOW" ] && MAX_NOW=$payload
     eventually settled || fail "round $r: A's journal holds $payload bytes of payload, past --keep-size $KEEP + $SLACK (B holds seq:$D)"; ok
     [ "$payload" -gt "$MAX_SETTLED" ] && MAX_SETTLED=$payload
-    eventually at_seq $A "$last" || fail "round $r: A is at seq:$(newest $A), expected seq:$last"; ok
     [ -f "$DIRTY" ] || fail "round $r: no dirty set ($DIRTY) though records B lacked were folded"; ok
     size=$(stat -c %s "$DIRTY")
     [ "$size" -le "$DIRTY_BOUND" ] || fail "round $r: the dirty set takes $size bytes, more than $DIRTY_BOUND"; ok
@@ -171,11 +173,12 @@ DIRTY_BLOCKS=$(st $A 'p["dirtyBlocks"]')
 [ "$H" -gt $((D + 1)) ] || fail "A's horizon seq:$H is not past B's seq:$D"; ok
 echo "1: $((WRITTEN >> 20)) MiB written with B away (seq:$D…seq:$N); A's journal payload at most $MAX_NOW bytes right after a round," \
      "$MAX_SETTLED once retention ran (--keep-size $KEEP); dirty set: $DIRTY_BLOCKS blocks since seq:$D through seq:$H," \
-     "file at most $MAX_DIRTY_FILE bytes (bound $DIRTY_BOUND; a plain bitmap of the volume: $((VOLUME / 4096 / 8))); serve VmHWM $((RSS_KB >> 10)) MiB"
+     "file at most $MAX_DIRTY_FILE bytes (bound $DIRTY_BOUND; a plain bitmap of the volume: $((VOLUME / 4096 / 8))); serve VmHWM $((RSS_KB >> 10)) MiB [${SECONDS} s]"
 
 # B returns, on its port: the sender (its backoff up to 15 s) catches it up to A's horizon.
 SENT_AT=$(lines "$T/serve.log"); RECV_AT=$(lines recv-B.log)
 start_receiver B b.rewind "$PORT_B" --peer-id "$ID_A"
+returned=$(now_ms)
 begin=$(wait_line recv-B.log "$RECV_AT" "catching up from seq:" 30) || { cat recv-B.log >&2; fail "B was not caught up within 30 s"; }
 t0=$(now_ms)
 wait_line recv-B.log "$RECV_AT" "caught up to seq:" 30 >/dev/null || fail "B's catch-up did not finish within 30 s"
@@ -190,7 +193,7 @@ sent=$(tail -n +$((SENT_AT + 1)) "$T/serve.log" | grep -E "link to $SHOWN_B: the
 DATA=$(printf '%s\n' "$sent" | sed 's/.* changed, \([0-9]*\) bytes of data$/\1/')
 tail -n +$((SENT_AT + 1)) "$T/serve.log" | grep -q "link to $SHOWN_B: caught up to seq:$H ($DATA bytes of data sent)\$" || fail "A did not log caught up to seq:$H ($DATA bytes)"; ok
 tail -n +$((SENT_AT + 1)) "$T/serve.log" | grep -q "link to $SHOWN_B: streaming from seq:$((H + 1))\$" || fail "A did not stream from seq:$((H + 1)) after the catch-up"; ok
-echo "1: the catch-up from seq:$D to seq:$H: $DIRTY_BLOCKS blocks, $DATA bytes of data, ${CATCHUP_MS} ms on B"
+echo "1: the catch-up from seq:$D to seq:$H: $DIRTY_BLOCKS blocks, $DATA bytes of data, ${CATCHUP_MS} ms on B (begun $((t0 - returned)) ms after B returned) [${SECONDS} s]"
 
 # B's timeline: one catch-up at H (from D, its blocks), nothing between D and H, then A's records.
 "$REWIND" timeline b.rewind --json > b-timeline.json
@@ -262,6 +265,7 @@ A2_OPTIONS=(--home ha --config retention.toml --keep-size 0 --peer-keep-size 0 -
 start_server a2.img "${A2_OPTIONS[@]}"
 DIRTY="$A2/peers/$ID_C.dirty"
 LANDED_D=0; LANDED_H=0; DELAYS=""; CAL_MS=0
+read -r -a STRATA <<<"$(shuf -e 0 1 2 3 4 | tr '\n' ' ')"
 for r in 0 1 2 3 4 5; do
     # C is down: A2 writes, and folds all of it (C's records among them) into its base.
     H=$("$PY" workload.py "$SOCK" $((200 + r)) $((32 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 req-3.txt)
@@ -282,7 +286,10 @@ for r in 0 1 2 3 4 5; do
         CAL_MS=$(( $(now_ms) - t0 ))
         [ "$CAL_MS" -ge 100 ] || fail "the catch-up took $CAL_MS ms: too short to be interrupted at random instants"; ok
     else
-        delay=$(( RANDOM % (CAL_MS * 5 / 4 + 1) ))
+        # Stratified: round r sleeps a random instant of the r-th fifth of 1.25 × round 0's
+        # duration, the rounds in a random order, so that early and late instants are both hit.
+        k=${STRATA[$((r - 1))]}; width=$(( CAL_MS * 5 / 4 / 5 ))
+        delay=$(( k * width + RANDOM % (width + 1) ))
         DELAYS+="$delay "
         sleep "$(printf '%d.%03d' $((delay / 1000)) $((delay % 1000)))"
     fi
@@ -309,19 +316,38 @@ for r in 0 1 2 3 4 5; do
     echo "2: round $r: catch-up seq:$D→seq:$H ($(printf '%s' "$begin" | sed 's/.*as one point (//; s/)$//')), SIGKILL ${killed_ms} ms after it began: C at seq:$at [${SECONDS} s]"
     if [ "$at" = "$D" ]; then rm -f "ref-$H.img"; else rm -f "ref-$D.img"; D=$H; fi
 done
-echo "2: catch-up to seq:$H timed at $CAL_MS ms; SIGKILLs ${DELAYS}ms after it began: C at D (not landed) $LANDED_D times, at H (landed) $LANDED_H times"
+echo "2: round 0's catch-up took $CAL_MS ms; SIGKILLs slept ${DELAYS}ms after each began: C at D (not landed) $LANDED_D times, at H (landed) $LANDED_H times (round 0 included) [${SECONDS} s]"
 [ "$LANDED_D" -ge 1 ] || fail "no SIGKILL interrupted a catch-up (the catch-up is too short to hit: lengthen it)"; ok
-# C returns after one more batch; A2's sender (not restarted) reconnects by itself and catches it up.
-H=$("$PY" workload.py "$SOCK" 299 $((4 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 req-3.txt)
+# C returns after one more batch: A2's sender, not restarted, reconnects by itself (its backoff)
+# and catches it up. A2 is SIGKILLed as soon as C begins: C, running on, abandons the catch-up
+# and stays at D; A2 started again catches it up once more, from D to the same H.
+H=$("$PY" workload.py "$SOCK" 299 $((32 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 req-3.txt)
 eventually folded || fail "A2 did not fold to its newest seq:$H"
+"$REWIND" restore $A2 --at "seq:$H" --to "ref-$H.img" >/dev/null
 RECV_AT=$(lines recv-C.log)
 start_receiver C c.rewind "$PORT_C" --peer-id "$ID_A"
+wait_line recv-C.log "$RECV_AT" ": catching up from seq:$D to seq:$H as one point \(" 30 >/dev/null || { tail -n 5 recv-C.log >&2; fail "C was not caught up from seq:$D to seq:$H on its return"; }; ok
+kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
+if wait_line recv-C.log "$RECV_AT" "catch-up from ${ID_A:0:16}… \(127.0.0.1:[0-9]+\) abandoned unfinished; this mirror stays at its previous point\$" 10 >/dev/null; then
+    [ "$(newest c.rewind)" = "$D" ] || fail "C is at seq:$(newest c.rewind) after abandoning the catch-up from seq:$D"; ok
+    ABANDONED="abandoned, C stayed at seq:$D"; LANDED_H=$((LANDED_H + 1))   # the catch-up after A2 returns
+else
+    # The catch-up landed before the SIGKILL: C logged it, and holds H.
+    tail -n +$((RECV_AT + 1)) recv-C.log | grep -q "caught up to seq:$H\$" || { tail -n 5 recv-C.log >&2; fail "C neither abandoned nor finished the catch-up when A2 was killed"; }
+    ABANDONED="landed before the SIGKILL"; LANDED_H=$((LANDED_H + 1))
+fi
+"$REWIND" restore c.rewind --at latest --to c.img >/dev/null
+cmp -s c.img "ref-$(newest c.rewind).img" || fail "C's newest point is not A2's volume of that point"; ok
+rm -f c.img
+start_server a2.img "${A2_OPTIONS[@]}"
 wait_converged $A2 c.rewind
-tail -n +$((RECV_AT + 1)) recv-C.log | grep -q ": catching up from seq:$D to seq:$H as one point (" || fail "C was not caught up from seq:$D to seq:$H on its return"; ok
+[ "$(tail -n +$((RECV_AT + 1)) recv-C.log | grep -c ": catching up from seq:$D to seq:$H as one point (")" = "$([ "$ABANDONED" = "landed before the SIGKILL" ] && echo 1 || echo 2)" ] \
+    || fail "C was not caught up again from seq:$D to seq:$H"; ok
+echo "2: the sender SIGKILLed as C's catch-up began: $ABANDONED; caught up on A2's return [${SECONDS} s]"
 expect_output "ok: seq:$H is identical on $SHOWN_C (0 questions, 0 hashes received; 44 bytes sent, 32 received)" \
     "$REWIND" verify $A2 --peer "$PEER_C" --home ha
 eventually [ ! -e "$DIRTY" ] || fail "C's dirty set is still there after it acked"; ok
-[ "$("$REWIND" timeline c.rewind --json | grep -c '"kind":"catch-up"')" = $((LANDED_H + 1)) ] || fail "C's timeline does not hold one catch-up per landed one"; ok
+[ "$("$REWIND" timeline c.rewind --json | grep -c '"kind":"catch-up"')" = "$LANDED_H" ] || fail "C's timeline does not hold the $LANDED_H catch-ups that landed"; ok
 out=$("$REWIND" verify c.rewind) || fail "verify c.rewind failed: $out"; ok
 stop_server
 kill -TERM "$PID_C"; wait "$PID_C" 2>/dev/null || true
@@ -341,4 +367,5 @@ expect_error 1 "rewind: error: bad-keep.toml:2: peer-keep-size: invalid size \"1
     "$REWIND" serve k.img --listen "unix:$T/k.sock" --config bad-keep.toml
 expect_error 64 "Error: The value '12Q' is invalid for '--peer-keep-size <peer-keep-size>': invalid size \"12Q\": use bytes or a number with K, M, G or T (e.g. 512M)" \
     "$REWIND" serve k.img --listen "unix:$T/k.sock" --peer-keep-size 12Q
+echo "3: [${SECONDS} s]"
 finish

@@ -186,6 +186,44 @@ import Testing
         await receiver.stop()
     }
 
+    /// Seeding a receiver that holds a stale copy of the volume (yesterday's image): the
+    /// trees are compared and only the blocks that differ are sent — data, or ranges of
+    /// zeros where the copy had data — and the replica is the origin's horizon exactly.
+    @Test func aStaleCopyIsSeededWithOnlyTheDifferences() async throws {
+        let dir = Dir()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let a = try UnitIdentity.loadOrCreate(home: dir.file("ha")), b = try UnitIdentity.loadOrCreate(home: dir.file("hb"))
+        let origin = try Mirror.create(at: dir.file("a.rewind"), size: 1024 * 4096)
+        for i in 0..<200 { try origin.append([.write(UInt64(i * 5 % 1024) * 4096, [UInt8](repeating: UInt8(i % 250 + 1), count: 2 * 4096))]) }
+        _ = try origin.restore(at: .latest, to: dir.file("yesterday.img"))
+        // Since yesterday: 20 blocks rewritten, 8 trimmed.
+        for i in 0..<20 { try origin.append([.write(UInt64(i * 37 % 1024) * 4096, [UInt8](repeating: 0xEE, count: 4096))]) }
+        try origin.append([.trim(100 * 4096, 8 * 4096)])
+        _ = try origin.compact(to: .latest)
+        let yesterday = try #require(FileManager.default.contents(atPath: dir.file("yesterday.img")))
+        let now = try image(origin, dir.file("now.img"))
+        let differing = (0..<1024).filter { yesterday[$0 * 4096..<($0 + 1) * 4096] != now[$0 * 4096..<($0 + 1) * 4096] }
+        #expect(differing.count > 0 && differing.count <= 28)
+
+        let receiver = try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group,
+                                        logger: Self.logger, staleCopy: dir.file("yesterday.img")) { _ in }
+        let port = try await receiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        let sender = LinkSender(mirror: origin, peer: LinkPeer(id: b.id, host: "127.0.0.1", port: port),
+                                context: try LinkTLS.clientContext(a), group: group, logger: Self.logger)
+        sender.start()
+        let last = try origin.meta().lastSeq
+        #expect(try waitUntil { (try receiver.mirror?.meta().lastSeq) == last })
+        let replica = try #require(receiver.mirror)
+        #expect(try image(replica, dir.file("b.img")) == now)
+        #expect(try replica.meta().horizon == last)
+        // Only the differing blocks' data went (and small frames), not the volume's 4 MiB.
+        #expect(sender.status.bytesSent <= UInt64(differing.count * 4096) + 16 << 10)
+        print("seed from a stale copy: \(differing.count) of 1024 blocks differed; \(sender.status.bytesSent) bytes sent, \(sender.status.checksumBytesReceived) bytes of checksums received")
+        _ = try replica.verify()
+        sender.stop()
+        await receiver.stop()
+    }
+
     @Test func aStrangerIsRefusedBeforeAnythingIsWritten() async throws {
         let dir = Dir()
         let group = MultiThreadedEventLoopGroup.singleton

@@ -107,12 +107,25 @@ extension Mirror {
     /// Hash every block of base.img into a new `base.sums` (holes without reading them), then
     /// rename it into place.
     func rebuildBaseSums(horizon: UInt64, uuid: [UInt8], progress: ProgressObserver?) throws -> BaseSums {
-        let tree = sumTree
         let staging = path + "/.base.sums.\(getpid()).\(UInt64.random(in: 0...UInt64.max))"
-        let file = try BlockFile(path: staging, mode: .createNew)
         var keep = false
         defer { if !keep { unlink(staging) } }
+        _ = try BaseSums.build(of: base, tree: sumTree, at: staging, seq: horizon, uuid: uuid, progress: progress)
+        guard rename(staging, baseSumsPath) == 0 else { throw RewindError.io(path: baseSumsPath, operation: "rename", errno: errno) }
+        keep = true
+        syncDirectory(containing: baseSumsPath)
+        return BaseSums(file: try BlockFile(path: baseSumsPath, mode: .readOnly), tree: sumTree)
+    }
+}
+
+extension BaseSums {
+    /// Hash every block of `image` (holes without reading them) into a new sums file at `path`.
+    public static func build(of image: BlockFile, tree: SumTree, at path: String, seq: UInt64, uuid: [UInt8],
+                             progress: ProgressObserver?) throws -> BaseSums {
+        let file = try BlockFile(path: path, mode: .createNew)
         let sums = BaseSums(file: file, tree: tree)
+        let blockSize = tree.blockSize
+        let volumeSize = tree.blocks * UInt64(blockSize)
         try file.truncate(to: sums.fileSize)
         // Each level's nodes are written in order: buffered per level, 64 KiB at a time.
         var buffers = Array(repeating: [UInt64](), count: tree.counts.count)
@@ -129,7 +142,7 @@ extension Mirror {
         }
         let bs = UInt64(blockSize)
         progress?.begin(phase: "hashing base.img", total: volumeSize)
-        try forEachNonZeroRun(of: base, size: volumeSize, blockSize: blockSize, reached: { progress?.update(done: $0) }) { offset, bytes in
+        try forEachNonZeroRun(of: image, size: volumeSize, blockSize: blockSize, reached: { progress?.update(done: $0) }) { offset, bytes in
             try builder.addZeros(offset / bs - builder.leaves)
             for h in blockHashes(bytes, blockSize: blockSize) { try builder.add(leaf: h) }
         }
@@ -137,11 +150,8 @@ extension Mirror {
         try builder.finish()
         for level in 0..<tree.counts.count { try flush(level) }
         progress?.end()
-        try sums.setSeq(horizon, uuid: uuid)
-        guard rename(staging, baseSumsPath) == 0 else { throw RewindError.io(path: baseSumsPath, operation: "rename", errno: errno) }
-        keep = true
-        syncDirectory(containing: baseSumsPath)
-        return BaseSums(file: try BlockFile(path: baseSumsPath, mode: .readOnly), tree: tree)
+        try sums.setSeq(seq, uuid: uuid)
+        return sums
     }
 }
 

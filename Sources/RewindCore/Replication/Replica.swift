@@ -93,7 +93,9 @@ public final class ReplicaBuilder {
     private let base: BlockFile
     public private(set) var bytesWritten: UInt64 = 0
 
-    public init(path: String, seed: ReplicaSeed) throws {
+    /// `stale`: an earlier copy of the volume (yesterday's image) to start from: the seed then
+    /// sends only the blocks that differ from it (`staleSums`, `zero`).
+    public init(path: String, seed: ReplicaSeed, stale: String? = nil) throws {
         guard seed.blockSize >= 512, seed.blockSize <= 1 << 20, seed.blockSize & (seed.blockSize - 1) == 0,
               seed.volumeSize > 0, seed.volumeSize % UInt64(seed.blockSize) == 0, seed.uuid.count == 16 else {
             throw RewindError.invalidArgument("the seed's volume (\(seed.volumeSize) bytes in blocks of \(seed.blockSize)) is not one a mirror can hold")
@@ -107,10 +109,36 @@ public final class ReplicaBuilder {
         do {
             base = try BlockFile(path: staging + "/base.img", mode: .createNew)
             try base.truncate(to: seed.volumeSize)
+            if let stale {
+                let from = try BlockFile(path: stale, mode: .readOnly)
+                guard try from.size() == seed.volumeSize else {
+                    throw RewindError.invalidArgument("\(stale) is \(try from.size()) bytes; the volume offered is \(seed.volumeSize)")
+                }
+                // Holes stay holes; extents are copied in the kernel where it can.
+                for extent in try from.dataExtents(size: seed.volumeSize) {
+                    try base.copyRange(from: from, offset: extent.lowerBound, length: UInt64(extent.count))
+                }
+            }
         } catch {
             removeTree(staging)
             throw error
         }
+    }
+
+    /// The checksum tree of the base as it stands (the stale copy), to compare with the sender's.
+    public func staleSums(progress: ProgressObserver? = nil) throws -> BaseSums {
+        let path = staging + "/stale.sums"
+        unlink(path)
+        return try BaseSums.build(of: base, tree: SumTree(blocks: seed.volumeSize / UInt64(seed.blockSize), blockSize: Int(seed.blockSize)),
+                                  at: path, seq: seed.horizon, uuid: seed.uuid, progress: progress)
+    }
+
+    /// Blocks at `offset` read as zeros in the seed (a stale copy had data there).
+    public func zero(at offset: UInt64, length: UInt64) throws {
+        guard offset <= seed.volumeSize, length <= seed.volumeSize - offset else {
+            throw RewindError.outOfRange(offset: offset, length: length, size: seed.volumeSize)
+        }
+        try base.punchHole(at: offset, length: length)
     }
 
     /// Write seed data at `offset` of the base.
@@ -126,6 +154,7 @@ public final class ReplicaBuilder {
     /// replica and move it into place.
     public func finish() throws -> Mirror {
         do {
+            unlink(staging + "/stale.sums")  // of the stale copy, not of the seed
             try base.sync()
             var meta = MirrorMeta(blockSize: seed.blockSize, uuid: seed.uuid, volumeSize: seed.volumeSize, now: seed.createdTime)
             meta.horizon = seed.horizon
