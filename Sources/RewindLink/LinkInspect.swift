@@ -104,6 +104,20 @@ public struct LinkTreeAnswer: Sendable, Equatable {
 
     public init(hashes: [UInt64]) { self.hashes = hashes }
 
+    /// An answer's hashes as each asked parent's children (counts from the tree's shape).
+    static func split(_ all: [UInt64], parents: [UInt64], level: Int, shape: SumTree) throws -> [[UInt64]] {
+        var out: [[UInt64]] = []
+        var at = 0
+        for p in parents {
+            let n = shape.children(level: level, index: p).count
+            guard at + n <= all.count else { throw LinkError("the peer answered \(all.count) hashes, fewer than asked") }
+            out.append(Array(all[at..<at + n]))
+            at += n
+        }
+        guard at == all.count else { throw LinkError("the peer answered \(all.count) hashes, more than asked") }
+        return out
+    }
+
     public var frame: LinkFrame {
         var b = ByteBuffer()
         b.reserveCapacity(hashes.count * 8)

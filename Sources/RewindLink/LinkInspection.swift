@@ -98,16 +98,7 @@ public enum LinkInspection {
             let all = try LinkTreeAnswer(try answer("tree answer")).hashes
             queries += 1
             hashes += UInt64(all.count)
-            var out: [[UInt64]] = []
-            var at = 0
-            for p in parents {
-                let n = tree.shape.children(level: level, index: p).count
-                guard at + n <= all.count else { throw LinkError("the peer answered \(all.count) hashes, fewer than asked") }
-                out.append(Array(all[at..<at + n]))
-                at += n
-            }
-            guard at == all.count else { throw LinkError("the peer answered \(all.count) hashes, more than asked") }
-            return out
+            return try LinkTreeAnswer.split(all, parents: parents, level: level, shape: tree.shape)
         }, visited: { level, nodes in
             logger.debug("level \(level): \(nodes) differing nodes")
         })

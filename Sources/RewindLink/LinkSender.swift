@@ -336,16 +336,7 @@ public final class LinkSender: @unchecked Sendable {
             let answer = try next("tree answer")
             received += UInt64(answer.body.readableBytes + LinkFrame.overheadBytes)
             let all = try LinkTreeAnswer(answer).hashes
-            var out: [[UInt64]] = []
-            var at = 0
-            for p in parents {
-                let n = tree.shape.children(level: level, index: p).count
-                guard at + n <= all.count else { throw LinkError("the peer answered \(all.count) hashes, fewer than asked") }
-                out.append(Array(all[at..<at + n]))
-                at += n
-            }
-            guard at == all.count else { throw LinkError("the peer answered \(all.count) hashes, more than asked") }
-            return out
+            return try LinkTreeAnswer.split(all, parents: parents, level: level, shape: tree.shape)
         }
         update { $0.checksumBytesReceived += received }
         var blocks = DirtySet()
