@@ -89,6 +89,53 @@ import Testing
         #expect(throws: LinkMessageError.malformed(.refuse, bytes: 1)) { try LinkRefusal(LinkFrame(.refuse, body: ByteBuffer(bytes: [0xFF]))) }
     }
 
+    /// The messages of inspection, catch-up and seeding a stale copy round-trip, and every
+    /// cut or padded body, and random bodies, are refused as malformed — never a crash, never a
+    /// message read from part of one.
+    @Test func issue19MessagesRoundTripAndRefuseBadBodies() throws {
+        let inspect = LinkInspect(volumeUUID: Array(1...16), volumeSize: 1 << 30, blockSize: 4096)
+        let ready = LinkInspectReady(seq: 77, root: 0xDEAD_BEEF)
+        let query = LinkTreeQuery(level: 3, parents: [0, 5, 1 << 40])
+        let answer = LinkTreeAnswer(hashes: [1, 2, 3, UInt64.max])
+        let begin = LinkCatchUpBegin(from: 10, seq: 99, timestamp: 123, runs: [CatchUpRun(0..<4), CatchUpRun(9..<1 << 30, zero: true)])
+        #expect(try LinkInspect(inspect.frame) == inspect)
+        #expect(try LinkInspectReady(ready.frame) == ready)
+        #expect(try LinkTreeQuery(query.frame) == query)
+        #expect(try LinkTreeAnswer(answer.frame) == answer)
+        #expect(try LinkCatchUpBegin(begin.frame) == begin)
+        #expect(try LinkCatchUpData.decodeEnd(LinkCatchUpData.endFrame(checksum: 42)) == 42)
+        #expect(try LinkSeedData.decodeZero(LinkSeedData.zeroFrame(offset: 4096, length: 8192)) == (4096, 8192))
+        let decoders: [(LinkFrame, (LinkFrame) throws -> Void)] = [
+            (inspect.frame, { _ = try LinkInspect($0) }), (ready.frame, { _ = try LinkInspectReady($0) }),
+            (query.frame, { _ = try LinkTreeQuery($0) }), (begin.frame, { _ = try LinkCatchUpBegin($0) }),
+            (LinkCatchUpData.endFrame(checksum: 1), { _ = try LinkCatchUpData.decodeEnd($0) }),
+            (LinkSeedData.zeroFrame(offset: 0, length: 1), { _ = try LinkSeedData.decodeZero($0) }),
+        ]
+        for (frame, decode) in decoders {
+            let body = frame.body.getBytes(at: frame.body.readerIndex, length: frame.body.readableBytes) ?? []
+            for cut in [body.count - 1, body.count + 1, 0] where cut >= 0 {
+                var b = ByteBuffer(bytes: Array(body.prefix(cut)))
+                if cut > body.count { b.writeInteger(UInt8(0)) }
+                do {
+                    try decode(LinkFrame(frame.kind, body: b))
+                    Issue.record("\(frame.kind): a body of \(cut) bytes decoded")
+                } catch let e as LinkMessageError {
+                    #expect(e == .malformed(frame.kind, bytes: b.readableBytes))
+                }
+            }
+        }
+        // A tree answer is any multiple of 8 bytes up to its limit; a query names at most 4096 nodes.
+        #expect(throws: LinkMessageError.self) { _ = try LinkTreeAnswer(LinkFrame(.treeAnswer, body: ByteBuffer(bytes: [1, 2, 3]))) }
+        #expect(throws: LinkMessageError.self) { _ = try LinkTreeQuery(LinkTreeQuery(level: 1, parents: Array(0...4096)).frame) }
+        var state: UInt64 = 0x1234_5678_9ABC_DEF1
+        for _ in 0..<2000 {
+            state ^= state << 13; state ^= state >> 7; state ^= state << 17
+            let n = Int(state % 80)
+            let bytes = (0..<n).map { _ in state ^= state << 13; state ^= state >> 7; state ^= state << 17; return UInt8(truncatingIfNeeded: state) }
+            for (frame, decode) in decoders { try? decode(LinkFrame(frame.kind, body: ByteBuffer(bytes: bytes))) }
+        }
+    }
+
     /// Random bytes never crash the decoder nor make it buffer past its limit.
     @Test func randomBytesNeverCrash() {
         var state: UInt64 = 0x9E37_79B9_7F4A_7C15
