@@ -70,8 +70,15 @@ public final class LinkSender: @unchecked Sendable {
     }
 
     public func start() {
-        // Until the peer first answers, it holds every record from the oldest point on.
-        if (try? mirror.peerRecords().contains { $0.id == peer.id }) != true, let m = try? mirror.meta() {
+        // Until the peer first answers, it holds every record from the oldest point on; a peer
+        // known already keeps its position and takes this run's bounds at once.
+        if let old = try? mirror.peerRecords().first(where: { $0.id == peer.id }) {
+            var now = old
+            now.keepBytes = keepBytes
+            now.minFreeBytes = minFreeBytes
+            now.address = peer.address
+            if now != old { try? mirror.recordPeer(now, sync: true) }
+        } else if let m = try? mirror.meta() {
             try? mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: m.oldestPoint,
                                               updated: 0, state: "connecting", keepBytes: keepBytes,
                                               minFreeBytes: minFreeBytes), sync: true)
@@ -164,6 +171,8 @@ public final class LinkSender: @unchecked Sendable {
         try mirror.recordPeer(PeerRecord(id: peer.id, address: peer.address, durableSeq: durable ?? 0,
                                          updated: heard ?? 0, state: state, mode: s.mode, keepBytes: keepBytes,
                                          minFreeBytes: minFreeBytes), sync: sync)
+        // A dirty set the peer's acks have passed (it streamed past what was folded) is spent.
+        if let d = durable, let dirty = try? mirror.peerDirty(peer.id), d >= dirty.through { mirror.removePeerDirty(peer.id) }
     }
 
     // MARK: one connection
@@ -256,7 +265,10 @@ public final class LinkSender: @unchecked Sendable {
         var sent: UInt64 = 0, frames = 0
         var lastReport = Date()
         var total: UInt64 = 0
+        var pinged = Date()
         func send(_ frame: LinkFrame, data: Int) throws {
+            // The receiver only answers: a keepalive every few seconds keeps it heard from.
+            pingIfQuiet(channel, &pinged)
             frames += 1
             update { $0.bytesSent += UInt64(frame.body.readableBytes + LinkFrame.overheadBytes) }
             // Every 8th frame is waited for: at most ~8 MiB queued in the channel.
@@ -282,7 +294,10 @@ public final class LinkSender: @unchecked Sendable {
         }
         try channel.writeAndFlush(LinkSeedData.endFrame(bytesSent: sent)).wait()
         let deadline = Date(timeIntervalSinceNow: 600)
+        pinged = Date()
         while Date() < deadline {
+            // The receiver syncs and indexes before it acks: keep the link from falling silent.
+            pingIfQuiet(channel, &pinged)
             guard let f = try inbox.next(waiting: 1) else { continue }
             switch f.kind {
             case .ack:
@@ -399,8 +414,10 @@ public final class LinkSender: @unchecked Sendable {
         var hashes = CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { blockHashes($0, blockSize: bs) }
         var sent: UInt64 = 0, frames = 0
         var lastReport = Date()
+        var pinged = Date()
         try snapshot.forEachCatchUpData(runs, maxBytes: Self.batchBytes) { piece in
             if isStopping { throw LinkError("stopped") }
+            pingIfQuiet(channel, &pinged)
             if let f = try inbox.next(waiting: 0) {
                 if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
                 if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while catching up") }
@@ -419,7 +436,10 @@ public final class LinkSender: @unchecked Sendable {
         }
         try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: payloadChecksum(blockHashes: hashes))).wait()
         let deadline = Date(timeIntervalSinceNow: 600)
+        pinged = Date()
         while Date() < deadline {
+            // The receiver syncs and indexes before it acks: keep the link from falling silent.
+            pingIfQuiet(channel, &pinged)
             guard let f = try inbox.next(waiting: 1) else { continue }
             switch f.kind {
             case .ack:
@@ -462,6 +482,15 @@ public final class LinkSender: @unchecked Sendable {
         throw LinkError("the peer's index did not reach seq:\(seq)")
     }
 
+    /// A keepalive when none went for `LinkTiming.keepaliveSeconds`: the receiver answers it,
+    /// so a long seed or catch-up, during which it sends nothing else, is never taken for a
+    /// silent link (30 s) by this end.
+    private func pingIfQuiet(_ channel: Channel, _ last: inout Date) {
+        guard Date().timeIntervalSince(last) >= Double(LinkTiming.keepaliveSeconds) else { return }
+        channel.writeAndFlush(LinkFrame(.keepalive), promise: nil)
+        last = Date()
+    }
+
     /// Send records from `durable` + 1 on, keeping at most `windowBytes` unacknowledged.
     private func stream(_ channel: Channel, _ inbox: LinkInbox, from durable: UInt64) throws {
         var next = durable + 1
@@ -471,6 +500,12 @@ public final class LinkSender: @unchecked Sendable {
         while !isStopping {
             // Acknowledgements first: they open the window.
             while let f = try inbox.next(waiting: 0) { try handle(f, &inflight, &unacked, sent: next - 1) }
+            // The position, once a second even while batches go out back to back: retention
+            // holds at it, and a stale one would let it fold what the peer is about to ack.
+            if Date().timeIntervalSince(lastRecorded) >= 1 {
+                try recordPeer(sync: true)
+                lastRecorded = Date()
+            }
             if lock.withLock({ untilCaughtUp }), inflight.isEmpty, let d = status.durableSeq, d >= (try mirror.meta().lastSeq) {
                 try recordPeer(sync: true)
                 return
@@ -492,10 +527,6 @@ public final class LinkSender: @unchecked Sendable {
             if Date().timeIntervalSince(lastSent) >= Double(LinkTiming.keepaliveSeconds) {
                 channel.writeAndFlush(LinkFrame(.keepalive), promise: nil)
                 lastSent = Date()
-            }
-            if Date().timeIntervalSince(lastRecorded) >= 1 {
-                try recordPeer(sync: true)
-                lastRecorded = Date()
             }
             if let f = try inbox.next(waiting: Self.pollSeconds) { try handle(f, &inflight, &unacked, sent: next - 1) }
         }
