@@ -78,3 +78,17 @@ stop_server() {
 PY=/usr/bin/python3
 # nbdsh's `#!/usr/bin/env python3` would find the wrong python3 first on PATH here.
 nbdsh() { "$PY" -m nbd "$@"; }
+
+# start_receiver NAME MIRROR [options...]: `rewind receive` on 127.0.0.1:$RECV_PORT (unset or 0:
+# a free port) with home hNAME; sets PORT_<NAME>, PID_<NAME>. Waits until it listens.
+start_receiver() {
+    local name=$1 mirror=$2; shift 2
+    rm -f "recv-$name.json"
+    "$REWIND" receive "$mirror" --listen "127.0.0.1:${RECV_PORT:-0}" --home "h${name,,}" --json "$@" > "recv-$name.json" 2>>"recv-$name.log" &
+    local pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 100); do [ -s "recv-$name.json" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
+    [ -s "recv-$name.json" ] || { cat "recv-$name.log" >&2; fail "rewind receive $name did not start"; }
+    eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
+    eval "PID_$name=$pid"
+}

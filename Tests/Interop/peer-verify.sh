@@ -16,18 +16,6 @@ requires "$PY"
 cd "$T"
 for u in a b c; do eval "ID_${u^^}=\$(\"\$REWIND\" id --home h$u)"; done
 
-# start_receiver NAME MIRROR [options...]: `rewind receive` on a free port; sets PORT_<NAME>, PID_<NAME>.
-start_receiver() {
-    local name=$1 mirror=$2; shift 2
-    rm -f "recv-$name.json"
-    "$REWIND" receive "$mirror" --listen 127.0.0.1:0 --home "h${name,,}" --json "$@" > "recv-$name.json" 2>>"recv-$name.log" &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 100); do [ -s "recv-$name.json" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    [ -s "recv-$name.json" ] || { cat "recv-$name.log" >&2; fail "rewind receive $name did not start"; }
-    eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
-    eval "PID_$name=$pid"
-}
 newest() { "$REWIND" timeline "$1" --since latest --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["seq"])' 2>/dev/null || echo -1; }
 converged() { [ "$(newest "$1")" = "$(newest "$2")" ]; }
 wait_converged() { for _ in $(seq 300); do converged "$1" "$2" && return 0; sleep 0.2; done; fail "$2 did not reach $1's seq:$(newest "$1") (at seq:$(newest "$2"))"; }

@@ -27,20 +27,6 @@ if [ -d /dev/shm ] && [ "$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')" -gt $(
 fi
 for u in a b c; do eval "ID_${u^^}=\$(\"\$REWIND\" id --home h$u)"; done
 
-# start_receiver NAME MIRROR PORT [options...]: `rewind receive` on 127.0.0.1:PORT (0: a free
-# port; a restarted receiver must listen where the sender's --replicate-to names it); sets
-# PORT_<NAME>, PID_<NAME>.
-start_receiver() {
-    local name=$1 mirror=$2 port=$3; shift 3
-    rm -f "recv-$name.json"
-    "$REWIND" receive "$mirror" --listen "127.0.0.1:$port" --home "h${name,,}" --json "$@" > "recv-$name.json" 2>>"recv-$name.log" &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 100); do [ -s "recv-$name.json" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    [ -s "recv-$name.json" ] || { cat "recv-$name.log" >&2; fail "rewind receive $name did not start"; }
-    eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
-    eval "PID_$name=$pid"
-}
 # The newest seq: of a served origin, what its server has made durable (`timeline` asks it); of
 # a mirror whose window is empty (all folded, timeline lists nothing), the status's.
 newest() {
@@ -112,7 +98,7 @@ printf 'retention-interval = "1s"\n' > retention.toml
 # ---------------------------------------------------------------------------------------------
 # 1. A stopped peer past its bound: the dirty set, then one catch-up when it returns.
 KEEP=$((2 << 20)); PEER_KEEP=$((1 << 20)); VOLUME=$((64 << 20))
-start_receiver B b.rewind 0 --peer-id "$ID_A"
+RECV_PORT=0 start_receiver B b.rewind --peer-id "$ID_A"
 PEER_B="$ID_B@127.0.0.1:$PORT_B"
 SHOWN_B="${ID_B:0:16}…@127.0.0.1:$PORT_B"
 start_server a.img --size 64M --home ha --config retention.toml --keep-size 2M --peer-keep-size 1M --replicate-to "$PEER_B"
@@ -187,7 +173,7 @@ echo "1: $((WRITTEN >> 20)) MiB written with B away (seq:$D…seq:$N); A's journ
 
 # B returns, on its port: the sender (its backoff up to 15 s) catches it up to A's horizon.
 SENT_AT=$(lines "$T/serve.log"); RECV_AT=$(lines recv-B.log)
-start_receiver B b.rewind "$PORT_B" --peer-id "$ID_A"
+RECV_PORT="$PORT_B" start_receiver B b.rewind --peer-id "$ID_A"
 returned=$(now_ms)
 begin=$(wait_line recv-B.log "$RECV_AT" "catching up from seq:" 30) || { cat recv-B.log >&2; fail "B was not caught up within 30 s"; }
 t0=$(now_ms)
@@ -255,7 +241,7 @@ kill -TERM "$PID_B"; wait "$PID_B" 2>/dev/null || true
 # record (--keep-size 0 --peer-keep-size 0, writes without a FLUSH): each catch-up brings C to
 # A2's newest seq H, and A2's only point, so C at anything but D or H would be a torn catch-up.
 # A2 is restarted after C so that it connects at once (its backoff would grow to 15 s).
-start_receiver C c.rewind 0 --peer-id "$ID_A"
+RECV_PORT=0 start_receiver C c.rewind --peer-id "$ID_A"
 PEER_C="$ID_C@127.0.0.1:$PORT_C"
 SHOWN_C="${ID_C:0:16}…@127.0.0.1:$PORT_C"
 A2=a2.img.rewind
@@ -285,7 +271,7 @@ for r in 0 1 2 3 4 5; do
     "$REWIND" restore $A2 --at "seq:$H" --to "$IMG/ref-$H.img" >/dev/null
     stop_server
     RECV_AT=$(lines recv-C.log)
-    start_receiver C c.rewind "$PORT_C" --peer-id "$ID_A"
+    RECV_PORT="$PORT_C" start_receiver C c.rewind --peer-id "$ID_A"
     start_server a2.img "${A2_OPTIONS[@]}"
     begin=$(wait_line recv-C.log "$RECV_AT" "catching up from seq:" 20) || { tail -n 20 "$T/serve.log" recv-C.log >&2; fail "round $r: C was not caught up within 20 s"; }
     t0=$(now_ms)
@@ -339,7 +325,7 @@ H=$("$PY" workload.py "$SOCK" 299 $((32 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 re
 eventually folded || fail "A2 did not fold to its newest seq:$H"
 "$REWIND" restore $A2 --at "seq:$H" --to "$IMG/ref-$H.img" >/dev/null
 RECV_AT=$(lines recv-C.log)
-start_receiver C c.rewind "$PORT_C" --peer-id "$ID_A"
+RECV_PORT="$PORT_C" start_receiver C c.rewind --peer-id "$ID_A"
 wait_line recv-C.log "$RECV_AT" ": catching up from seq:$D to seq:$H as one point \(" 30 >/dev/null || { tail -n 5 recv-C.log >&2; fail "C was not caught up from seq:$D to seq:$H on its return"; }; ok
 kill -9 "$SERVER_PID"; wait "$SERVER_PID" 2>/dev/null || true
 if wait_line recv-C.log "$RECV_AT" "catch-up from ${ID_A:0:16}… \(127.0.0.1:[0-9]+\) abandoned unfinished; this mirror stays at its previous point\$" 10 >/dev/null; then

@@ -13,18 +13,6 @@ requires "$PY"
 cd "$T"
 for u in a b c d; do eval "ID_${u^^}=\$(\"\$REWIND\" id --home h$u)"; done
 
-# start_receiver NAME MIRROR [options...]: `rewind receive` on a free port; sets PORT_<NAME>, PID_<NAME>.
-start_receiver() {
-    local name=$1 mirror=$2; shift 2
-    rm -f "recv-$name.json"
-    "$REWIND" receive "$mirror" --listen 127.0.0.1:0 --home "h${name,,}" --json "$@" > "recv-$name.json" 2>>"recv-$name.log" &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 100); do [ -s "recv-$name.json" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    [ -s "recv-$name.json" ] || { cat "recv-$name.log" >&2; fail "rewind receive $name did not start"; }
-    eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
-    eval "PID_$name=$pid"
-}
 # The newest seq: of a served origin, what its server has made durable (`timeline` asks it).
 newest() { "$REWIND" timeline "$1" --since latest --json 2>/dev/null | "$PY" -c 'import json,sys; print(json.loads(sys.stdin.readline())["seq"])' 2>/dev/null || echo -1; }
 converged() { [ "$(newest "$1")" = "$(newest "$2")" ]; }

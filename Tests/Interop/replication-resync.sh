@@ -20,19 +20,6 @@ cd "$T"
 for u in a b; do eval "ID_${u^^}=\$(\"\$REWIND\" id --home h$u)"; done
 BS=4096 BLOCKS=16384   # 64 MiB volumes
 
-# start_receiver NAME MIRROR [options...]: `rewind receive` on RECV_PORT (default: a free
-# port); sets PORT_<NAME>, PID_<NAME>.
-start_receiver() {
-    local name=$1 mirror=$2; shift 2
-    rm -f "recv-$name.json"
-    "$REWIND" receive "$mirror" --listen "127.0.0.1:${RECV_PORT:-0}" --home "h${name,,}" --json "$@" > "recv-$name.json" 2>>"recv-$name.log" &
-    local pid=$!
-    PIDS+=("$pid")
-    for _ in $(seq 100); do [ -s "recv-$name.json" ] && break; kill -0 $pid 2>/dev/null || break; sleep 0.1; done
-    [ -s "recv-$name.json" ] || { cat "recv-$name.log" >&2; fail "rewind receive $name did not start"; }
-    eval "PORT_$name=$(sed 's/.*"listen":"127.0.0.1:\([0-9]*\)".*/\1/' "recv-$name.json")"
-    eval "PID_$name=$pid"
-}
 stop_receiver() { local pid; eval "pid=\$PID_$1"; kill "$pid"; wait "$pid" 2>/dev/null || true; }
 # The newest seq: of a served origin, what its server has made durable (`timeline` asks it);
 # of a mirror compacted up to its newest record (no record left to list), its oldest point.
