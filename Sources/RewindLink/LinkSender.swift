@@ -482,6 +482,46 @@ public final class LinkSender: @unchecked Sendable {
         throw LinkError("the peer's index did not reach seq:\(seq)")
     }
 
+    /// Forward one of this mirror's catch-up records to a peer that holds the seq it follows.
+    private func forwardCatchUp(_ channel: Channel, _ inbox: LinkInbox, _ record: ReplicatedRecord) throws {
+        logger.info("link to \(peer): forwarding the catch-up seq:\(record.offset)→seq:\(record.seq) as one point")
+        var pinged = Date()
+        var frames = 0
+        try mirror.forEachCatchUpData(seq: record.seq, maxBytes: Self.batchBytes, runs: { runs in
+            channel.writeAndFlush(LinkCatchUpBegin(from: record.offset, seq: record.seq, timestamp: record.timestamp, runs: runs).frame,
+                                  promise: nil)
+        }, data: { piece in
+            if isStopping { throw LinkError("stopped") }
+            pingIfQuiet(channel, &pinged)
+            if let f = try inbox.next(waiting: 0) {
+                if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
+                if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while forwarding a catch-up") }
+            }
+            let frame = LinkCatchUpData.frame(piece)
+            frames += 1
+            if frames % 8 == 0 { try channel.writeAndFlush(frame).wait() } else { channel.writeAndFlush(frame, promise: nil) }
+            update { $0.bytesSent += UInt64(piece.count + LinkFrame.overheadBytes) }
+        })
+        try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: record.checksum)).wait()
+        let deadline = Date(timeIntervalSinceNow: 600)
+        while Date() < deadline {
+            pingIfQuiet(channel, &pinged)
+            guard let f = try inbox.next(waiting: 1) else { continue }
+            switch f.kind {
+            case .ack:
+                let seq = try LinkSeq(f).seq
+                guard seq == record.seq else { throw LinkError("the peer acked seq:\(seq) for a catch-up to seq:\(record.seq)") }
+                acked(seq)
+                update { $0.sentSeq = seq }
+                return
+            case .keepalive: continue
+            case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
+            default: throw LinkError("a \(f.kind) frame where the catch-up's ack was due")
+            }
+        }
+        throw LinkError("the peer did not ack the forwarded catch-up within 600 s")
+    }
+
     /// A keepalive when none went for `LinkTiming.keepaliveSeconds`: the receiver answers it,
     /// so a long seed or catch-up, during which it sends nothing else, is never taken for a
     /// silent link (30 s) by this end.
@@ -512,6 +552,15 @@ public final class LinkSender: @unchecked Sendable {
             }
             if unacked < Self.windowBytes {
                 let batch = try mirror.replicatedRecords(from: next, maxRecords: Self.batchRecords, maxBytes: Self.batchBytes)
+                if let first = batch.first, first.kind == .catchUp {
+                    // This mirror was caught up itself (a cascade): once the peer holds what
+                    // precedes it, it is forwarded as a catch-up too.
+                    while !inflight.isEmpty, let f = try inbox.next(waiting: 1) { try handle(f, &inflight, &unacked, sent: next - 1) }
+                    guard inflight.isEmpty else { continue }
+                    try forwardCatchUp(channel, inbox, first)
+                    next = first.seq + 1
+                    continue
+                }
                 if let last = batch.last {
                     let frame = LinkRecords.frame(batch)
                     let bytes = frame.body.readableBytes

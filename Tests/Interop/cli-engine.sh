@@ -39,7 +39,7 @@ expect_error 64 "Error: rollback deletes every record after the point; add --yes
 expect_error 64 "Error: give --keep-age, --keep-size or --to" "$REWIND" compact m
 expect_error 64 "Error: --to cannot be combined with --keep-age/--keep-size" "$REWIND" compact m --to latest --keep-age 1d
 expect_error 64 "Error: The value '5x' is invalid for '--keep-age <keep-age>': invalid duration \"5x\": use a number with s, m, h or d (e.g. 15m, 7d)" "$REWIND" compact m --keep-age 5x
-expect_error 64 "Error: --at needs --against IMAGE" "$REWIND" verify m --at latest
+expect_error 64 "Error: --at needs --against IMAGE or --peer PEER" "$REWIND" verify m --at latest
 expect_error 1 "rewind: error: seq:1 is after the newest record seq:0" "$REWIND" bookmark m b1 --at seq:1
 expect_error 64 "Error: Missing expected argument '<mirror>'" "$REWIND" status
 [ "$("$REWIND" status m --json)" = "$status_before" ] || fail "bad input changed the mirror"; ok

@@ -224,6 +224,71 @@ import Testing
         await receiver.stop()
     }
 
+    /// A cascade A → B → C through a catch-up: B is caught up by A as one point; B forwards
+    /// that catch-up to C as a catch-up (C holds the seq it follows), and C reads every point
+    /// from there exactly as A does.
+    @Test func aCascadeForwardsACatchUp() async throws {
+        let dir = Dir()
+        let group = MultiThreadedEventLoopGroup.singleton
+        let a = try UnitIdentity.loadOrCreate(home: dir.file("ha")), b = try UnitIdentity.loadOrCreate(home: dir.file("hb"))
+        let c = try UnitIdentity.loadOrCreate(home: dir.file("hc"))
+        let origin = try Mirror.create(at: dir.file("a.rewind"), size: 256 * 4096)
+        for i in 0..<10 { try origin.append([.write(UInt64(i) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        let cReceiver = try LinkReceiver(path: dir.file("c.rewind"), allowed: [b.id], identity: c, group: group, logger: Self.logger) { _ in }
+        let cPort = try await cReceiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        let forward = LockedBox<LinkSender?>(nil)
+        let bContext = try LinkTLS.clientContext(b)
+        let cID = c.id
+        let makeB = { [dir] () throws -> LinkReceiver in
+            try LinkReceiver(path: dir.file("b.rewind"), allowed: [a.id], identity: b, group: group, logger: Self.logger, forwards: true) { m in
+                forward.withLock { s in
+                    guard s == nil else { return }
+                    let sender = LinkSender(mirror: m, peer: LinkPeer(id: cID, host: "127.0.0.1", port: cPort), context: bContext,
+                                            group: group, logger: Self.logger)
+                    m.indexCommitted = { sender.nudge() }
+                    sender.start()
+                    s = sender
+                }
+            }
+        }
+        var bReceiver = try makeB()
+        let bPort = try await bReceiver.start(host: "127.0.0.1", port: 0).port ?? 0
+        let sender = LinkSender(mirror: origin, peer: LinkPeer(id: b.id, host: "127.0.0.1", port: bPort),
+                                context: try LinkTLS.clientContext(a), group: group, logger: Self.logger, keepBytes: 0)
+        sender.start()
+        #expect(try waitUntil { (try cReceiver.mirror?.meta().lastSeq) == 10 })
+        await bReceiver.stop()
+        for i in 10..<40 { try origin.append([.write(UInt64(i * 3 % 256) * 4096, [UInt8](repeating: UInt8(i + 1), count: 4096))]) }
+        _ = try origin.compact(keepAgeNanoseconds: nil, keepBytes: 0)
+        let horizon = try origin.meta().horizon
+        #expect(horizon == 40)
+        for i in 40..<45 { try origin.append([.write(UInt64(i) * 4096, [UInt8](repeating: 0x55, count: 4096))]) }
+        bReceiver = try makeB()
+        _ = try await bReceiver.start(host: "127.0.0.1", port: bPort)
+        #expect(try waitUntil(40) { (try cReceiver.mirror?.meta().lastSeq) == 45 })
+        let replica = try #require(cReceiver.mirror)
+        for seq in horizon...45 {
+            let x = try Snapshot(mirror: origin, point: .seq(seq)), y = try Snapshot(mirror: replica, point: .seq(seq))
+            #expect(try x.read(at: 0, count: 256 * 4096) == y.read(at: 0, count: 256 * 4096), "seq:\(seq)")
+            x.close(); y.close()
+        }
+        // C's history before the catch-up stays: record k wrote block k - 1 with k.
+        for seq in UInt64(0)...10 {
+            let snapshot = try Snapshot(mirror: replica, point: .seq(seq))
+            let head = try snapshot.read(at: 0, count: 4096 * 10)
+            snapshot.close()
+            var expected = [UInt8](repeating: 0, count: 4096 * 10)
+            for i in 0..<Int(seq) { for j in 0..<4096 { expected[i * 4096 + j] = UInt8(i + 1) } }
+            #expect(head == expected, "seq:\(seq)")
+        }
+        #expect(throws: RewindError.self) { _ = try replica.resolve(.seq(20)) }
+        _ = try replica.verify()
+        sender.stop()
+        forward.withLock { $0?.stop() }
+        await bReceiver.stop()
+        await cReceiver.stop()
+    }
+
     @Test func aStrangerIsRefusedBeforeAnythingIsWritten() async throws {
         let dir = Dir()
         let group = MultiThreadedEventLoopGroup.singleton
@@ -250,4 +315,12 @@ import Testing
         #expect(access(dir.file("b.rewind"), F_OK) != 0)
         await receiver.stop()
     }
+}
+
+/// A value shared with a callback on another thread.
+final class LockedBox<T>: @unchecked Sendable {
+    private let lock = NSLock()
+    private var value: T
+    init(_ value: T) { self.value = value }
+    func withLock<R>(_ body: (inout T) -> R) -> R { lock.lock(); defer { lock.unlock() }; return body(&value) }
 }

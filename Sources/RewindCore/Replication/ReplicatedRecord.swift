@@ -43,6 +43,15 @@ extension Mirror {
                 // A catch-up stands for the seqs it skipped: a peer before it gets it next.
                 guard let (found, h) = try journal.record(txn, atOrAfter: seq) else { break }
                 seq = found
+                if h.kind == .catchUp {
+                    // A catch-up goes on as a catch-up (`forEachCatchUpData`), never in a batch:
+                    // alone, without its payload (up to 4 GiB), and nothing after it.
+                    if out.isEmpty {
+                        out.append(ReplicatedRecord(seq: seq, timestamp: h.timestamp, kind: h.kind, fua: false, offset: h.offset,
+                                                    length: h.length, checksum: h.checksum, payload: []))
+                    }
+                    break
+                }
                 let payload = try journal.payload(seq: seq, header: h)
                 if !payload.isEmpty {
                     let sum = payload.withUnsafeBytes { payloadChecksum($0, blockSize: blockSize) }
@@ -57,6 +66,35 @@ extension Mirror {
                 seq += 1
             }
             return out
+        }
+    }
+
+    /// A catch-up record of this mirror (a cascade forwards it as a catch-up): its runs, then
+    /// its data blocks in run order, read from the log in pieces of at most `maxBytes`, each
+    /// block checked against the record's checksum as a whole at the end.
+    public func forEachCatchUpData(seq: UInt64, maxBytes: Int = 4 << 20, runs body: ([CatchUpRun]) throws -> Void,
+                                   data: (UnsafeRawBufferPointer) throws -> Void) throws {
+        let h = try journal.env.read { try journal.header($0, seq: seq) }
+        guard h.kind == .catchUp else { throw RewindError.invalidArgument("seq:\(seq) is not a catch-up") }
+        let runs = try catchUpRuns(h, seq: seq)
+        try body(runs)
+        let bs = blockSize
+        let list = CatchUp.listBlocks(runs: runs.count, blockSize: bs) * bs
+        var hashes = CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { blockHashes($0, blockSize: bs) }
+        let total = Int(h.storedLength) - list
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bs, maxBytes / bs * bs), alignment: 4096)
+        defer { buffer.deallocate() }
+        var at = 0
+        while at < total {
+            let n = min(buffer.count, total - at)
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
+            try journal.readPayload(at: h.segment + UInt64(h.segmentOffset) + UInt64(list + at), into: piece, seq: seq)
+            hashes += blockHashes(UnsafeRawBufferPointer(piece), blockSize: bs)
+            try data(UnsafeRawBufferPointer(piece))
+            at += n
+        }
+        guard payloadChecksum(blockHashes: hashes) == h.checksum else {
+            throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (data damaged on disk)")
         }
     }
 
