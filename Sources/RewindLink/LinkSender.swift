@@ -293,29 +293,14 @@ public final class LinkSender: @unchecked Sendable {
             }
         }
         try channel.writeAndFlush(LinkSeedData.endFrame(bytesSent: sent)).wait()
-        let deadline = Date(timeIntervalSinceNow: 600)
-        pinged = Date()
-        while Date() < deadline {
-            // The receiver syncs and indexes before it acks: keep the link from falling silent.
-            pingIfQuiet(channel, &pinged)
-            guard let f = try inbox.next(waiting: 1) else { continue }
-            switch f.kind {
-            case .ack:
-                let seq = try LinkSeq(f).seq
-                guard seq == seed.horizon else { throw LinkError("the peer acked seq:\(seq) for a seed as of seq:\(seed.horizon)") }
-                mirror.removePeerDirty(peer.id)  // a seeded peer starts afresh
-                if stale {
-                    logger.info("link to \(peer): seeded from its stale copy, \(sent) bytes of data sent (\(total) bytes of blocks differed)")
-                } else {
-                    logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
-                }
-                return seq
-            case .keepalive: continue
-            case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
-            default: throw LinkError("a \(f.kind) frame where the seed's ack was due")
-            }
+        try awaitAck(seed.horizon, of: "the seed", channel, inbox)
+        mirror.removePeerDirty(peer.id)  // a seeded peer starts afresh
+        if stale {
+            logger.info("link to \(peer): seeded from its stale copy, \(sent) bytes of data sent (\(total) bytes of blocks differed)")
+        } else {
+            logger.info("link to \(peer): seeded, \(sent) bytes of base sent (\(total - sent) of its \(total) allocated bytes were zeros)")
         }
-        throw LinkError("the peer did not ack the seed within 600 s")
+        return seed.horizon
     }
 
     /// Seeding a peer that starts from a stale copy of the volume: its tree's root comes back
@@ -435,27 +420,12 @@ public final class LinkSender: @unchecked Sendable {
             }
         }
         try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: payloadChecksum(blockHashes: hashes))).wait()
-        let deadline = Date(timeIntervalSinceNow: 600)
-        pinged = Date()
-        while Date() < deadline {
-            // The receiver syncs and indexes before it acks: keep the link from falling silent.
-            pingIfQuiet(channel, &pinged)
-            guard let f = try inbox.next(waiting: 1) else { continue }
-            switch f.kind {
-            case .ack:
-                let seq = try LinkSeq(f).seq
-                guard seq == horizon else { throw LinkError("the peer acked seq:\(seq) for a catch-up to seq:\(horizon)") }
-                acked(seq)
-                try recordPeer(sync: true, state: "streaming")
-                mirror.removePeerDirty(peer.id)
-                logger.info("link to \(peer): caught up to seq:\(horizon) (\(sent) bytes of data sent)")
-                return seq
-            case .keepalive: continue
-            case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
-            default: throw LinkError("a \(f.kind) frame where the catch-up's ack was due")
-            }
-        }
-        throw LinkError("the peer did not ack the catch-up within 600 s")
+        try awaitAck(horizon, of: "the catch-up", channel, inbox)
+        acked(horizon)
+        try recordPeer(sync: true, state: "streaming")
+        mirror.removePeerDirty(peer.id)
+        logger.info("link to \(peer): caught up to seq:\(horizon) (\(sent) bytes of data sent)")
+        return horizon
     }
 
     /// The blocks where the peer's point `seq` differs from `snapshot`, by checksum tree over
@@ -503,23 +473,30 @@ public final class LinkSender: @unchecked Sendable {
             update { $0.bytesSent += UInt64(piece.count + LinkFrame.overheadBytes) }
         })
         try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: record.checksum)).wait()
+        try awaitAck(record.seq, of: "the forwarded catch-up", channel, inbox)
+        acked(record.seq)
+        update { $0.sentSeq = record.seq }
+    }
+
+    /// Wait (up to 600 s) for the peer to ack `seq`, the end of a seed or a catch-up: it syncs
+    /// and indexes first, so keepalives go meanwhile to keep the link from falling silent.
+    private func awaitAck(_ seq: UInt64, of what: String, _ channel: Channel, _ inbox: LinkInbox) throws {
         let deadline = Date(timeIntervalSinceNow: 600)
+        var pinged = Date()
         while Date() < deadline {
             pingIfQuiet(channel, &pinged)
             guard let f = try inbox.next(waiting: 1) else { continue }
             switch f.kind {
             case .ack:
-                let seq = try LinkSeq(f).seq
-                guard seq == record.seq else { throw LinkError("the peer acked seq:\(seq) for a catch-up to seq:\(record.seq)") }
-                acked(seq)
-                update { $0.sentSeq = seq }
+                let acked = try LinkSeq(f).seq
+                guard acked == seq else { throw LinkError("the peer acked seq:\(acked) for \(what) to seq:\(seq)") }
                 return
             case .keepalive: continue
             case .refuse: throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)")
-            default: throw LinkError("a \(f.kind) frame where the catch-up's ack was due")
+            default: throw LinkError("a \(f.kind) frame where \(what)'s ack was due")
             }
         }
-        throw LinkError("the peer did not ack the forwarded catch-up within 600 s")
+        throw LinkError("the peer did not ack \(what) within 600 s")
     }
 
     /// A keepalive when none went for `LinkTiming.keepaliveSeconds`: the receiver answers it,
