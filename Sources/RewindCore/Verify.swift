@@ -69,21 +69,20 @@ extension Mirror {
                     }
                     _ = try catchUpRuns(h, seq: seq)  // its run list adds up to its blocks and stored bytes
                 }
-                let expectedStored = h.kind == .catchUp ? UInt64(h.storedLength)
+                let expectedStored = h.kind == .catchUp ? h.storedBytes
                     : UInt64(Self.layout(kind: h.kind, offset: h.offset, length: h.length, blockSize: bs).stored.count) * bs
-                guard UInt64(h.storedLength) == expectedStored, h.cumulative == cumulative + expectedStored else {
-                    throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedLength) does not match its \(h.kind.name) of \(h.length) bytes")
+                guard h.storedBytes == expectedStored, h.cumulative == cumulative + expectedStored else {
+                    throw RewindError.corruptRecord(seq: seq, why: "stored length \(h.storedBytes) does not match its \(h.kind.name) of \(h.length) bytes")
                 }
-                let payload = try journal.payload(seq: seq, header: h)
-                if h.storedLength > 0 {
-                    let sum = payload.withUnsafeBytes { payloadChecksum($0, blockSize: blockSize) }
+                if h.storedBytes > 0 {
+                    let sum = try journal.storedChecksum(seq: seq, header: h, blockSize: blockSize)
                     guard sum == h.checksum else {
                         throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (stored \(hex(h.checksum)), computed \(hex(sum)))")
                     }
                 }
                 report.records += 1
-                journal.touched(RecordHeader.size + 16 + Int(h.storedLength))
-                report.payloadBytes += UInt64(h.storedLength)
+                journal.touched(RecordHeader.size + 16 + Int(clamping: h.storedBytes))
+                report.payloadBytes += h.storedBytes
                 cumulative = h.cumulative
                 lastTime = h.timestamp
                 expected += 1

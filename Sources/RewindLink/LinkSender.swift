@@ -385,18 +385,20 @@ public final class LinkSender: @unchecked Sendable {
             blocks = try resyncBlocks(peerAt: from, snapshot)
         }
         let dirty = PeerDirty(from: from, through: horizon, blocks: blocks)
-        let runs = try snapshot.catchUpRuns(for: dirty.blocks)
+        let exact = try snapshot.catchUpRuns(for: dirty.blocks)
+        // One begin frame lists the runs: past what it holds, the closest runs are joined (the
+        // blocks between them are sent too: unchanged since the peer's seq, so still correct).
+        let runs = CatchUp.coalesce(exact, maxRuns: LinkCatchUpBegin.maxRuns)
         let bs = mirror.blockSize
         let dataBlocks = runs.reduce(UInt64(0)) { $0 + ($1.zero ? 0 : UInt64($1.blocks.count)) }
-        let listBytes = CatchUp.listBlocks(runs: runs.count, blockSize: bs) * bs
-        guard runs.count <= LinkCatchUpBegin.maxRuns, UInt64(listBytes) + dataBlocks * UInt64(bs) <= CatchUpWriter.maxStoredBytes else {
-            update { $0.state = "needs a resync" }
-            throw LinkError("the peer's catch-up (\(dirty.blocks.count) blocks in \(runs.count) runs) is more than one catch-up holds (4 GiB of data); it needs a new seed (move its mirror aside)")
+        if runs.count < exact.count {
+            logger.info("link to \(peer): the catch-up's \(exact.count) runs joined into \(runs.count), to fit one frame")
         }
         update { $0.state = "catching up"; $0.connected = true }
         logger.info("link to \(peer): the peer holds seq:\(from), folded here since; catching it up to seq:\(horizon) as one point: \(dirty.blocks.count) blocks changed, \(dataBlocks * UInt64(bs)) bytes of data")
         channel.writeAndFlush(LinkCatchUpBegin(from: from, seq: horizon, timestamp: m.horizonTime, runs: runs).frame, promise: nil)
-        var hashes = CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { blockHashes($0, blockSize: bs) }
+        let hasher = PayloadHasher(blockSize: bs)
+        CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { hasher.update($0) }
         var sent: UInt64 = 0, frames = 0
         var lastReport = Date()
         var pinged = Date()
@@ -407,7 +409,7 @@ public final class LinkSender: @unchecked Sendable {
                 if f.kind == .refuse { throw LinkError("refused by the peer: \(try LinkRefusal(f).reason)") }
                 if f.kind != .keepalive { throw LinkError("a \(f.kind) frame while catching up") }
             }
-            hashes += blockHashes(piece, blockSize: bs)
+            hasher.update(piece)
             let frame = LinkCatchUpData.frame(piece)
             frames += 1
             // Every 8th frame is waited for: at most ~32 MiB queued in the channel.
@@ -419,7 +421,7 @@ public final class LinkSender: @unchecked Sendable {
                 lastReport = Date()
             }
         }
-        try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: payloadChecksum(blockHashes: hashes))).wait()
+        try channel.writeAndFlush(LinkCatchUpData.endFrame(checksum: hasher.checksum)).wait()
         try awaitAck(horizon, of: "the catch-up", channel, inbox)
         acked(horizon)
         try recordPeer(sync: true, state: "streaming")

@@ -47,3 +47,32 @@ public func blockHashes(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> [U
 public func payloadChecksum(_ payload: UnsafeRawBufferPointer, blockSize: Int) -> UInt64 {
     payloadChecksum(blockHashes: blockHashes(payload, blockSize: blockSize))
 }
+
+/// A record's checksum taken as its payload passes in pieces of whole blocks: the same value
+/// as `payloadChecksum`, without holding the payload or its block hashes (a catch-up may be
+/// larger than memory).
+public final class PayloadHasher {
+    private let state: OpaquePointer
+    private let blockSize: Int
+
+    public init(blockSize: Int) {
+        guard let state = XXH3_createState() else { fatalError("out of memory for an XXH3 state") }
+        self.state = state
+        self.blockSize = blockSize
+        XXH3_64bits_reset(state)
+    }
+
+    deinit { XXH3_freeState(state) }
+
+    /// The next blocks of the payload (only the payload's last piece may end in a short block).
+    public func update(_ bytes: UnsafeRawBufferPointer) {
+        update(hashes: blockHashes(bytes, blockSize: blockSize))
+    }
+
+    /// The next blocks' hashes.
+    public func update(hashes: [UInt64]) {
+        hashes.withUnsafeBytes { _ = XXH3_64bits_update(state, $0.baseAddress, $0.count) }
+    }
+
+    public var checksum: UInt64 { XXH3_64bits_digest(state) }
+}

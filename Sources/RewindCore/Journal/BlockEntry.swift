@@ -81,8 +81,8 @@ extension Mirror {
             switch content {
             case .zero: return true
             case let .data(segment, offset, _):
-                return segment == h.segment && offset >= h.segmentOffset && offset < h.segmentOffset &+ h.storedLength
-                    && UInt64(offset - h.segmentOffset) % bs == 0
+                let (at, overflow) = segment.addingReportingOverflow(UInt64(offset))
+                return !overflow && at >= h.payloadPosition && at < h.payloadEnd && (at - h.payloadPosition) % bs == 0
             }
         }
         guard h.length > 0, h.kind != .flush else { return false }

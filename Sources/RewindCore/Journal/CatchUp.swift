@@ -81,6 +81,29 @@ public enum CatchUp {
         return runs
     }
 
+    /// `runs` in at most `maxRuns` runs: where there are more, the runs with the smallest gaps
+    /// between them are joined into runs of data (the gap's blocks and any zero run included
+    /// are sent as data). Only for blocks outside `runs` that the receiver already holds as
+    /// of the catch-up's point: a dirty set's complement.
+    public static func coalesce(_ runs: [CatchUpRun], maxRuns: Int) -> [CatchUpRun] {
+        guard runs.count > maxRuns, maxRuns > 0 else { return runs }
+        // The smallest gap g for which joining every gap ≤ g leaves at most maxRuns runs.
+        var gaps = zip(runs, runs.dropFirst()).map { $1.blocks.lowerBound - $0.blocks.upperBound }
+        gaps.sort()
+        let limit = gaps[runs.count - maxRuns - 1]
+        var out: [CatchUpRun] = []
+        out.reserveCapacity(maxRuns)
+        for run in runs {
+            if let last = out.last, run.blocks.lowerBound - last.blocks.upperBound <= limit {
+                let zero = last.zero && run.zero && run.blocks.lowerBound == last.blocks.upperBound
+                out[out.count - 1] = CatchUpRun(last.blocks.lowerBound..<run.blocks.upperBound, zero: zero)
+            } else {
+                out.append(run)
+            }
+        }
+        return out
+    }
+
     static func dataBlocks(_ runs: [CatchUpRun]) -> UInt64 { runs.reduce(0) { $0 + ($1.zero ? 0 : UInt64($1.blocks.count)) } }
     static func allBlocks(_ runs: [CatchUpRun]) -> UInt64 { runs.reduce(0) { $0 + UInt64($1.blocks.count) } }
 }
@@ -90,19 +113,19 @@ extension Mirror {
     func catchUpRuns(_ h: RecordHeader, seq: UInt64) throws -> [CatchUpRun] {
         let bs = blockSize
         var first = [UInt8](repeating: 0, count: bs)
-        try first.withUnsafeMutableBytes { try journal.readPayload(at: h.segment + UInt64(h.segmentOffset), into: $0, seq: seq) }
+        try first.withUnsafeMutableBytes { try journal.readPayload(at: h.payloadPosition, into: $0, seq: seq) }
         let count = first.withUnsafeBytes { $0.loadLE(at: 0, as: UInt64.self) }
-        guard count <= UInt64(h.storedLength) / 16 else {
+        guard count <= h.storedBytes / 16 else {
             throw RewindError.corruptRecord(seq: seq, why: "its catch-up run list claims \(count) runs")
         }
         let listBytes = CatchUp.listBlocks(runs: Int(count), blockSize: bs) * bs
-        guard listBytes <= Int(h.storedLength) else { throw RewindError.corruptRecord(seq: seq, why: "its catch-up run list is longer than its payload") }
+        guard UInt64(listBytes) <= h.storedBytes else { throw RewindError.corruptRecord(seq: seq, why: "its catch-up run list is longer than its payload") }
         var list = [UInt8](repeating: 0, count: listBytes)
-        try list.withUnsafeMutableBytes { try journal.readPayload(at: h.segment + UInt64(h.segmentOffset), into: $0, seq: seq) }
+        try list.withUnsafeMutableBytes { try journal.readPayload(at: h.payloadPosition, into: $0, seq: seq) }
         let runs = try list.withUnsafeBytes { try CatchUp.decodeRuns($0, seq: seq, volumeBlocks: volumeSize / UInt64(bs)) }
         guard CatchUp.allBlocks(runs) == h.length,
-              (UInt64(CatchUp.listBlocks(runs: runs.count, blockSize: bs)) + CatchUp.dataBlocks(runs)) * UInt64(bs) == UInt64(h.storedLength) else {
-            throw RewindError.corruptRecord(seq: seq, why: "its catch-up runs do not add up to its \(h.length) blocks and \(h.storedLength) stored bytes")
+              (UInt64(CatchUp.listBlocks(runs: runs.count, blockSize: bs)) + CatchUp.dataBlocks(runs)) * UInt64(bs) == h.storedBytes else {
+            throw RewindError.corruptRecord(seq: seq, why: "its catch-up runs do not add up to its \(h.length) blocks and \(h.storedBytes) stored bytes")
         }
         return runs
     }
@@ -110,8 +133,10 @@ extension Mirror {
 
 /// Writes one catch-up (`CatchUp`) to a mirror: the data blocks in run order as they come
 /// (straight into the log, never all in memory), then the run list, the record and its chunk's
-/// header; syncs the log; then indexes it in one LMDB transaction. Until `finish` returns the
-/// mirror reads as before; `abandon` (or a crash) leaves it so. The caller owns the mirror's
+/// header; syncs the log; then indexes it in one LMDB transaction and syncs that. Until
+/// `finish` returns the mirror reads as before and a power cut leaves it so (or at the
+/// catch-up, once its commit is on the disk); after, it is durable; `abandon` leaves it as
+/// before. Memory: 8 bytes per block (their hashes, for the index). The caller owns the mirror's
 /// writing (owner.lock, no other writer).
 public final class CatchUpWriter {
     public let mirror: Mirror
@@ -126,9 +151,6 @@ public final class CatchUpWriter {
     private var written: UInt64 = 0
     private var hashes: [UInt64] = []
     private var finished = false
-
-    /// Payload a catch-up may store: its record's stored length is 32 bits.
-    public static let maxStoredBytes = UInt64(UInt32.max) - (1 << 20)
 
     public init(mirror: Mirror, from: UInt64, seq: UInt64, timestamp: UInt64, runs: [CatchUpRun]) throws {
         self.mirror = mirror
@@ -148,9 +170,6 @@ public final class CatchUpWriter {
         try CatchUp.check(runs, volumeBlocks: mirror.volumeSize / UInt64(mirror.blockSize))
         listBytes = CatchUp.listBlocks(runs: runs.count, blockSize: mirror.blockSize) * mirror.blockSize
         dataBlocks = CatchUp.dataBlocks(runs)
-        guard UInt64(listBytes) + dataBlocks * UInt64(mirror.blockSize) <= Self.maxStoredBytes else {
-            throw RewindError.invalidArgument("a catch-up of \(dataBlocks) blocks of data is more than one record holds (4 GiB)")
-        }
         meta = m
         start = m.logEnd
         hashes.reserveCapacity(Int(dataBlocks) + listBytes / mirror.blockSize)
@@ -185,9 +204,8 @@ public final class CatchUpWriter {
             throw RewindError.invalidArgument("the catch-up's checksum is \(String(checksum, radix: 16)), the sender's \(String(expected, radix: 16)): damaged on the way")
         }
         let stored = UInt64(list.count) + written * UInt64(bs)
-        let header = RecordHeader(kind: .catchUp, fua: false, timestamp: timestamp, offset: from, length: CatchUp.allBlocks(runs),
-                                  checksum: checksum, segment: payloadStart, segmentOffset: 0, storedLength: UInt32(stored),
-                                  cumulative: meta.lastCumulative + stored)
+        let header = RecordHeader.catchUp(timestamp: timestamp, from: from, blocks: CatchUp.allBlocks(runs), checksum: checksum,
+                                          position: payloadStart, stored: stored, cumulative: meta.lastCumulative + stored)
         let log = mirror.journal.log
         try list.withUnsafeBytes { try log.write($0, at: payloadStart) }
         let headerBytes = header.encoded(seq: seq)
@@ -211,10 +229,14 @@ public final class CatchUpWriter {
                 m.logEnd = start + chunk.totalBytes
                 try journal.writeMeta(txn, m)
             }
+            finished = true  // committed: its payload stays in the log whatever follows
+            // A commit's meta page waits for the next one (MDB_NOMETASYNC), and replay never
+            // brings a catch-up back: synced here, before the sender is told and drops what
+            // it kept for the peer.
+            try journal.env.sync()
         } catch let e as LMDBError {
             throw RewindError.journal(e)
         }
-        finished = true
         mirror.indexCommitted?()
         return checksum
     }

@@ -167,13 +167,27 @@ public final class Journal: @unchecked Sendable {
     }
 
     func payload(seq: UInt64, header h: RecordHeader) throws -> [UInt8] {
+        guard h.kind != .catchUp else { throw RewindError.invalidArgument("seq:\(seq) is a catch-up: read it in pieces") }
         guard h.storedLength > 0 else { return [] }
         var bytes = [UInt8](repeating: 0, count: Int(h.storedLength))
-        let complete = try bytes.withUnsafeMutableBytes { try log.read(at: h.segment + UInt64(h.segmentOffset), into: $0) }
-        guard complete else {
-            throw RewindError.corruptRecord(seq: seq, why: "its payload (log position \(h.segment + UInt64(h.segmentOffset))) is missing from log/")
-        }
+        try bytes.withUnsafeMutableBytes { try readPayload(at: h.payloadPosition, into: $0, seq: seq) }
         return bytes
+    }
+
+    /// A record's checksum taken over its payload as stored, read in pieces of whole blocks.
+    func storedChecksum(seq: UInt64, header h: RecordHeader, blockSize: Int) throws -> UInt64 {
+        let hasher = PayloadHasher(blockSize: blockSize)
+        let per = max(1, (4 << 20) / blockSize) * blockSize
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: per, alignment: 4096)
+        defer { buffer.deallocate() }
+        var at: UInt64 = 0
+        while at < h.storedBytes {
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(per), h.storedBytes - at))])
+            try readPayload(at: h.payloadPosition + at, into: piece, seq: seq)
+            hasher.update(UnsafeRawBufferPointer(piece))
+            at += UInt64(piece.count)
+        }
+        return hasher.checksum
     }
 
     /// Delete the records in `range`, `Compactor.chunkRecords` per write transaction so a live

@@ -35,7 +35,7 @@ extension Mirror {
                 guard m.pendingRollback > m.oldestPoint else { return [] }
                 let last = try journal.header(txn, seq: m.pendingRollback)
                 m.lastSeq = m.pendingRollback
-                m.logEnd = last.segment + UInt64(last.segmentOffset) + UInt64(last.storedLength)
+                m.logEnd = last.payloadEnd
             }
             guard m.lastSeq > m.oldestPoint else { return [] }
             guard let first = try journal.record(txn, atOrAfter: m.oldestPoint + 1) else { return [] }
@@ -83,7 +83,7 @@ extension Mirror {
             let mid = lo + (hi - lo) / 2
             // A catch-up's gap reads as the catch-up (chunk positions still grow with seq).
             let h = try journal.record(txn, atOrAfter: mid)?.header ?? journal.header(txn, seq: mid)
-            if h.segment + UInt64(h.segmentOffset) + UInt64(h.storedLength) <= position { lo = mid + 1 } else { hi = mid }
+            if h.payloadEnd <= position { lo = mid + 1 } else { hi = mid }
         }
         return lo
     }

@@ -33,7 +33,9 @@ extension Mirror {
                     continue
                 }
                 for block in run.blocks {
-                    let (value, hash) = BlockContent.data(segment: h.segment, offset: h.segmentOffset + UInt32(i * blockSize),
+                    // Entries name each block's own log position (offset 0): a catch-up may be
+                    // longer than a 32-bit offset reaches.
+                    let (value, hash) = BlockContent.data(segment: h.payloadPosition + UInt64(i) * bs, offset: 0,
                                                           hash: blockHashes[i]).encoded(block: block, seq: seq)
                     try txn.put(journal.blocks, blockKey(block, seq), value)
                     tally.add(hash)

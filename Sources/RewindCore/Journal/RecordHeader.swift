@@ -12,9 +12,12 @@
 /// 24     8    length          byte length the host wrote
 /// 32     8    checksum        XXH3-64 over the XXH3-64s of the stored blocks (0 when none)
 /// 40     8    segment         key of the `segments` value holding the payload (0 = none)
-/// 48     4    segmentOffset   where the payload starts in that segment
-/// 52     4    storedLength    payload bytes: the whole blocks the change touches (writes), or
-///                             its partial head and tail blocks after zeroing (zero, trim)
+/// 48     4    segmentOffset   where the payload starts in that segment; in a catch-up (whose
+///                             segment is its payload's own position) the stored length's high
+///                             32 bits, so one catch-up may hold more than 4 GiB
+/// 52     4    storedLength    payload bytes (their low 32 bits, in a catch-up): the whole blocks
+///                             the change touches (writes), or its partial head and tail blocks
+///                             after zeroing (zero, trim)
 /// 56     8    cumulative      payload bytes stored from the mirror's creation up to this record
 /// ```
 /// All integers little-endian. Format 1 (mirror format 2) checked the header without its seq.
@@ -32,6 +35,23 @@ public struct RecordHeader: Equatable, Sendable {
     public var segmentOffset: UInt32
     public var storedLength: UInt32
     public var cumulative: UInt64
+
+    /// A catch-up's header: its payload at log position `position`, `stored` bytes long.
+    static func catchUp(timestamp: UInt64, from: UInt64, blocks: UInt64, checksum: UInt64, position: UInt64,
+                        stored: UInt64, cumulative: UInt64) -> RecordHeader {
+        RecordHeader(kind: .catchUp, fua: false, timestamp: timestamp, offset: from, length: blocks, checksum: checksum,
+                     segment: position, segmentOffset: UInt32(truncatingIfNeeded: stored >> 32),
+                     storedLength: UInt32(truncatingIfNeeded: stored), cumulative: cumulative)
+    }
+
+    /// The log position where the payload starts.
+    public var payloadPosition: UInt64 { kind == .catchUp ? segment : segment &+ UInt64(segmentOffset) }
+
+    /// The payload's length in bytes.
+    public var storedBytes: UInt64 { kind == .catchUp ? UInt64(segmentOffset) << 32 | UInt64(storedLength) : UInt64(storedLength) }
+
+    /// Where the payload ends in the log.
+    public var payloadEnd: UInt64 { payloadPosition &+ storedBytes }
 
     func encoded(seq: UInt64) -> [UInt8] {
         var b = [UInt8](); b.reserveCapacity(Self.size)

@@ -45,7 +45,7 @@ extension Mirror {
                 seq = found
                 if h.kind == .catchUp {
                     // A catch-up goes on as a catch-up (`forEachCatchUpData`), never in a batch:
-                    // alone, without its payload (up to 4 GiB), and nothing after it.
+                    // alone, without its payload (of any size), and nothing after it.
                     if out.isEmpty {
                         out.append(ReplicatedRecord(seq: seq, timestamp: h.timestamp, kind: h.kind, fua: false, offset: h.offset,
                                                     length: h.length, checksum: h.checksum, payload: []))
@@ -80,20 +80,21 @@ extension Mirror {
         try body(runs)
         let bs = blockSize
         let list = CatchUp.listBlocks(runs: runs.count, blockSize: bs) * bs
-        var hashes = CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { blockHashes($0, blockSize: bs) }
-        let total = Int(h.storedLength) - list
+        let hasher = PayloadHasher(blockSize: bs)
+        CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { hasher.update($0) }
+        let total = h.storedBytes - UInt64(list)
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bs, maxBytes / bs * bs), alignment: 4096)
         defer { buffer.deallocate() }
-        var at = 0
+        var at: UInt64 = 0
         while at < total {
-            let n = min(buffer.count, total - at)
+            let n = Int(min(UInt64(buffer.count), total - at))
             let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-            try journal.readPayload(at: h.segment + UInt64(h.segmentOffset) + UInt64(list + at), into: piece, seq: seq)
-            hashes += blockHashes(UnsafeRawBufferPointer(piece), blockSize: bs)
+            try journal.readPayload(at: h.payloadPosition + UInt64(list) + at, into: piece, seq: seq)
+            hasher.update(UnsafeRawBufferPointer(piece))
             try data(UnsafeRawBufferPointer(piece))
-            at += n
+            at += UInt64(n)
         }
-        guard payloadChecksum(blockHashes: hashes) == h.checksum else {
+        guard hasher.checksum == h.checksum else {
             throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (data damaged on disk)")
         }
     }
