@@ -104,6 +104,26 @@ extension Mirror {
         return try rebuildBaseSums(horizon: m.horizon, uuid: m.uuid, progress: progress)
     }
 
+    /// For crash tests: nil when `base.sums` is missing or stale (its next user rebuilds it);
+    /// else whether it equals one built afresh from base.img, byte for byte.
+    public func baseSumsMatchRebuild() throws -> Bool? {
+        let m = try meta()
+        let tree = sumTree
+        guard m.target <= m.horizon, let file = try? BlockFile(path: baseSumsPath, mode: .readOnly),
+              BaseSums.describedSeq(file, tree: tree, uuid: m.uuid) == m.horizon,
+              (try? file.size()) == BaseSums(file: file, tree: tree).fileSize else { return nil }
+        let fresh = path + "/.base.sums.check.\(getpid())"
+        unlink(fresh)
+        defer { unlink(fresh) }
+        _ = try BaseSums.build(of: base, tree: tree, at: fresh, seq: m.horizon, uuid: m.uuid, progress: nil)
+        let other = try BlockFile(path: fresh, mode: .readOnly)
+        let size = Int(try file.size())
+        var a = [UInt8](repeating: 0, count: size), b = a
+        try a.withUnsafeMutableBytes { try file.read(at: 0, into: $0) }
+        try b.withUnsafeMutableBytes { try other.read(at: 0, into: $0) }
+        return a == b
+    }
+
     /// Hash every block of base.img into a new `base.sums` (holes without reading them), then
     /// rename it into place.
     func rebuildBaseSums(horizon: UInt64, uuid: [UInt8], progress: ProgressObserver?) throws -> BaseSums {
