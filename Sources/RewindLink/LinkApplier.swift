@@ -406,7 +406,7 @@ final class LinkApplier: @unchecked Sendable {
         logger.info("link from \(c.shortPeer): seeding \(path): volume \(formatUUID(seed.uuid)), \(seed.volumeSize) bytes, as of seq:\(seed.horizon)\(staleCopy.map { " from the stale copy \($0)" } ?? "")")
         if staleCopy != nil {
             // Hash the copy, then answer the sender's questions: only the differences follow.
-            let sums = try b.staleSums()
+            let sums = try b.staleSums(progress: LogProgress(logger: logger, prefix: "link from \(c.shortPeer)"))
             staleSums = sums
             c.channel.writeAndFlush(LinkInspectReady(seq: seed.horizon, root: try sums.node(level: sums.tree.top, index: 0)).frame, promise: nil)
         }

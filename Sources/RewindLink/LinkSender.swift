@@ -327,7 +327,7 @@ public final class LinkSender: @unchecked Sendable {
         let ready = try LinkInspectReady(try next("tree root"))
         let snapshot = try Snapshot(mirror: mirror, point: .seq(horizon))
         defer { snapshot.close() }
-        let tree = try PointTree(snapshot: snapshot)
+        let tree = try PointTree(snapshot: snapshot, progress: LogProgress(logger: logger, prefix: "link to \(peer)"))
         var received: UInt64 = 0
         let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root) { level, parents in
             let q = LinkTreeQuery(level: UInt8(level), parents: parents).frame
@@ -436,7 +436,7 @@ public final class LinkSender: @unchecked Sendable {
     private func resyncBlocks(peerAt seq: UInt64, _ snapshot: Snapshot) throws -> DirtySet {
         update { $0.state = "resyncing: comparing checksums" }
         logger.info("link to \(peer): the peer holds seq:\(seq), before this mirror's oldest point seq:\(snapshot.seq), with no record of the blocks changed since; comparing checksum trees")
-        let tree = try PointTree(snapshot: snapshot)
+        let tree = try PointTree(snapshot: snapshot, progress: LogProgress(logger: logger, prefix: "link to \(peer)"))
         for attempt in 1...50 {
             let report = try LinkInspection.compare(tree: tree, peer: peer, context: context, group: group, logger: logger)
             if report.peerSeq == seq {

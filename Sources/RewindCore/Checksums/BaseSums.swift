@@ -161,7 +161,7 @@ extension BaseSums {
             if buffers[level].count >= 8192 { try flush(level) }
         }
         let bs = UInt64(blockSize)
-        progress?.begin(phase: "hashing base.img", total: volumeSize)
+        progress?.begin(phase: "hashing \(image.path) (its checksum tree)", total: volumeSize)
         try forEachNonZeroRun(of: image, size: volumeSize, blockSize: blockSize, reached: { progress?.update(done: $0) }) { offset, bytes in
             try builder.addZeros(offset / bs - builder.leaves)
             for h in blockHashes(bytes, blockSize: blockSize) { try builder.add(leaf: h) }
