@@ -18,10 +18,7 @@ public enum PeerResync {
     }
 
     public static func run(mirror: Mirror, peer: LinkPeer, home: String?, logLevel: Logger.Level = .info) throws -> Report {
-        let identity: UnitIdentity
-        do { identity = try UnitIdentity.load(home: UnitIdentity.homeDirectory(home)) } catch let e as IdentityError {
-            throw RewindError.invalidArgument(e.description)
-        }
+        let identity = try UnitIdentity.forCommand(home: home)
         // A running server (or receiver) that streams to this peer does it itself.
         if let owner = try? FileLock(path: mirror.ownerLockPath, kind: .exclusive, holder: "") {
             owner.release()

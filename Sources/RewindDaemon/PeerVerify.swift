@@ -8,10 +8,7 @@ import RewindLink
 public enum PeerVerify {
     public static func run(mirror: Mirror, peer: LinkPeer, home: String?, at point: Point?,
                            progress: ProgressObserver?) throws -> InspectionReport {
-        let identity: UnitIdentity
-        do { identity = try UnitIdentity.load(home: UnitIdentity.homeDirectory(home)) } catch let e as IdentityError {
-            throw RewindError.invalidArgument(e.description)
-        }
+        let identity = try UnitIdentity.forCommand(home: home)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         defer { try? group.syncShutdownGracefully() }
         var logger = Logger(label: "rewind.verify")

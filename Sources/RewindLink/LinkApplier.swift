@@ -283,15 +283,7 @@ final class LinkApplier: @unchecked Sendable {
                     try builder.zero(at: offset, length: length)
                 case .treeQuery:
                     guard let sums = staleSums else { throw LinkError("a tree question without a seed from a stale copy") }
-                    let q = try LinkTreeQuery(f)
-                    let level = Int(q.level)
-                    guard level >= 1, level <= sums.tree.top else { throw LinkError("a question about level \(level)") }
-                    var hashes: [UInt64] = []
-                    for p in q.parents {
-                        guard p < sums.tree.counts[level] else { throw LinkError("a question about node \(p) of level \(level)") }
-                        hashes += try sums.nodes(level: level - 1, sums.tree.children(level: level, index: p))
-                    }
-                    c.channel.writeAndFlush(LinkTreeAnswer(hashes: hashes).frame, promise: nil)
+                    c.channel.writeAndFlush(try LinkTreeAnswer(answering: LinkTreeQuery(f), from: sums).frame, promise: nil)
                 case .catchUpBegin: try catchUpBegin(c, LinkCatchUpBegin(f))
                 case .catchUpData:
                     guard let catchUp else { throw LinkError("catch-up data without a catch-up") }

@@ -104,6 +104,22 @@ public struct LinkTreeAnswer: Sendable, Equatable {
 
     public init(hashes: [UInt64]) { self.hashes = hashes }
 
+    /// The answer to `q` from `tree`; a question about a level or node the tree lacks is refused.
+    init(answering q: LinkTreeQuery, from tree: some ChecksumTreeSource) throws {
+        let level = Int(q.level), shape = tree.shape
+        guard level >= 1, level <= shape.top else {
+            throw LinkError("a question about level \(level); the tree has levels 1...\(shape.top)")
+        }
+        var hashes: [UInt64] = []
+        for p in q.parents {
+            guard p < shape.counts[level] else {
+                throw LinkError("a question about node \(p) of level \(level), which has \(shape.counts[level])")
+            }
+            hashes += try tree.children(level: level, index: p)
+        }
+        self.init(hashes: hashes)
+    }
+
     /// An answer's hashes as each asked parent's children (counts from the tree's shape).
     static func split(_ all: [UInt64], parents: [UInt64], level: Int, shape: SumTree) throws -> [[UInt64]] {
         var out: [[UInt64]] = []

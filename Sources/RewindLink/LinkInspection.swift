@@ -91,19 +91,27 @@ public enum LinkInspection {
         logger.debug("peer \(peer) holds seq:\(ready.seq); comparing")
         let (tree, done) = try local(ready.seq)
         defer { done() }
+        let found = try compareOverLink(tree, remoteRoot: ready.root, send: send, answer: { try answer("tree answer") },
+                                        visited: { level, nodes in logger.debug("level \(level): \(nodes) differing nodes") })
+        return InspectionReport(seq: tree.seq, peerSeq: ready.seq, differing: found.differing, blockSize: tree.shape.blockSize,
+                                queries: found.queries, hashesReceived: found.hashes, bytesSent: sent, bytesReceived: received)
+    }
+
+    /// The top-down comparison (`TreeComparison`) of `tree` with a peer's whose root is
+    /// `remoteRoot`: each question sent as a `treeQuery` frame, its answer the next frame
+    /// `answer` returns. Shared by verify, resync and the seed of a stale copy.
+    static func compareOverLink(_ tree: PointTree, remoteRoot: UInt64, send: (LinkFrame) throws -> Void, answer: () throws -> LinkFrame,
+                                visited: (Int, Int) -> Void = { _, _ in }) throws -> (differing: [UInt64], queries: Int, hashes: UInt64) {
         var queries = 0
         var hashes: UInt64 = 0
-        let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root, ask: { level, parents in
+        let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: remoteRoot, ask: { level, parents in
             try send(LinkTreeQuery(level: UInt8(level), parents: parents).frame)
-            let all = try LinkTreeAnswer(try answer("tree answer")).hashes
+            let all = try LinkTreeAnswer(try answer()).hashes
             queries += 1
             hashes += UInt64(all.count)
             return try LinkTreeAnswer.split(all, parents: parents, level: level, shape: tree.shape)
-        }, visited: { level, nodes in
-            logger.debug("level \(level): \(nodes) differing nodes")
-        })
-        return InspectionReport(seq: tree.seq, peerSeq: ready.seq, differing: differing, blockSize: tree.shape.blockSize, queries: queries,
-                                hashesReceived: hashes, bytesSent: sent, bytesReceived: received)
+        }, visited: visited)
+        return (differing, queries, hashes)
     }
 }
 
@@ -156,16 +164,9 @@ final class LinkInspector: @unchecked Sendable {
                 return
             }
             guard let f else { throw LinkError("nothing asked for \(LinkTiming.silenceSeconds) s") }
-            let q = try LinkTreeQuery(f)
-            let level = Int(q.level)
-            guard level >= 1, level <= tree.shape.top else { throw LinkError("a question about level \(level); the tree has levels 1...\(tree.shape.top)") }
-            var hashes: [UInt64] = []
-            for p in q.parents {
-                guard p < tree.shape.counts[level] else { throw LinkError("a question about node \(p) of level \(level), which has \(tree.shape.counts[level])") }
-                hashes += try tree.children(level: level, index: p)
-            }
+            let answer = try LinkTreeAnswer(answering: LinkTreeQuery(f), from: tree)
             asked_ += 1
-            connection.channel.writeAndFlush(LinkTreeAnswer(hashes: hashes).frame, promise: nil)
+            connection.channel.writeAndFlush(answer.frame, promise: nil)
         }
     }
 }

@@ -329,15 +329,14 @@ public final class LinkSender: @unchecked Sendable {
         defer { snapshot.close() }
         let tree = try PointTree(snapshot: snapshot, progress: LogProgress(logger: logger, prefix: "link to \(peer)"))
         var received: UInt64 = 0
-        let differing = try TreeComparison.differingBlocks(local: tree, remoteRoot: ready.root) { level, parents in
-            let q = LinkTreeQuery(level: UInt8(level), parents: parents).frame
+        let differing = try LinkInspection.compareOverLink(tree, remoteRoot: ready.root, send: { q in
             update { $0.bytesSent += UInt64(q.body.readableBytes + LinkFrame.overheadBytes) }
             channel.writeAndFlush(q, promise: nil)
+        }, answer: {
             let answer = try next("tree answer")
             received += UInt64(answer.body.readableBytes + LinkFrame.overheadBytes)
-            let all = try LinkTreeAnswer(answer).hashes
-            return try LinkTreeAnswer.split(all, parents: parents, level: level, shape: tree.shape)
-        }
+            return answer
+        }).differing
         update { $0.checksumBytesReceived += received }
         var blocks = DirtySet()
         for b in differing { blocks.insert(b) }

@@ -264,7 +264,7 @@ LANDED_D=0; LANDED_H=0; DELAYS=""; CAL_MS=0
 read -r -a STRATA <<<"$(shuf -e 0 1 2 3 4 | tr '\n' ' ')"
 for r in 0 1 2 3 4 5; do
     # C is down: A2 writes, and folds all of it (C's records among them) into its base.
-    H=$("$PY" workload.py "$SOCK" $((200 + r)) $((32 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 req-3.txt)
+    H=$("$PY" workload.py "$SOCK" $((200 + r)) $((96 << 20)) $((LAST_A2 + 1)) 65536 4 16 0 req-3.txt)
     LAST_A2=$H
     eventually folded || fail "round $r: A2 did not fold to its newest seq:$H: $(st $A2 '(s["oldestSeq"], s["newestSeq"], s["journalPayloadBytes"])')"; ok
     [ -f "$DIRTY" ] || fail "round $r: no dirty set for C"; ok

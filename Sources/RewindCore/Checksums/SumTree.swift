@@ -119,3 +119,21 @@ struct SumTreeBuilder {
         for _ in 0..<(left % f) { try add(level: level, hash: zeroNodes[level]) }
     }
 }
+
+/// A checksum tree one can ask about: a point's (`PointTree`) or a file's (`BaseSums`, such
+/// as a stale copy's) — what the link's tree answers read from.
+public protocol ChecksumTreeSource {
+    var shape: SumTree { get }
+    /// The children of node `index` at `level` ≥ 1, in order.
+    func children(level: Int, index: UInt64) throws -> [UInt64]
+}
+
+extension PointTree: ChecksumTreeSource {}
+
+extension BaseSums: ChecksumTreeSource {
+    public var shape: SumTree { tree }
+
+    public func children(level: Int, index: UInt64) throws -> [UInt64] {
+        try nodes(level: level - 1, tree.children(level: level, index: index))
+    }
+}
