@@ -75,8 +75,11 @@ extension Mirror {
         let oldestTime = oldest == m.horizon ? m.horizonTime : try journal.env.read { try journal.header($0, seq: oldest).timestamp }
         var marks: [String: UInt64] = [:]
         for b in try bookmarks() { marks[b.name] = b.seq }
+        // Records held: the records database's entries (a replica's catch-up is one record for
+        // many seqs); mid-compaction, by seq, as some of them are on their way out.
+        let records = m.target <= m.horizon ? UInt64(try journal.env.read { try $0.count(journal.records) }) : m.lastSeq - oldest
         return MirrorStatus(path: path, uuid: m.uuidString, format: m.format, volumeSize: m.volumeSize,
-                            blockSize: m.blockSize, records: m.lastSeq - oldest, oldestSeq: oldest,
+                            blockSize: m.blockSize, records: records, oldestSeq: oldest,
                             oldestTime: formatRFC3339(oldestTime), newestSeq: m.lastSeq,
                             newestTime: formatRFC3339(m.lastTime), journalPayloadBytes: m.journalBytes,
                             journalFileBytes: try journal.env.usedBytes(), logFileBytes: journal.log.allocatedBytes(),

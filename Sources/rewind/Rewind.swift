@@ -11,7 +11,8 @@ struct Rewind: AsyncParsableCommand {
         version: "0.1.0",
         subcommands: [ServeCommand.self, InitCommand.self, TimelineCommand.self, BookmarkCommand.self, BookmarksCommand.self,
                       RestoreCommand.self, RollbackCommand.self, ExportCommand.self, CompactCommand.self, VerifyCommand.self,
-                      StatusCommand.self, IdCommand.self, ReceiveCommand.self, PromoteCommand.self, ResyncCommand.self])
+                      StatusCommand.self, IdCommand.self, ReceiveCommand.self, PromoteCommand.self, ResyncCommand.self,
+                      ForgetPeerCommand.self])
 
     static func main() async {
         tuneAllocatorForLargeBuffers()

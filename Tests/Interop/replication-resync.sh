@@ -329,5 +329,19 @@ cmp -s b-q.img cmp.img || fail "the copy's seq:$Q2 is not B's"; ok
 rm -f cmp.img b-p.img b-q.img
 same_at "$Q3" b.rewind a-copy.rewind
 echo "rejoin after B's fold: $K2 blocks differ in $RUNS2 runs ($QQ2 questions, $((QSENT2 + QRECV2)) bytes of checksums)"
+
+# A peer gone for good: forget-peer is refused while B's server runs, then removes A's entry
+# (and so its hold on retention); wrong or ambiguous IDs are refused by name.
+expect_error 1 "rewind: error: a running rewind owns b.rewind; stop it first (and start it again without --replicate-to for that peer)" \
+    "$REWIND" forget-peer b.rewind "$ID_A"
 stop_server
+HELD=$("$REWIND" status b.rewind --json | "$PY" -c 'import json,sys; p = json.load(sys.stdin)["peers"]; assert len(p) == 1, p; print(p[0]["id"], p[0]["durableSeq"])')
+[ "$HELD" = "$ID_A $Q3" ] || fail "B's peers before forget-peer: [$HELD], expected A at seq:$Q3"; ok
+expect_error 1 "rewind: error: b.rewind keeps nothing for a peer 0123 (its peers: ${ID_A:0:16}…)" "$REWIND" forget-peer b.rewind 0123
+expect_error 1 "rewind: error: b.rewind keeps nothing for a peer ${ID_B:0:12} (its peers: ${ID_A:0:16}…)" "$REWIND" forget-peer b.rewind "${ID_B:0:12}"
+expect_output "forgot peer $ID_A at 127.0.0.1:$PORT_A: it held seq:$Q3; retention no longer waits for it" \
+    "$REWIND" forget-peer b.rewind "${ID_A:0:10}"
+[ "$("$REWIND" status b.rewind --json | "$PY" -c 'import json,sys; print(len(json.load(sys.stdin)["peers"]))')" = 0 ] || fail "B still lists A after forget-peer"; ok
+[ -z "$(ls b.rewind/peers/ 2>/dev/null)" ] || fail "B's peers/ still holds $(ls b.rewind/peers/)"; ok
+expect_error 1 "rewind: error: b.rewind keeps nothing for a peer $ID_A (its peers: none)" "$REWIND" forget-peer b.rewind "$ID_A"
 finish

@@ -109,6 +109,8 @@ import Testing
         #expect(done.runs.contains { $0.zero } && done.runs.contains { !$0.zero })
         #expect(try readAll(reopened, at: .latest) == images[s])
         for seq in 0...d { #expect(try readAll(reopened, at: .seq(seq)) == images[seq], "seq:\(seq) before the catch-up") }
+        // It holds d records and the catch-up, whatever the gap: what status counts.
+        #expect(try reopened.status().records == d - reopened.meta().oldestPoint + 1)
         do {
             _ = try reopened.resolve(.seq(d + 5))
             Issue.record("seq:\(d + 5) resolved on the replica")
