@@ -92,7 +92,9 @@ let package = Package(
         .testTarget(name: "RewindNBDTests", dependencies: [
             "RewindNBD",
             .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
             .product(name: "NIOEmbedded", package: "swift-nio"),
+            .product(name: "NIOTestUtils", package: "swift-nio"),
         ]),
     ]
 )

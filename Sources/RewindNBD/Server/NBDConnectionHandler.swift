@@ -503,14 +503,17 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Count a request in flight until its future completes, then write its reply.
-    private func track<T>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
+    private func track<T: Sendable>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
                           _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> [ByteBuffer]) {
         inflight += 1
         // Only reads and writes hold their payload in memory; a trim's length costs nothing.
         let payload = kind == .read || kind == .write ? Int(min(bytes, UInt64(NBD.maxPayloadBytes))) : 0
         inflightBytes += payload
         budget.take(payload)
-        future.hop(to: context.eventLoop).whenComplete { [self] result in
+        // The completion runs on this channel's loop (hop), where the handler and its context
+        // live: isolated there, it may touch both without crossing threads (checked in debug
+        // builds; every request's completion passes here).
+        future.hop(to: context.eventLoop).assumeIsolatedUnsafeUnchecked().whenComplete { [self] result in
             inflight -= 1
             inflightBytes -= payload
             budget.give(payload)

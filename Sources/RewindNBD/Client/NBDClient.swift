@@ -1,0 +1,151 @@
+import NIOCore
+import NIOPosix
+
+/// A connection to an NBD server — tap's upstream, `verify --against` — speaking the same
+/// protocol types as the server side (`NBDRequestHeader`, the reply encoders' layouts). The
+/// handshake is `NBDClientHandshake`; then requests go out as they are made, many in flight,
+/// each matched to its reply by cookie (`NBDClientHandler`). Whatever the server sends is
+/// checked: a reply to no request, a chunk outside its READ, a bad magic close the connection
+/// and fail every request in flight, as does the connection dropping.
+public final class NBDClient: Sendable {
+    public let info: NBDExportInfo
+    public let uri: NBDURI
+    let channel: Channel
+
+    init(info: NBDExportInfo, uri: NBDURI, channel: Channel) {
+        self.info = info
+        self.uri = uri
+        self.channel = channel
+    }
+
+    /// Connect to `uri` and negotiate its export (at most `timeout` for both).
+    public static func connect(_ uri: NBDURI, group: EventLoopGroup, timeout: TimeAmount = .seconds(10)) -> EventLoopFuture<NBDClient> {
+        let loop = group.next()
+        guard !uri.tls else {
+            return loop.makeFailedFuture(NBDClientError.unsupported("\(uri): TLS upstreams are not supported yet"))
+        }
+        let ready = loop.makePromise(of: NBDExportInfo.self)
+        let bootstrap = ClientBootstrap(group: loop)
+            .connectTimeout(timeout)
+            .channelOption(.socketOption(.so_keepalive), value: 1)
+            .channelInitializer { channel in
+                channel.eventLoop.makeCompletedFuture {
+                    try channel.pipeline.syncOperations.addHandler(NBDClientHandshakeHandler(exportName: uri.exportName, ready: ready))
+                }
+            }
+        let connected: EventLoopFuture<Channel>
+        switch uri.transport {
+        case let .tcp(host, port):
+            connected = bootstrap.channelOption(.socketOption(.tcp_nodelay), value: 1).connect(host: host, port: port)
+        case let .unix(path):
+            connected = bootstrap.connect(unixDomainSocketPath: path)
+        }
+        let deadline = loop.scheduleTask(in: timeout) { ready.fail(NBDClientError.closed("no NBD handshake from \(uri) within \(timeout.nanoseconds / 1_000_000_000) s")) }
+        connected.whenFailure { ready.fail($0) }  // no channel: the handshake never begins
+        ready.futureResult.whenComplete { _ in deadline.cancel() }
+        return connected.flatMap { channel in
+            ready.futureResult.map { info in
+                NBDClient(info: info, uri: uri, channel: channel)
+            }.flatMapErrorThrowing { error in
+                channel.close(promise: nil)
+                throw error
+            }
+        }.flatMapErrorThrowing { error in
+            if error is NBDHandshakeError || error is NBDClientError { throw error }
+            throw NBDClientError.closed("\(uri): \(error)")
+        }
+    }
+
+    private func send(_ command: NBDCommand, flags: NBDCommandFlags = [], offset: UInt64 = 0, length: UInt32 = 0,
+                      payload: ByteBuffer? = nil) -> EventLoopFuture<NBDClientResult> {
+        let promise = channel.eventLoop.makePromise(of: NBDClientResult.self)
+        let request = NBDClientRequest(command: command, flags: flags, offset: offset, length: length, payload: payload, promise: promise)
+        channel.writeAndFlush(request).cascadeFailure(to: promise)
+        return promise.futureResult
+    }
+
+    /// `length` bytes at `offset`; holes come back as zeros.
+    public func read(offset: UInt64, length: UInt32) -> EventLoopFuture<ByteBuffer> {
+        send(.read, offset: offset, length: length).map { $0.data ?? ByteBuffer() }
+    }
+
+    public func write(offset: UInt64, data: ByteBuffer, fua: Bool = false) -> EventLoopFuture<Void> {
+        send(.write, flags: fua ? .fua : [], offset: offset, length: UInt32(data.readableBytes), payload: data).map { _ in }
+    }
+
+    public func writeZeroes(offset: UInt64, length: UInt32, fua: Bool = false, noHole: Bool = false, fastZero: Bool = false) -> EventLoopFuture<Void> {
+        var flags: NBDCommandFlags = fua ? .fua : []
+        if noHole { flags.insert(.noHole) }
+        if fastZero { flags.insert(.fastZero) }
+        return send(.writeZeroes, flags: flags, offset: offset, length: length).map { _ in }
+    }
+
+    public func trim(offset: UInt64, length: UInt32, fua: Bool = false) -> EventLoopFuture<Void> {
+        send(.trim, flags: fua ? .fua : [], offset: offset, length: length).map { _ in }
+    }
+
+    public func flush() -> EventLoopFuture<Void> { send(.flush).map { _ in } }
+
+    public func cache(offset: UInt64, length: UInt32) -> EventLoopFuture<Void> {
+        send(.cache, offset: offset, length: length).map { _ in }
+    }
+
+    /// `base:allocation` from `offset` (at most `length` bytes described; at least one extent).
+    public func blockStatus(offset: UInt64, length: UInt32) -> EventLoopFuture<[AllocationExtent]> {
+        guard info.baseAllocationID != nil else {
+            return channel.eventLoop.makeFailedFuture(NBDClientError.unsupported("\(uri) offers no base:allocation"))
+        }
+        return send(.blockStatus, offset: offset, length: length).map { $0.extents }
+    }
+
+    /// NBD_CMD_DISC once the requests in flight are answered, then close.
+    public func close() -> EventLoopFuture<Void> {
+        let request = NBDClientRequest(command: .disconnect, flags: [], offset: 0, length: 0, payload: nil, promise: nil)
+        return channel.writeAndFlush(request).flatMap { self.channel.close() }.recover { _ in }
+    }
+
+    /// Completes when the connection closes, for whatever reason.
+    public var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
+}
+
+public enum NBDClientError: Error, CustomStringConvertible, Equatable {
+    /// The server answered the request with this NBD errno (and message, if it sent one).
+    case server(errno: UInt32, message: String)
+    /// The server broke the protocol: the connection is closed.
+    case protocolViolation(String)
+    case closed(String)
+    case unsupported(String)
+
+    public var description: String {
+        switch self {
+        case let .server(errno, message):
+            let name = NBDErrno(rawValue: errno).map { "\($0)".uppercased() } ?? "errno \(errno)"
+            return message.isEmpty ? "the server answered E\(name)" : "the server answered E\(name): \(message)"
+        case let .protocolViolation(why): return "the server broke the NBD protocol: \(why)"
+        case let .closed(why): return "the NBD connection closed: \(why)"
+        case let .unsupported(why): return why
+        }
+    }
+
+    /// The errno to pass on to a host (a broken or lost upstream is an I/O error).
+    public var errno: NBDErrno {
+        if case let .server(e, _) = self { return NBDErrno(rawValue: e) ?? .io }
+        return .io
+    }
+}
+
+/// A request on its way to the handler (which gives it a cookie).
+struct NBDClientRequest {
+    var command: NBDCommand
+    var flags: NBDCommandFlags
+    var offset: UInt64
+    var length: UInt32
+    var payload: ByteBuffer?
+    var promise: EventLoopPromise<NBDClientResult>?
+}
+
+/// What a request's reply carried.
+struct NBDClientResult: Sendable {
+    var data: ByteBuffer?
+    var extents: [AllocationExtent] = []
+}
