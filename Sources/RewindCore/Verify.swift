@@ -13,6 +13,11 @@ extension Mirror {
     /// volume as of `point` with it byte for byte. Throws on the first fault, naming the record
     /// (by seq) or the offset.
     public func verify(at point: Point? = nil, against image: String? = nil, progress: ProgressObserver? = nil) throws -> VerifyReport {
+        try verify(at: point, comparingWith: image.map { try BlockFile(path: $0, mode: .readOnly) }, progress: progress)
+    }
+
+    /// `verify`, comparing with any `ComparisonSource` (an image file, an NBD export).
+    public func verify(at point: Point? = nil, comparingWith source: (any ComparisonSource)?, progress: ProgressObserver? = nil) throws -> VerifyReport {
         var report = VerifyReport()
         let bs = UInt64(blockSize)
         // A compaction deletes log files once the horizon moves: hold it off, as a snapshot does.
@@ -99,8 +104,8 @@ extension Mirror {
             }
             try verifyIndex(txn, meta: m, expected: tallies, headers: keep ? headers : nil, report: &report, progress: progress)
         }
-        if let image {
-            try compare(at: point ?? .latest, with: image, report: &report, progress: progress)
+        if let source {
+            try compare(at: point ?? .latest, with: source, report: &report, progress: progress)
         }
         return report
     }
@@ -183,9 +188,9 @@ extension Mirror {
         throw RewindError.damagedMirror(path: path, why: "the block index does not hold what its records wrote (journal/data.mdb is damaged)")
     }
 
-    /// Compare the volume as of `point` with `image`, 1 MiB at a time.
-    private func compare(at point: Point, with image: String, report: inout VerifyReport, progress: ProgressObserver?) throws {
-        let file = try BlockFile(path: image, mode: .readOnly)
+    /// Compare the volume as of `point` with `source`, 1 MiB at a time.
+    private func compare(at point: Point, with source: any ComparisonSource, report: inout VerifyReport, progress: ProgressObserver?) throws {
+        let file = source, image = source.name
         let size = try file.size()
         guard size == volumeSize else {
             throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(image) is \(size) bytes, the volume is \(volumeSize)")
@@ -212,6 +217,19 @@ extension Mirror {
         }
         progress?.end()
     }
+}
+
+/// What `verify` compares a point with, read in order from the start: an image file
+/// (`BlockFile`), or an NBD export (`NBDComparisonSource` in RewindDaemon).
+public protocol ComparisonSource {
+    /// How it is named in messages.
+    var name: String { get }
+    func size() throws -> UInt64
+    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
+}
+
+extension BlockFile: ComparisonSource {
+    public var name: String { path }
 }
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16).leftPadded(16) }

@@ -11,7 +11,7 @@ struct VerifyCommand: ParsableCommand {
 
     @Argument(help: "The mirror directory.") var mirror: String
     @Option(help: "The point of this mirror to compare (default: latest with --against; the seq the peer holds with --peer).", transform: parsePoint) var at: Point?
-    @Option(help: "An image to compare with, byte for byte.") var against: String?
+    @Option(help: "An image, or an NBD export (nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?socket=PATH), to compare with byte for byte.") var against: String?
     @Option(help: "A replication peer to compare with: ID@HOST:PORT (its `rewind receive`).") var peer: String?
     @Option(help: "This unit's home directory (its key pair), with --peer.") var home: String?
     @Flag(help: "Print the result as JSON.") var json = false
@@ -74,7 +74,11 @@ struct VerifyCommand: ParsableCommand {
         do {
             if let peer { return try runPeer(peer) }
             let m = try openMirror(mirror)
-            let r = try m.verify(at: at, against: against, progress: ProgressPrinter(command: "verify"))
+            // An NBD URI (nbd://, nbd+unix://) is read from its server; anything else is a file.
+            let source: (any ComparisonSource)? = try against.map { text -> any ComparisonSource in
+                text.contains("://") ? try NBDComparisonSource(uri: text) : try BlockFile(path: text, mode: .readOnly)
+            }
+            let r = try m.verify(at: at, comparingWith: source, progress: ProgressPrinter(command: "verify"))
             if json { printJSON(Success(report: r)) } else {
                 var line = "ok: \(r.records) records, \(humanBytes(r.payloadBytes)) of payload and \(r.indexEntries) index entries verified"
                 if let seq = r.comparedAt, let against { line += "; seq:\(seq) equals \(against)" }

@@ -1,3 +1,4 @@
+import Glibc
 import NIOCore
 import NIOPosix
 
@@ -52,7 +53,11 @@ public final class NBDClient: Sendable {
             }
         }.flatMapErrorThrowing { error in
             if error is NBDHandshakeError || error is NBDClientError { throw error }
-            throw NBDClientError.closed("\(uri): \(error)")
+            let place = switch uri.transport {
+            case let .tcp(host, port): host.contains(":") ? "[\(host)]:\(port)" : "\(host):\(port)"
+            case let .unix(path): "the socket \(path)"
+            }
+            throw NBDClientError.unreachable("cannot connect to \(place): \(Self.reason(error))")
         }
     }
 
@@ -98,6 +103,15 @@ public final class NBDClient: Sendable {
         return send(.blockStatus, offset: offset, length: length).map { $0.extents }
     }
 
+    /// The system's words for a failed connect (NIO wraps them).
+    static func reason(_ error: Error) -> String {
+        var e: Error = error
+        if let c = e as? NIOConnectionError, let first = c.connectionErrors.first { e = first.error }
+        if let io = e as? IOError { return String(cString: strerror(io.errnoCode)) }
+        if e is ChannelError, case ChannelError.connectTimeout = e { return "no answer (timed out)" }
+        return "\(e)"
+    }
+
     /// NBD_CMD_DISC once the requests in flight are answered, then close.
     public func close() -> EventLoopFuture<Void> {
         let request = NBDClientRequest(command: .disconnect, flags: [], offset: 0, length: 0, payload: nil, promise: nil)
@@ -114,6 +128,7 @@ public enum NBDClientError: Error, CustomStringConvertible, Equatable {
     /// The server broke the protocol: the connection is closed.
     case protocolViolation(String)
     case closed(String)
+    case unreachable(String)
     case unsupported(String)
 
     public var description: String {
@@ -123,6 +138,7 @@ public enum NBDClientError: Error, CustomStringConvertible, Equatable {
             return message.isEmpty ? "the server answered E\(name)" : "the server answered E\(name): \(message)"
         case let .protocolViolation(why): return "the server broke the NBD protocol: \(why)"
         case let .closed(why): return "the NBD connection closed: \(why)"
+        case let .unreachable(why): return why
         case let .unsupported(why): return why
         }
     }

@@ -82,7 +82,10 @@ public struct NBDClientHandshake {
         var data: ByteBuffer
         var isError: Bool { type & 0x8000_0000 != 0 }
         var errorText: String {
-            let name = NBDOptionReply(rawValue: type).map { "\($0)" } ?? "error 0x\(String(type, radix: 16))"
+            let names: [UInt32: String] = [0x8000_0001: "NBD_REP_ERR_UNSUP", 0x8000_0002: "NBD_REP_ERR_POLICY", 0x8000_0003: "NBD_REP_ERR_INVALID",
+                                           0x8000_0004: "NBD_REP_ERR_PLATFORM", 0x8000_0005: "NBD_REP_ERR_TLS_REQD", 0x8000_0006: "NBD_REP_ERR_UNKNOWN",
+                                           0x8000_0007: "NBD_REP_ERR_SHUTDOWN", 0x8000_0008: "NBD_REP_ERR_BLOCK_SIZE_REQD", 0x8000_0009: "NBD_REP_ERR_TOO_BIG"]
+            let name = names[type] ?? "error 0x\(String(type, radix: 16))"
             var d = data
             let message = d.readString(length: d.readableBytes) ?? ""
             return message.isEmpty ? name : "\(name): \(message)"

@@ -1,0 +1,65 @@
+import NIOCore
+import NIOPosix
+import RewindCore
+import RewindNBD
+
+/// `rewind verify MIRROR --against NBD-URI`: an NBD export (the upstream a tap protects, a
+/// source served by qemu-nbd or nbdkit) read from the start in order, with a few requests in
+/// flight ahead of the comparison so the round trips overlap.
+public final class NBDComparisonSource: ComparisonSource {
+    public let name: String
+    private let client: NBDClient
+    private let group: MultiThreadedEventLoopGroup
+    private var ahead: [(offset: UInt64, length: Int, data: EventLoopFuture<ByteBuffer>)] = []
+    private var next: UInt64 = 0
+    static let window = 8
+
+    /// Connect to `uri` and negotiate its export; a bad URI or a refusal is the user's error.
+    public init(uri text: String) throws {
+        let uri: NBDURI
+        do { uri = try NBDURI(text) } catch let e as NBDURIError { throw RewindError.invalidArgument(e.description) }
+        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        do {
+            client = try NBDClient.connect(uri, group: group).wait()
+        } catch {
+            try? group.syncShutdownGracefully()
+            throw RewindError.invalidArgument("\(text): \(error)")
+        }
+        name = text
+    }
+
+    deinit {
+        try? client.close().wait()
+        try? group.syncShutdownGracefully()
+    }
+
+    public func size() throws -> UInt64 { client.info.size }
+
+    public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
+        let size = client.info.size
+        // The server's maximum request, at most; requests run ahead of `offset` in pieces of
+        // this length (a jump elsewhere starts afresh).
+        let piece = min(buffer.count, Int(client.info.blockSizes?.maximum ?? UInt32(NBD.maxPayloadBytes)))
+        var filled = 0
+        var at = offset
+        while filled < buffer.count {
+            if ahead.first?.offset != at { ahead.removeAll(); next = at }
+            while ahead.count < Self.window && next < size {
+                let n = Int(min(UInt64(piece), size - next))
+                ahead.append((next, n, client.read(offset: next, length: UInt32(n))))
+                next += UInt64(n)
+            }
+            guard !ahead.isEmpty else { throw RewindError.invalidArgument("\(name): a read at \(at), past its \(size) bytes") }
+            let first = ahead.removeFirst()
+            let bytes: ByteBuffer
+            do { bytes = try first.data.wait() } catch { throw RewindError.invalidArgument("\(name): reading \(first.length) bytes at \(first.offset): \(error)") }
+            let n = min(bytes.readableBytes, buffer.count - filled)
+            bytes.withUnsafeReadableBytes { src in
+                UnsafeMutableRawBufferPointer(rebasing: buffer[filled..<filled + n]).copyMemory(from: UnsafeRawBufferPointer(rebasing: src[0..<n]))
+            }
+            if n < bytes.readableBytes { ahead.removeAll() }  // asked for less than a piece: ask afresh next time
+            filled += n
+            at += UInt64(n)
+        }
+    }
+}

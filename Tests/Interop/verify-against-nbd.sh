@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# `rewind verify MIRROR --against NBD-URI` (issue 20's check for writes that bypassed a tap):
+# the mirror's point compared byte for byte with an export of qemu-nbd, nbdkit and nbd-server
+# (simple replies only), over Unix sockets and TCP; a changed byte is named by its offset and
+# values with exit status 1; a size mismatch, a bad URI, a refused export and no server are
+# clear errors.
+. "$(dirname "$0")/functions.sh"
+for tool in qemu-nbd nbdkit nbd-server qemu-io; do requires $tool; done
+cd "$T"
+PEERS=()
+cleanup_peers() {
+    for p in "${PEERS[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null || true; done
+    for p in "${PEERS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
+    cleanup
+}
+trap cleanup_peers EXIT
+# Like expect_error, on the last line of stderr (a long comparison prints progress first).
+expect_last_error() {
+    local want_status=$1 want=$2; shift 2
+    local err status=0
+    err=$("$@" 2>&1 >/dev/null) || status=$?
+    [ "$status" = "$want_status" ] || fail "$* exited $status, expected $want_status (stderr: $err)"
+    [ "$(printf '%s\n' "$err" | tail -n 1)" = "$want" ] || fail "$*: stderr ended [$(printf '%s\n' "$err" | tail -n 1)], expected [$want]"
+    ok
+}
+wait_socket() { local i; for i in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; fail "no socket at $1"; }
+
+# A mirror of 24 MiB of random data with a few writes after, and its newest point as a file.
+head -c $((24 << 20)) /dev/urandom > a.img
+ORIG=$(printf '%x' "$(od -An -tu1 -j 1048576 -N1 a.img | tr -d ' ')")   # before serve writes over it
+"$REWIND" init m.rewind --from a.img >/dev/null
+start_server a.img --mirror m.rewind
+qemu-io -f raw -c "write -P 0x5a 1M 64k" -c "write -z 5M 1M" -c "write -P 0x11 23M 4k" "nbd+unix:///?socket=$SOCK" >/dev/null
+stop_server
+SEQ=$("$REWIND" status m.rewind --json | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["newestSeq"])')
+[ "$SEQ" -ge 3 ] || fail "the mirror holds seq:$SEQ, expected the 3 writes (and qemu-io's FLUSH)"; ok
+PLAIN=$("$REWIND" verify m.rewind)   # "ok: N records, … verified": --against adds what it compared
+"$REWIND" restore m.rewind --at latest --to r.img >/dev/null
+
+# qemu-nbd over a Unix socket: equal.
+qemu-nbd -f raw -t -k "$T/q.sock" -x vol r.img 2>>peers.log & PEERS+=($!)
+wait_socket "$T/q.sock"
+expect_output "$PLAIN; seq:$SEQ equals nbd+unix:///vol?socket=$T/q.sock" \
+    "$REWIND" verify m.rewind --against "nbd+unix:///vol?socket=$T/q.sock"
+# An older point differs: at the first byte seq:1 wrote.
+[ "$ORIG" = 5a ] || expect_last_error 1 "rewind: error: differs at offset 1048576: the mirror at seq:0 has 0x$ORIG, nbd+unix:///vol?socket=$T/q.sock has 0x5a" \
+    "$REWIND" verify m.rewind --at seq:0 --against "nbd+unix:///vol?socket=$T/q.sock"
+# A byte changed behind the mirror's back (as a write that bypassed a tap): named exactly.
+WANT=$(printf '%x' "$(od -An -tu1 -j 20000003 -N1 r.img | tr -d ' ')")
+[ "$WANT" != 77 ] || fail "the byte at 20000003 is 0x77 already (1 in 256): run again"
+qemu-io -f raw -c "write -P 0x77 20000003 1" "nbd+unix:///vol?socket=$T/q.sock" >/dev/null
+expect_last_error 1 "rewind: error: differs at offset 20000003: the mirror at seq:$SEQ has 0x$WANT, nbd+unix:///vol?socket=$T/q.sock has 0x77" \
+    "$REWIND" verify m.rewind --against "nbd+unix:///vol?socket=$T/q.sock"
+OUT=$("$REWIND" verify m.rewind --against "nbd+unix:///vol?socket=$T/q.sock" --json 2>/dev/null) && fail "verify --json exited 0"
+[ "$OUT" = "{\"error\":\"differs at offset 20000003: the mirror at seq:$SEQ has 0x$WANT, nbd+unix:\\/\\/\\/vol?socket=${T//\//\\/}\\/q.sock has 0x77\"}" ] \
+    || [ "$(printf '%s' "$OUT" | "$PY" -c 'import json,sys; print(json.load(sys.stdin)["error"])')" = "differs at offset 20000003: the mirror at seq:$SEQ has 0x$WANT, nbd+unix:///vol?socket=$T/q.sock has 0x77" ] \
+    || fail "verify --json said [$OUT]"; ok
+# An export the server does not have.
+expect_error 1 "rewind: error: nbd+unix:///nope?socket=$T/q.sock: the server refused export \"nope\": NBD_REP_ERR_UNKNOWN: export 'nope' not present" \
+    "$REWIND" verify m.rewind --against "nbd+unix:///nope?socket=$T/q.sock"
+
+# nbdkit (file plugin) over TCP, and nbd-server (simple replies): equal again once repaired.
+"$REWIND" restore m.rewind --at latest --to r2.img >/dev/null
+PORT=$(( 20000 + RANDOM % 20000 ))
+nbdkit -f --exit-with-parent -i 127.0.0.1 -p "$PORT" file r2.img 2>>peers.log & PEERS+=($!)
+for i in $(seq 100); do nbdinfo --size "nbd://127.0.0.1:$PORT" >/dev/null 2>&1 && break; sleep 0.05; done
+expect_output "$PLAIN; seq:$SEQ equals nbd://127.0.0.1:$PORT" \
+    "$REWIND" verify m.rewind --against "nbd://127.0.0.1:$PORT"
+PORT2=$(( PORT + 1 ))
+printf '[generic]\n    listenaddr = 127.0.0.1\n    port = %s\n    user = %s\n[vol]\n    exportname = %s\n' "$PORT2" "$(id -un)" "$T/r2.img" > nbd.conf
+# (-d: one client, in the foreground; wait for its listener without connecting to it.)
+nbd-server -C "$T/nbd.conf" -d 2>>peers.log & PEERS+=($!)
+listening() { grep -qi " 0100007F:$(printf '%04X' "$1") 00000000:0000 0A " /proc/net/tcp; }
+for i in $(seq 100); do listening "$PORT2" && break; sleep 0.05; done
+expect_output "$PLAIN; seq:$SEQ equals nbd://127.0.0.1:$PORT2/vol" \
+    "$REWIND" verify m.rewind --against "nbd://127.0.0.1:$PORT2/vol"
+
+# A volume of another size, a URI that is no URI, and no server at all.
+head -c $((16 << 20)) /dev/zero > small.img
+qemu-nbd -f raw -t -k "$T/s.sock" small.img 2>>peers.log & PEERS+=($!)
+wait_socket "$T/s.sock"
+expect_error 1 "rewind: error: differs at offset 16777216: nbd+unix:///?socket=$T/s.sock is 16777216 bytes, the volume is 25165824" \
+    "$REWIND" verify m.rewind --against "nbd+unix:///?socket=$T/s.sock"
+expect_error 1 "rewind: error: nbd+unix:///x: it names no socket (…?socket=PATH)" "$REWIND" verify m.rewind --against "nbd+unix:///x"
+expect_error 1 "rewind: error: nbd://127.0.0.1:1/x: cannot connect to 127.0.0.1:1: Connection refused" \
+    "$REWIND" verify m.rewind --against "nbd://127.0.0.1:1/x"
+expect_error 1 "rewind: error: nbd+unix:///?socket=$T/none: cannot connect to the socket $T/none: No such file or directory" \
+    "$REWIND" verify m.rewind --against "nbd+unix:///?socket=$T/none"
+finish
