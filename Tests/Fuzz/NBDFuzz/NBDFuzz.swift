@@ -35,8 +35,50 @@ final class FuzzTarget: BlockTarget, @unchecked Sendable {
     }
 }
 
+/// libFuzzer entry. The first byte picks what the rest drives: everything a client sends to
+/// rewind's server (`fuzzServer`), or everything a server sends to rewind's client — its
+/// handshake (`NBDClientHandshake`) or its transmission replies (`NBDReplyDecoder`).
 @_cdecl("LLVMFuzzerTestOneInput")
 public func fuzz(_ data: UnsafePointer<UInt8>, _ count: Int) -> CInt {
+    guard count > 0 else { return 0 }
+    let rest = UnsafePointer(data + 1)
+    switch data[0] % 4 {
+    case 1: return fuzzClientHandshake(rest, count - 1)
+    case 2: return fuzzReplies(rest, count - 1)
+    default: return fuzzServer(rest, count - 1)
+    }
+}
+
+/// The server's handshake bytes in two pieces: every reply is decoded and checked, and the
+/// machine either asks to send, becomes ready, or throws.
+func fuzzClientHandshake(_ data: UnsafePointer<UInt8>, _ count: Int) -> CInt {
+    let bytes = Array(UnsafeBufferPointer(start: data, count: count))
+    let cut = count > 0 ? Int(bytes[0]) % (count + 1) : 0
+    var machine = NBDClientHandshake(exportName: "vol")
+    var input = ByteBuffer()
+    for part in [bytes[..<cut], bytes[cut...]] {
+        input.writeBytes(part)
+        do { _ = try machine.receive(&input) } catch { return 0 }
+    }
+    return 0
+}
+
+/// Transmission replies through the decoder in a pipeline (SwiftNIO's accumulation), in two
+/// pieces; even cookies are READs of up to 70,000 bytes in flight (simple replies with data).
+func fuzzReplies(_ data: UnsafePointer<UInt8>, _ count: Int) -> CInt {
+    let bytes = Array(UnsafeBufferPointer(start: data, count: count))
+    let cut = count > 0 ? Int(bytes[0]) % (count + 1) : 0
+    let channel = EmbeddedChannel(handler: ByteToMessageHandler(NBDReplyDecoder(readLength: { $0 % 2 == 0 ? Int($0 % 70_000) : nil })))
+    for part in [bytes[..<cut], bytes[cut...]] {
+        var b = ByteBuffer(); b.writeBytes(part)
+        do { try channel.writeInbound(b) } catch { break }
+        while let _ = try? channel.readInbound(as: NBDReply.self) {}
+    }
+    _ = try? channel.finish()
+    return 0
+}
+
+func fuzzServer(_ data: UnsafePointer<UInt8>, _ count: Int) -> CInt {
     let handler = NBDConnectionHandler(export: NBDExport(name: "vol", description: "fuzz", target: FuzzTarget()),
                                        observer: nil, logger: Logger(label: "fuzz", factory: { _ in SwiftLogNoOpLogHandler() }))
     let channel = EmbeddedChannel(handler: handler)
