@@ -41,16 +41,22 @@ public final class Mirror: @unchecked Sendable {
     @discardableResult
     public static func create(at path: String, size: UInt64? = nil, from image: String? = nil,
                               blockSize: Int = defaultBlockSize, progress: ProgressObserver? = nil) throws -> Mirror {
+        try create(at: path, size: size, copying: image.map { try BlockFile(path: $0, mode: .readOnly) }, blockSize: blockSize, progress: progress)
+    }
+
+    /// `create`, its base a sparse copy of any `VolumeSource` (an image, an NBD export).
+    @discardableResult
+    public static func create(at path: String, size: UInt64? = nil, copying image: (any VolumeSource)?,
+                              blockSize: Int = defaultBlockSize, progress: ProgressObserver? = nil) throws -> Mirror {
         guard blockSize >= 512, blockSize <= 1 << 20, blockSize & (blockSize - 1) == 0 else {
             throw RewindError.invalidArgument("block size \(blockSize) must be a power of two from 512 to 1M")
         }
         if access(path, F_OK) == 0 { throw RewindError.mirrorExists(path: path) }
-        var source: BlockFile?
+        var source: (any VolumeSource)?
         let volumeSize: UInt64
         if let image {
-            let file = try BlockFile(path: image, mode: .readOnly)
-            volumeSize = try file.size()
-            source = file
+            volumeSize = try image.size()
+            source = image
         } else if let size {
             volumeSize = size
         } else {
@@ -166,7 +172,7 @@ public final class Mirror: @unchecked Sendable {
 
 /// Copy `source` into the fresh, zero-length-extended `target`, leaving holes where the
 /// source has holes or all-zero blocks (like `cp --sparse=always`).
-func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, blockSize: Int, progress: ProgressObserver?) throws {
+func sparseCopy(from source: any VolumeSource, to target: BlockFile, size: UInt64, blockSize: Int, progress: ProgressObserver?) throws {
     progress?.begin(phase: "copying", total: size)
     try forEachNonZeroRun(of: source, size: size, blockSize: blockSize, reached: { progress?.update(done: $0) }) { at, bytes in
         try target.write(at: at, from: bytes)
@@ -179,13 +185,13 @@ func sparseCopy(from source: BlockFile, to target: BlockFile, size: UInt64, bloc
 /// follows each read with the offset it reached (progress; a throw stops the walk). Returns
 /// the bytes of data extents read.
 @discardableResult
-func forEachNonZeroRun(of source: BlockFile, size: UInt64, blockSize: Int, reached: (UInt64) throws -> Void = { _ in },
+func forEachNonZeroRun(of source: any VolumeSource, size: UInt64, blockSize: Int, reached: (UInt64) throws -> Void = { _ in },
                        _ body: (UInt64, UnsafeRawBufferPointer) throws -> Void) throws -> UInt64 {
     let chunk = 1 << 20
     let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 4096)
     defer { buffer.deallocate() }
     var read: UInt64 = 0
-    for extent in try source.dataExtents(size: size) {
+    for extent in try source.dataExtents(size: size, from: 0) {
         var at = extent.lowerBound
         while at < extent.upperBound {
             let n = Int(min(UInt64(chunk), extent.upperBound - at))

@@ -16,8 +16,8 @@ extension Mirror {
         try verify(at: point, comparingWith: image.map { try BlockFile(path: $0, mode: .readOnly) }, progress: progress)
     }
 
-    /// `verify`, comparing with any `ComparisonSource` (an image file, an NBD export).
-    public func verify(at point: Point? = nil, comparingWith source: (any ComparisonSource)?, progress: ProgressObserver? = nil) throws -> VerifyReport {
+    /// `verify`, comparing with any `VolumeSource` (an image file, an NBD export).
+    public func verify(at point: Point? = nil, comparingWith source: (any VolumeSource)?, progress: ProgressObserver? = nil) throws -> VerifyReport {
         var report = VerifyReport()
         let bs = UInt64(blockSize)
         // A compaction deletes log files once the horizon moves: hold it off, as a snapshot does.
@@ -189,7 +189,7 @@ extension Mirror {
     }
 
     /// Compare the volume as of `point` with `source`, 1 MiB at a time.
-    private func compare(at point: Point, with source: any ComparisonSource, report: inout VerifyReport, progress: ProgressObserver?) throws {
+    private func compare(at point: Point, with source: any VolumeSource, report: inout VerifyReport, progress: ProgressObserver?) throws {
         let file = source, image = source.name
         let size = try file.size()
         guard size == volumeSize else {
@@ -219,18 +219,6 @@ extension Mirror {
     }
 }
 
-/// What `verify` compares a point with, read in order from the start: an image file
-/// (`BlockFile`), or an NBD export (`NBDComparisonSource` in RewindDaemon).
-public protocol ComparisonSource {
-    /// How it is named in messages.
-    var name: String { get }
-    func size() throws -> UInt64
-    func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws
-}
-
-extension BlockFile: ComparisonSource {
-    public var name: String { path }
-}
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16).leftPadded(16) }
 

@@ -1,13 +1,14 @@
 import ArgumentParser
 import RewindCore
+import RewindDaemon
 
 struct InitCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "init", abstract: "Create a mirror: a zero volume of --size, or a copy of --from IMAGE.")
+        commandName: "init", abstract: "Create a mirror: a zero volume of --size, or a copy of --from IMAGE or NBD-URI.")
 
     @Argument(help: "The mirror directory to create.") var mirror: String
     @Option(help: "Volume size (bytes, or with K M G T).", transform: parseSize) var size: UInt64?
-    @Option(help: "Image whose content becomes the base.") var from: String?
+    @Option(help: "Image, or NBD export (nbd://HOST[:PORT]/NAME, nbd+unix:///NAME?socket=PATH), whose content becomes the base (its holes and zero blocks stay holes).") var from: String?
     @Option(help: "Block size in bytes: a power of two from 512 to 1M.") var blockSize: Int = Mirror.defaultBlockSize
     @Flag(help: "Print the result as JSON.") var json = false
 
@@ -17,7 +18,8 @@ struct InitCommand: ParsableCommand {
 
     func run() throws {
         try reporting {
-            let m = try Mirror.create(at: mirror, size: size, from: from, blockSize: blockSize,
+            let source = try from.map(volumeSource)
+            let m = try Mirror.create(at: mirror, size: size, copying: source, blockSize: blockSize,
                                       progress: ProgressPrinter(command: "init"))
             let s = try m.status()
             if json { printJSON(s) } else {

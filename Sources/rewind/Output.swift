@@ -99,3 +99,9 @@ func parsePeers(_ texts: [String]) throws -> [LinkPeer] {
         do { return try LinkPeer(parsing: text) } catch { throw ValidationError("\(error)") }
     }
 }
+
+/// `--from` / `--against`: an NBD URI (nbd://, nbd+unix://) is read from its server; anything
+/// else is an image file.
+func volumeSource(_ text: String) throws -> any VolumeSource {
+    text.contains("://") ? try NBDVolumeSource(uri: text) : try BlockFile(path: text, mode: .readOnly)
+}

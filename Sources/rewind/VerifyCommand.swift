@@ -74,10 +74,7 @@ struct VerifyCommand: ParsableCommand {
         do {
             if let peer { return try runPeer(peer) }
             let m = try openMirror(mirror)
-            // An NBD URI (nbd://, nbd+unix://) is read from its server; anything else is a file.
-            let source: (any ComparisonSource)? = try against.map { text -> any ComparisonSource in
-                text.contains("://") ? try NBDComparisonSource(uri: text) : try BlockFile(path: text, mode: .readOnly)
-            }
+            let source = try against.map(volumeSource)
             let r = try m.verify(at: at, comparingWith: source, progress: ProgressPrinter(command: "verify"))
             if json { printJSON(Success(report: r)) } else {
                 var line = "ok: \(r.records) records, \(humanBytes(r.payloadBytes)) of payload and \(r.indexEntries) index entries verified"

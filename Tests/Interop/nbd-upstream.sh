@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# `rewind verify MIRROR --against NBD-URI` (issue 20's check for writes that bypassed a tap):
-# the mirror's point compared byte for byte with an export of qemu-nbd, nbdkit and nbd-server
-# (simple replies only), over Unix sockets and TCP; a changed byte is named by its offset and
-# values with exit status 1; a size mismatch, a bad URI, a refused export and no server are
-# clear errors.
+# rewind as an NBD client of other servers (issue 20's upstreams). `rewind verify MIRROR
+# --against NBD-URI` (the check for writes that bypassed a tap): the mirror's point compared
+# byte for byte with an export of qemu-nbd, nbdkit and nbd-server (simple replies only), over
+# Unix sockets and TCP; a changed byte is named by its offset and values with exit status 1; a
+# size mismatch, a bad URI, a refused export and no server are clear errors. `rewind init
+# MIRROR --from NBD-URI`: the base is the export's content, what BLOCK_STATUS calls zeros not
+# read and not allocated.
 . "$(dirname "$0")/functions.sh"
 for tool in qemu-nbd nbdkit nbd-server qemu-io; do requires $tool; done
 cd "$T"
@@ -84,6 +86,29 @@ expect_error 1 "rewind: error: differs at offset 16777216: nbd+unix:///?socket=$
 expect_error 1 "rewind: error: nbd+unix:///x: it names no socket (…?socket=PATH)" "$REWIND" verify m.rewind --against "nbd+unix:///x"
 expect_error 1 "rewind: error: nbd://127.0.0.1:1/x: cannot connect to 127.0.0.1:1: Connection refused" \
     "$REWIND" verify m.rewind --against "nbd://127.0.0.1:1/x"
+
+# init --from an export: nbdkit's sparse memory with three writes (BLOCK_STATUS: only those
+# are read), then nbd-server (no BLOCK_STATUS: all read, zero blocks still left as holes).
+nbdkit -f --exit-with-parent -U "$T/k.sock" memory 256M 2>>peers.log & PEERS+=($!)
+wait_socket "$T/k.sock"
+qemu-io -f raw -c "write -P 0x21 0 64k" -c "write -P 0x42 100M 1M" -c "write -P 0x63 268431360 4k" "nbd+unix:///?socket=$T/k.sock" >/dev/null
+"$REWIND" init k.rewind --from "nbd+unix:///?socket=$T/k.sock" > init.txt 2>init.err || fail "init --from nbdkit: $(cat init.err)"
+grep -qE "^created mirror k.rewind: volume 268435456 bytes \(256.0 MiB\), block size 4096, uuid [0-9a-f-]{36}$" init.txt || fail "init said [$(cat init.txt)]"; ok
+ALLOC=$(( $(stat -c %b k.rewind/base.img) * 512 ))
+[ "$ALLOC" -ge $(( (64 + 1024 + 4) << 10 )) ] && [ "$ALLOC" -le $(( 2 << 20 )) ] || fail "k.rewind's base has $ALLOC bytes allocated, expected the 1,118,208 written"; ok
+expect_output "$("$REWIND" verify k.rewind); seq:0 equals nbd+unix:///?socket=$T/k.sock" "$REWIND" verify k.rewind --against "nbd+unix:///?socket=$T/k.sock"
+head -c $((8 << 20)) /dev/zero > z.img
+printf 'data' | dd of=z.img bs=1 seek=$((3 << 20)) conv=notrunc 2>/dev/null
+PORT3=$(( PORT + 2 ))
+printf '[generic]\n    listenaddr = 127.0.0.1\n    port = %s\n    user = %s\n[vol]\n    exportname = %s\n' "$PORT3" "$(id -un)" "$T/z.img" > nbd3.conf
+nbd-server -C "$T/nbd3.conf" -d 2>>peers.log & PEERS+=($!)
+for i in $(seq 100); do listening "$PORT3" && break; sleep 0.05; done
+"$REWIND" init z.rewind --from "nbd://127.0.0.1:$PORT3/vol" >/dev/null 2>init.err || fail "init --from nbd-server: $(cat init.err)"
+[ "$(( $(stat -c %b z.rewind/base.img) * 512 ))" -le 65536 ] || fail "z.rewind's base is not sparse: $(stat -c %b z.rewind/base.img) sectors"; ok
+expect_output "$("$REWIND" verify z.rewind); seq:0 equals z.img" "$REWIND" verify z.rewind --against z.img
+expect_error 1 "rewind: error: nbd+unix:///?socket=$T/none: cannot connect to the socket $T/none: No such file or directory" "$REWIND" init n.rewind --from "nbd+unix:///?socket=$T/none"
+[ ! -e n.rewind ] || fail "a failed init left n.rewind"; ok
+
 expect_error 1 "rewind: error: nbd+unix:///?socket=$T/none: cannot connect to the socket $T/none: No such file or directory" \
     "$REWIND" verify m.rewind --against "nbd+unix:///?socket=$T/none"
 finish

@@ -3,10 +3,12 @@ import NIOPosix
 import RewindCore
 import RewindNBD
 
-/// `rewind verify MIRROR --against NBD-URI`: an NBD export (the upstream a tap protects, a
-/// source served by qemu-nbd or nbdkit) read from the start in order, with a few requests in
-/// flight ahead of the comparison so the round trips overlap.
-public final class NBDComparisonSource: ComparisonSource {
+/// An NBD export as a volume's bytes (the upstream a tap protects, a source served by
+/// qemu-nbd, nbdkit or nbd-server): `rewind init MIRROR --from NBD-URI` copies it into a base,
+/// skipping what BLOCK_STATUS says reads as zeros, and `rewind verify MIRROR --against
+/// NBD-URI` compares a point with it. Read in order, with a few requests in flight ahead so
+/// the round trips overlap.
+public final class NBDVolumeSource: VolumeSource {
     public let name: String
     private let client: NBDClient
     private let group: MultiThreadedEventLoopGroup
@@ -34,6 +36,30 @@ public final class NBDComparisonSource: ComparisonSource {
     }
 
     public func size() throws -> UInt64 { client.info.size }
+
+    /// The ranges BLOCK_STATUS (`base:allocation`) does not call zeros, merged; without it,
+    /// everything (then all of it is read, and zero blocks are still not stored).
+    public func dataExtents(size: UInt64, from: UInt64) throws -> [Range<UInt64>] {
+        let end = min(size, client.info.size)
+        guard client.info.baseAllocationID != nil else { return from < end ? [from..<end] : [] }
+        var out: [Range<UInt64>] = []
+        var at = from
+        while at < end {
+            let asked = UInt32(min(end - at, 1 << 30))
+            let extents: [AllocationExtent]
+            do { extents = try client.blockStatus(offset: at, length: asked).wait() } catch {
+                throw RewindError.invalidArgument("\(name): block status at \(at): \(error)")
+            }
+            for e in extents where at < end {
+                let next = min(end, at + UInt64(e.length))
+                if !e.flags.contains(.zero) {
+                    if let last = out.last, last.upperBound == at { out[out.count - 1] = last.lowerBound..<next } else { out.append(at..<next) }
+                }
+                at = next
+            }
+        }
+        return out
+    }
 
     public func read(at offset: UInt64, into buffer: UnsafeMutableRawBufferPointer) throws {
         let size = client.info.size
