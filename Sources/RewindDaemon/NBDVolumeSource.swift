@@ -50,13 +50,15 @@ public final class NBDVolumeSource: VolumeSource {
             do { extents = try client.blockStatus(offset: at, length: asked).wait() } catch {
                 throw RewindError.invalidArgument("\(name): block status at \(at): \(error)")
             }
+            let before = at
             for e in extents where at < end {
-                let next = min(end, at + UInt64(e.length))
+                let next = UInt64(e.length) >= end - at ? end : at + UInt64(e.length)
                 if !e.flags.contains(.zero) {
                     if let last = out.last, last.upperBound == at { out[out.count - 1] = last.lowerBound..<next } else { out.append(at..<next) }
                 }
                 at = next
             }
+            guard at > before else { throw RewindError.invalidArgument("\(name): block status at \(at) described nothing") }
         }
         return out
     }
@@ -65,7 +67,7 @@ public final class NBDVolumeSource: VolumeSource {
         let size = client.info.size
         // The server's maximum request, at most; requests run ahead of `offset` in pieces of
         // this length (a jump elsewhere starts afresh).
-        let piece = min(buffer.count, Int(client.info.blockSizes?.maximum ?? UInt32(NBD.maxPayloadBytes)))
+        let piece = max(1, min(buffer.count, NBD.maxPayloadBytes, Int(client.info.blockSizes?.maximum ?? UInt32(NBD.maxPayloadBytes))))
         var filled = 0
         var at = offset
         while filled < buffer.count {

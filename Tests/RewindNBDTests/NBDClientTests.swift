@@ -1,6 +1,7 @@
 import Foundation
 import Logging
 import NIOCore
+import NIOEmbedded
 import NIOPosix
 import NIOTestUtils
 import Testing
@@ -299,5 +300,99 @@ import Testing
             #expect(!client.info.structuredReplies)
             try await Self.exercise(client, peer: "nbd-server")
         }
+    }
+}
+
+/// A server that breaks the protocol in transmission: the request it answered wrongly fails
+/// (no promise is left waiting), every other request in flight fails, and the connection
+/// closes. DISC waits for the requests in flight and nothing is sent after it.
+@Suite struct NBDClientHostileServerTests {
+    static let info = NBDExportInfo(size: 1 << 20, flags: [.hasFlags, .sendFlush], structuredReplies: true, baseAllocationID: 7, blockSizes: nil)
+
+    static func channel() throws -> EmbeddedChannel {
+        let table = NBDCookieTable()
+        let channel = EmbeddedChannel()
+        try channel.pipeline.syncOperations.addHandlers([ByteToMessageHandler(NBDReplyDecoder(readLength: table.readLength)),
+                                                          NBDClientHandler(table: table, info: info)])
+        return channel
+    }
+
+    static func request(_ channel: EmbeddedChannel, _ command: NBDCommand, offset: UInt64 = 0, length: UInt32 = 0) throws -> EventLoopFuture<NBDClientResult> {
+        let promise = channel.eventLoop.makePromise(of: NBDClientResult.self)
+        try channel.writeOutbound(NBDClientRequest(command: command, flags: [], offset: offset, length: length, payload: nil, promise: promise))
+        return promise.futureResult
+    }
+
+    static func chunk(_ cookie: UInt64, _ type: NBDChunkType, done: Bool, _ payload: [UInt8]) -> ByteBuffer {
+        var b = ByteBuffer(); b.writeChunkHeader(cookie: cookie, type: type, done: done, length: payload.count); b.writeBytes(payload); return b
+    }
+
+    static func be64(_ v: UInt64) -> [UInt8] { (0..<8).map { UInt8(truncatingIfNeeded: v >> (56 - 8 * $0)) } }
+    static func be32(_ v: UInt32) -> [UInt8] { (0..<4).map { UInt8(truncatingIfNeeded: v >> (24 - 8 * $0)) } }
+
+    /// Feed `replies`; the two requests in flight (cookies 1 and 2) must fail with `why`.
+    static func refused(_ command: NBDCommand, length: UInt32, _ replies: [ByteBuffer], _ why: String,
+                        sourceLocation: SourceLocation = #_sourceLocation) throws {
+        let channel = try channel()
+        let first = try request(channel, command, offset: 4096, length: length)
+        let second = try request(channel, .flush)
+        for r in replies { _ = try? channel.writeInbound(r) }
+        for (name, f) in [("the faulty request", first), ("the other request", second)] {
+            do {
+                _ = try f.wait()
+                Issue.record("\(name) succeeded", sourceLocation: sourceLocation)
+            } catch {
+                #expect("\(error)" == "the server broke the NBD protocol: \(why)", "\(name)", sourceLocation: sourceLocation)
+            }
+        }
+        #expect(!channel.isActive, sourceLocation: sourceLocation)
+    }
+
+    @Test func protocolFaultsFailTheirRequestAndTheRest() throws {
+        let half = [UInt8](repeating: 1, count: 2048)
+        try Self.refused(.read, length: 4096, [Self.chunk(1, .offsetData, done: false, Self.be64(4096) + half),
+                                               Self.chunk(1, .offsetData, done: true, Self.be64(4096) + half)],
+                         "read chunks overlapping at 4096")
+        try Self.refused(.read, length: 4096, [Self.chunk(1, .none, done: true, [])], "a READ of 4096 bytes answered with 0")
+        try Self.refused(.read, length: 4096, [Self.chunk(1, .offsetData, done: true, Self.be64(8190) + half)],
+                         "read data at 8190+2048, outside the READ of 4096+4096")
+        try Self.refused(.blockStatus, length: 4096, [Self.chunk(1, .blockStatus, done: false, Self.be32(7) + Self.be32(4096) + Self.be32(0)),
+                                                      Self.chunk(1, .blockStatus, done: true, Self.be32(7) + Self.be32(4096) + Self.be32(0))],
+                         "a malformed or unexpected block status chunk")
+        try Self.refused(.blockStatus, length: 4096, [Self.chunk(1, .blockStatus, done: true, Self.be32(7) + Self.be32(0) + Self.be32(0))],
+                         "a block status extent of length 0")
+        try Self.refused(.blockStatus, length: 4096, [Self.chunk(1, .none, done: true, [])], "a BLOCK_STATUS answered with no extent")
+        var simple = ByteBuffer(); simple.writeSimpleReply(cookie: 1)
+        try Self.refused(.read, length: 4096, [simple], "a simple reply without data to a READ of 4096 bytes (structured replies were negotiated)")
+        var stranger = ByteBuffer(); stranger.writeSimpleReply(cookie: 99)
+        try Self.refused(.read, length: 4096, [stranger], "a reply for cookie 99, which no request in flight has")
+    }
+
+    @Test func disconnectWaitsForTheRequestsInFlight() throws {
+        let channel = try Self.channel()
+        let flush = try Self.request(channel, .flush)
+        _ = try channel.readOutbound(as: ByteBuffer.self)  // the FLUSH
+        let disc = channel.eventLoop.makePromise(of: Void.self)
+        // Not writeOutbound: it waits for the write, which the handler holds until the FLUSH is answered.
+        channel.writeAndFlush(NBDClientRequest(command: .disconnect, flags: [], offset: 0, length: 0, payload: nil, promise: nil), promise: disc)
+        #expect(try channel.readOutbound(as: ByteBuffer.self) == nil, "DISC went out with a FLUSH in flight")
+        do {
+            _ = try Self.request(channel, .flush).wait()
+            Issue.record("a request after DISC was sent")
+        } catch {
+            #expect("\(error)" == "the NBD connection closed: the connection is being disconnected")
+        }
+        var reply = ByteBuffer(); reply.writeSimpleReply(cookie: 1)
+        try channel.writeInbound(reply)
+        _ = try flush.wait()
+        var out = try #require(try channel.readOutbound(as: ByteBuffer.self))
+        #expect(out.readableBytes == NBDRequestHeader.size)
+        out.moveReaderIndex(forwardBy: 6)
+        #expect(out.readInteger(as: UInt16.self) == NBDCommand.disconnect.rawValue)
+        try disc.futureResult.wait()
+    }
+
+    @Test func aQueryOfAnEqualsSignAloneIsNoCrash() throws {
+        #expect(try NBDURI("nbd+unix:///x?socket=/s&=").transport == .unix(path: "/s"))
     }
 }

@@ -112,7 +112,8 @@ public final class NBDClient: Sendable {
         return "\(e)"
     }
 
-    /// NBD_CMD_DISC once the requests in flight are answered, then close.
+    /// NBD_CMD_DISC once the requests in flight are answered (later requests are refused),
+    /// then close.
     public func close() -> EventLoopFuture<Void> {
         let request = NBDClientRequest(command: .disconnect, flags: [], offset: 0, length: 0, payload: nil, promise: nil)
         return channel.writeAndFlush(request).flatMap { self.channel.close() }.recover { _ in }

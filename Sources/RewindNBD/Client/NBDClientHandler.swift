@@ -10,7 +10,8 @@ final class NBDCookieTable {
         var length: UInt32
         var promise: EventLoopPromise<NBDClientResult>?
         var data: ByteBuffer?
-        var covered: UInt64 = 0
+        /// The parts of a READ its chunks have answered, ascending, not overlapping.
+        var covered: [Range<UInt64>] = []
         var extents: [AllocationExtent] = []
         var error: NBDClientError?
     }
@@ -47,7 +48,9 @@ final class NBDClientHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
         var bytes = unwrapInboundIn(data)
         input.writeBuffer(&bytes)
         do {
-            for action in try machine.receive(&input) {
+            let actions = try machine.receive(&input)
+            input.discardReadBytes()
+            for action in actions {
                 switch action {
                 case let .send(out):
                     context.writeAndFlush(wrapOutboundOut(out), promise: nil)
@@ -96,13 +99,35 @@ final class NBDClientHandler: ChannelDuplexHandler {
         self.info = info
     }
 
+    /// NBD_CMD_DISC asked for: sent once no request is in flight (the server answers those
+    /// first only if the client waits), and nothing is sent after it.
+    private var disconnecting: (context: ChannelHandlerContext, promise: EventLoopPromise<Void>?)?
+    private var disconnected = false
+
+    private func sendDisconnect(_ d: (context: ChannelHandlerContext, promise: EventLoopPromise<Void>?)) {
+        disconnecting = nil
+        disconnected = true
+        var head = d.context.channel.allocator.buffer(capacity: NBDRequestHeader.size)
+        head.writeNBDRequest(NBDRequestHeader(flags: 0, type: NBDCommand.disconnect.rawValue, cookie: table.nextCookie, offset: 0, length: 0))
+        d.context.writeAndFlush(wrapOutboundOut(head), promise: d.promise)
+    }
+
     func write(context: ChannelHandlerContext, data: NIOAny, promise: EventLoopPromise<Void>?) {
         let r = unwrapOutboundIn(data)
+        guard !disconnected && disconnecting == nil else {
+            let error = NBDClientError.closed("the connection is being disconnected")
+            r.promise?.fail(error)
+            promise?.fail(error)
+            return
+        }
+        if r.command == .disconnect {
+            disconnecting = (context, promise)
+            if table.pending.isEmpty, let d = disconnecting { sendDisconnect(d) }
+            return
+        }
         let cookie = table.nextCookie
         table.nextCookie &+= 1
-        if r.command != .disconnect {
-            table.pending[cookie] = .init(command: r.command, offset: r.offset, length: r.length, promise: r.promise)
-        }
+        table.pending[cookie] = .init(command: r.command, offset: r.offset, length: r.length, promise: r.promise)
         var head = context.channel.allocator.buffer(capacity: NBDRequestHeader.size)
         head.writeNBDRequest(NBDRequestHeader(flags: r.flags.rawValue, type: r.command.rawValue, cookie: cookie,
                                               offset: r.offset, length: r.length))
@@ -127,11 +152,32 @@ final class NBDClientHandler: ChannelDuplexHandler {
     }
 
     private func handle(_ reply: NBDReply) throws {
+        do {
+            try complete(reply)
+        } catch {
+            // The request the faulty reply was for fails with the rest (`failAll`), even when
+            // its entry was already taken out.
+            if let p = taken {
+                table.pending[reply.cookie] = nil
+                p.promise?.fail(error as? NBDClientError ?? .protocolViolation("\(error)"))
+            }
+            taken = nil
+            throw error
+        }
+        taken = nil
+        if let disconnect = disconnecting, table.pending.isEmpty { sendDisconnect(disconnect) }
+    }
+
+    /// The entry `complete` took out of the table, until it is answered.
+    private var taken: NBDCookieTable.Pending?
+
+    private func complete(_ reply: NBDReply) throws {
         let cookie = reply.cookie
         guard var p = table.pending[cookie] else { throw NBDClientError.protocolViolation("a reply for cookie \(cookie), which no request in flight has") }
         switch reply {
         case let .simple(_, error, data):
             table.pending[cookie] = nil
+            taken = p
             if error != 0 {
                 p.promise?.fail(NBDClientError.server(errno: error, message: ""))
                 return
@@ -151,10 +197,12 @@ final class NBDClientHandler: ChannelDuplexHandler {
             try take(chunk, into: &p)
             if chunk.done {
                 table.pending[cookie] = nil
+                taken = p
+                let covered = p.covered.reduce(UInt64(0)) { $0 + UInt64($1.count) }
                 if let error = p.error {
                     p.promise?.fail(error)
-                } else if p.command == .read && p.covered != UInt64(p.length) {
-                    throw NBDClientError.protocolViolation("a READ of \(p.length) bytes answered with \(p.covered)")
+                } else if p.command == .read && covered != UInt64(p.length) {
+                    throw NBDClientError.protocolViolation("a READ of \(p.length) bytes answered with \(covered)")
                 } else if p.command == .blockStatus && p.extents.isEmpty {
                     throw NBDClientError.protocolViolation("a BLOCK_STATUS answered with no extent")
                 } else {
@@ -168,6 +216,7 @@ final class NBDClientHandler: ChannelDuplexHandler {
 
     /// One chunk of `p`'s reply, checked against the request.
     private func take(_ chunk: NBDReplyChunk, into p: inout NBDCookieTable.Pending) throws {
+        taken = p  // a throw below fails this request
         var b = chunk.payload
         let type = NBDChunkType(rawValue: chunk.type)
         if chunk.isError {
@@ -201,15 +250,22 @@ final class NBDClientHandler: ChannelDuplexHandler {
                 all.writeRepeatingByte(0, count: Int(p.length))
                 p.data = all
             }
+            // Chunks must not overlap (NBD spec): a repeated half must not pass for the whole.
+            let range = at - p.offset..<at - p.offset + n
+            let i = p.covered.firstIndex { $0.lowerBound >= range.upperBound } ?? p.covered.count
+            guard i == 0 || p.covered[i - 1].upperBound <= range.lowerBound else {
+                throw NBDClientError.protocolViolation("read chunks overlapping at \(at)")
+            }
+            p.covered.insert(range, at: i)
             if type == .offsetData { p.data?.setBuffer(b, at: Int(at - p.offset)) }
-            p.covered += n
-            guard p.covered <= UInt64(p.length) else { throw NBDClientError.protocolViolation("a READ of \(p.length) bytes answered with more") }
         case .blockStatus?:
-            guard p.command == .blockStatus, let id: UInt32 = b.readInteger(), id == info.baseAllocationID,
+            // One status chunk per negotiated context (one here), its extents nonzero.
+            guard p.command == .blockStatus, p.extents.isEmpty, let id: UInt32 = b.readInteger(), id == info.baseAllocationID,
                   b.readableBytes > 0, b.readableBytes % 8 == 0 else {
                 throw NBDClientError.protocolViolation("a malformed or unexpected block status chunk")
             }
             while let length: UInt32 = b.readInteger(), let flags: UInt32 = b.readInteger() {
+                guard length > 0 else { throw NBDClientError.protocolViolation("a block status extent of length 0") }
                 p.extents.append(AllocationExtent(length: length, flags: NBDExtentFlags(rawValue: flags)))
             }
         default:
@@ -221,6 +277,7 @@ final class NBDClientHandler: ChannelDuplexHandler {
         let all = table.pending
         table.pending.removeAll()
         for p in all.values { p.promise?.fail(error) }
+        if let d = disconnecting { disconnecting = nil; d.promise?.fail(error) }
     }
 
     func channelInactive(context: ChannelHandlerContext) {

@@ -40,6 +40,9 @@ public struct NBDClientHandshake {
     private var state = State.greeting
     private var info = NBDExportInfo(size: 0, flags: [], structuredReplies: false, baseAllocationID: nil, blockSizes: nil)
     private var exportSeen = false
+    private var replies = 0
+    /// Option replies in one handshake, at most (infos and meta contexts included).
+    static let maxReplies = 64
 
     /// Option replies longer than this are refused (a name or a description at most, here).
     static let maxReplyBytes = 64 * 1024
@@ -104,6 +107,8 @@ public struct NBDClientHandshake {
     }
 
     private mutating func handle(_ r: OptionReply, _ actions: inout [Action]) throws {
+        replies += 1
+        guard replies <= Self.maxReplies else { throw NBDHandshakeError("more than \(Self.maxReplies) option replies") }
         let expected: NBDOption = switch state {
         case .structuredReply: .structuredReply
         case .metaContext: .setMetaContext
@@ -157,6 +162,7 @@ public struct NBDClientHandshake {
                     guard let size: UInt64 = d.readInteger(), let flags: UInt16 = d.readInteger(), d.readableBytes == 0 else {
                         throw NBDHandshakeError("a malformed NBD_INFO_EXPORT")
                     }
+                    guard size <= UInt64(Int64.max) else { throw NBDHandshakeError("an export of \(size) bytes") }
                     info.size = size
                     info.flags = NBDTransmissionFlags(rawValue: flags)
                     exportSeen = true

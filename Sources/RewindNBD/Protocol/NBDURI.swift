@@ -38,8 +38,9 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
         exportName = name
         var parameters: [String: String] = [:]
         for pair in query.split(separator: "&") where !pair.isEmpty {
-            let kv = pair.split(separator: "=", maxSplits: 1)
-            guard let key = Self.percentDecoded(kv[0]), let value = Self.percentDecoded(kv.count > 1 ? kv[1] : "") else {
+            let eq = pair.firstIndex(of: "=") ?? pair.endIndex
+            let rawValue = eq < pair.endIndex ? pair[pair.index(after: eq)...] : ""
+            guard let key = Self.percentDecoded(pair[..<eq]), let value = Self.percentDecoded(rawValue) else {
                 throw NBDURIError(text, "its query has a bad %-escape")
             }
             parameters[key] = value
