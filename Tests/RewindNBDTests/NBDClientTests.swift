@@ -309,11 +309,12 @@ import Testing
 @Suite struct NBDClientHostileServerTests {
     static let info = NBDExportInfo(size: 1 << 20, flags: [.hasFlags, .sendFlush], structuredReplies: true, baseAllocationID: 7, blockSizes: nil)
 
-    static func channel() throws -> EmbeddedChannel {
+    static func channel(requestTimeout: TimeAmount = .seconds(60)) throws -> EmbeddedChannel {
         let table = NBDCookieTable()
         let channel = EmbeddedChannel()
         try channel.pipeline.syncOperations.addHandlers([ByteToMessageHandler(NBDReplyDecoder(readLength: table.readLength)),
-                                                          NBDClientHandler(table: table, info: info)])
+                                                          NBDClientHandler(table: table, info: info, requestTimeout: requestTimeout)])
+        try channel.connect(to: SocketAddress(ipAddress: "127.0.0.1", port: 1)).wait()  // active, as a real connection
         return channel
     }
 
@@ -390,6 +391,28 @@ import Testing
         out.moveReaderIndex(forwardBy: 6)
         #expect(out.readInteger(as: UInt16.self) == NBDCommand.disconnect.rawValue)
         try disc.futureResult.wait()
+    }
+
+    /// A server that stops answering: past the request timeout every request in flight fails
+    /// and the connection closes; one that answers in time is left alone.
+    @Test func aSilentServerIsNotWaitedForForever() throws {
+        let channel = try Self.channel(requestTimeout: .seconds(5))
+        let answered = try Self.request(channel, .flush)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(3))
+        var reply = ByteBuffer(); reply.writeSimpleReply(cookie: 1)
+        try channel.writeInbound(reply)
+        _ = try answered.wait()
+        let silent = try Self.request(channel, .read, offset: 8192, length: 4096)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(4))
+        #expect(channel.isActive)
+        channel.embeddedEventLoop.advanceTime(by: .seconds(3))
+        do {
+            _ = try silent.wait()
+            Issue.record("a READ nobody answered succeeded")
+        } catch {
+            #expect("\(error)" == "the NBD connection closed: no reply to read at 8192+4096 within 5 s")
+        }
+        #expect(!channel.isActive)
     }
 
     @Test func aQueryOfAnEqualsSignAloneIsNoCrash() throws {

@@ -14,6 +14,8 @@ final class NBDCookieTable {
         var covered: [Range<UInt64>] = []
         var extents: [AllocationExtent] = []
         var error: NBDClientError?
+        /// When it was written (the loop's clock).
+        var sent: NIODeadline
     }
 
     var pending: [UInt64: Pending] = [:]
@@ -94,9 +96,37 @@ final class NBDClientHandler: ChannelDuplexHandler {
     private let table: NBDCookieTable
     private let info: NBDExportInfo
 
-    init(table: NBDCookieTable, info: NBDExportInfo) {
+    /// A request unanswered this long ends the connection (every request in flight fails): a
+    /// server that stops answering is not waited for forever.
+    let requestTimeout: TimeAmount
+    private var watchdog: RepeatedTask?
+
+    init(table: NBDCookieTable, info: NBDExportInfo, requestTimeout: TimeAmount = .seconds(60)) {
         self.table = table
         self.info = info
+        self.requestTimeout = requestTimeout
+    }
+
+    func handlerAdded(context: ChannelHandlerContext) {
+        let bound = NIOLoopBound((handler: self, context: context), eventLoop: context.eventLoop)
+        let every = TimeAmount.nanoseconds(max(requestTimeout.nanoseconds / 4, 1_000_000))
+        watchdog = context.eventLoop.scheduleRepeatedTask(initialDelay: every, delay: every) { _ in
+            bound.value.handler.checkDeadlines(bound.value.context)
+        }
+    }
+
+    func handlerRemoved(context: ChannelHandlerContext) {
+        watchdog?.cancel()
+        watchdog = nil
+    }
+
+    private func checkDeadlines(_ context: ChannelHandlerContext) {
+        let now = context.eventLoop.now
+        guard let late = table.pending.values.first(where: { now - $0.sent > requestTimeout }) else { return }
+        failAll(.closed("no reply to \(late.command.name) at \(late.offset)+\(late.length) within \(requestTimeout.nanoseconds / 1_000_000_000) s"))
+        watchdog?.cancel()
+        watchdog = nil
+        context.close(promise: nil)
     }
 
     /// NBD_CMD_DISC asked for: sent once no request is in flight (the server answers those
@@ -127,7 +157,7 @@ final class NBDClientHandler: ChannelDuplexHandler {
         }
         let cookie = table.nextCookie
         table.nextCookie &+= 1
-        table.pending[cookie] = .init(command: r.command, offset: r.offset, length: r.length, promise: r.promise)
+        table.pending[cookie] = .init(command: r.command, offset: r.offset, length: r.length, promise: r.promise, sent: context.eventLoop.now)
         var head = context.channel.allocator.buffer(capacity: NBDRequestHeader.size)
         head.writeNBDRequest(NBDRequestHeader(flags: r.flags.rawValue, type: r.command.rawValue, cookie: cookie,
                                               offset: r.offset, length: r.length))
@@ -281,6 +311,8 @@ final class NBDClientHandler: ChannelDuplexHandler {
     }
 
     func channelInactive(context: ChannelHandlerContext) {
+        watchdog?.cancel()
+        watchdog = nil
         failAll(.closed("the server closed the connection"))
         context.fireChannelInactive()
     }
