@@ -230,7 +230,9 @@ for s in "$S" "$D"; do
     rm "$IMG/cmp.img"
 done
 eventually [ ! -e "$DIRTY" ] || fail "the dirty set is still there after B acked the catch-up"; ok
-[ "$(st $A 'p.get("dirtyBlocks")')" = none ] && [ "$(st $A 'p["durableSeq"]')" = "$N" ] || fail "status still shows a dirty set, or B not at seq:$N"; ok
+# The peer's position is recorded once a second: wait for it.
+caught_up() { [ "$(st $A 'p.get("dirtyBlocks")')" = none ] && [ "$(st $A 'p["durableSeq"]')" = "$N" ]; }
+eventually caught_up || fail "status still shows a dirty set, or B not at seq:$N: $(st $A '(p.get("dirtyBlocks"), p["durableSeq"])')"; ok
 out=$("$REWIND" verify b.rewind) || fail "verify b.rewind failed: $out"
 [[ "$out" == "ok: "* ]] || fail "verify b.rewind said [$out]"; ok
 stop_server
