@@ -190,8 +190,8 @@ extension Mirror {
 
     /// Compare the volume as of `point` with `source`, 1 MiB at a time.
     private func compare(at point: Point, with source: any VolumeSource, report: inout VerifyReport, progress: ProgressObserver?) throws {
-        let file = source, image = source.name
-        let size = try file.size()
+        let image = source.name
+        let size = try source.size()
         guard size == volumeSize else {
             throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(image) is \(size) bytes, the volume is \(volumeSize)")
         }
@@ -205,7 +205,7 @@ extension Mirror {
         while at < volumeSize {
             let n = Int(min(UInt64(chunk), volumeSize - at))
             try mine.withUnsafeMutableBytes { try snapshot.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            try theirs.withUnsafeMutableBytes { try file.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            try theirs.withUnsafeMutableBytes { try source.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
             if mine[0..<n] != theirs[0..<n] {
                 let i = (0..<n).first { mine[$0] != theirs[$0] } ?? 0
                 throw RewindError.mismatch(offset: at + UInt64(i),
@@ -218,7 +218,6 @@ extension Mirror {
         progress?.end()
     }
 }
-
 
 func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16).leftPadded(16) }
 

@@ -177,17 +177,24 @@ public final class Journal: @unchecked Sendable {
     /// A record's checksum taken over its payload as stored, read in pieces of whole blocks.
     func storedChecksum(seq: UInt64, header h: RecordHeader, blockSize: Int) throws -> UInt64 {
         let hasher = PayloadHasher(blockSize: blockSize)
-        let per = max(1, (4 << 20) / blockSize) * blockSize
+        try readPayloadPieces(at: h.payloadPosition, count: h.storedBytes, blockSize: blockSize, seq: seq) { hasher.update($0) }
+        return hasher.checksum
+    }
+
+    /// `count` payload bytes from log position `position`, handed to `body` in pieces of at
+    /// most `maxBytes` (whole blocks but the last): a payload of any size, never held whole.
+    func readPayloadPieces(at position: UInt64, count: UInt64, blockSize: Int, maxBytes: Int = 4 << 20, seq: UInt64,
+                           _ body: (UnsafeRawBufferPointer) throws -> Void) throws {
+        let per = max(1, maxBytes / blockSize) * blockSize
         let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: per, alignment: 4096)
         defer { buffer.deallocate() }
         var at: UInt64 = 0
-        while at < h.storedBytes {
-            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(per), h.storedBytes - at))])
-            try readPayload(at: h.payloadPosition + at, into: piece, seq: seq)
-            hasher.update(UnsafeRawBufferPointer(piece))
+        while at < count {
+            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<Int(min(UInt64(per), count - at))])
+            try readPayload(at: position + at, into: piece, seq: seq)
+            try body(UnsafeRawBufferPointer(piece))
             at += UInt64(piece.count)
         }
-        return hasher.checksum
     }
 
     /// Delete the records in `range`, `Compactor.chunkRecords` per write transaction so a live

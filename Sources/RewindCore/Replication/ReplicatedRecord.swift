@@ -82,17 +82,10 @@ extension Mirror {
         let list = CatchUp.listBlocks(runs: runs.count, blockSize: bs) * bs
         let hasher = PayloadHasher(blockSize: bs)
         CatchUp.encodeRuns(runs, blockSize: bs).withUnsafeBytes { hasher.update($0) }
-        let total = h.storedBytes - UInt64(list)
-        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: max(bs, maxBytes / bs * bs), alignment: 4096)
-        defer { buffer.deallocate() }
-        var at: UInt64 = 0
-        while at < total {
-            let n = Int(min(UInt64(buffer.count), total - at))
-            let piece = UnsafeMutableRawBufferPointer(rebasing: buffer[0..<n])
-            try journal.readPayload(at: h.payloadPosition + UInt64(list) + at, into: piece, seq: seq)
-            hasher.update(UnsafeRawBufferPointer(piece))
-            try data(UnsafeRawBufferPointer(piece))
-            at += UInt64(n)
+        try journal.readPayloadPieces(at: h.payloadPosition + UInt64(list), count: h.storedBytes - UInt64(list), blockSize: bs,
+                                      maxBytes: maxBytes, seq: seq) { piece in
+            hasher.update(piece)
+            try data(piece)
         }
         guard hasher.checksum == h.checksum else {
             throw RewindError.corruptRecord(seq: seq, why: "payload checksum mismatch (data damaged on disk)")
