@@ -237,7 +237,7 @@ func removeTree(_ path: String) {
     rmdir(path)
 }
 
-func syncDirectory(containing path: String) {
+public func syncDirectory(containing path: String) {
     let parent = path.contains("/") ? String(path[..<path.lastIndex(of: "/")!]) : "."
     let fd = open(parent.isEmpty ? "/" : parent, O_RDONLY | O_DIRECTORY)
     if fd >= 0 { fsync(fd); close(fd) }

@@ -48,21 +48,7 @@ public enum ServeDaemon {
         tuning.keepsLogOutOfCache = options.replicateTo.isEmpty
         let writer = ServePipeline(mirror: prepared.mirror, source: prepared.source, sourceSyncedSeq: prepared.syncedSeq,
                                    tuning: tuning, onFull: options.onFull, observer: metrics)
-        // The link's event loop, only when there are peers to stream to.
-        var linkGroup: MultiThreadedEventLoopGroup?
-        var replication: Replication?
-        if let identity {
-            let g = MultiThreadedEventLoopGroup(numberOfThreads: 1)
-            linkGroup = g
-            replication = try Replication(mirror: prepared.mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger,
-                                          keepBytes: options.peerKeepBytes, minFreeBytes: options.peerMinFreeBytes)
-        }
-        var gate: SyncGate?
-        if options.ackSync, let first = replication?.senders.first {
-            let g = SyncGate(sender: first, mirror: prepared.mirror, timeoutSeconds: options.syncTimeoutSeconds, logger: logger)
-            writer.syncGate = { seq, release in g.hold(seq, release) }
-            gate = g
-        }
+        let links = try ReplicationSetup(options, identity: identity, mirror: prepared.mirror, writer: writer, logger: logger)
         writer.start()
         let pool = NIOThreadPool(numberOfThreads: 4)
         pool.start()
@@ -101,7 +87,7 @@ public enum ServeDaemon {
 
         var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
                                        PinWatchService(mirror: prepared.mirror, options: options, metrics: metrics, logger: logger)]
-        if let replication { services.append(ReplicationService(replication: replication, gate: gate)) }
+        if let replication = links.replication { services.append(ReplicationService(replication: replication, gate: links.gate)) }
         if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
             services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
         }
@@ -117,7 +103,7 @@ public enum ServeDaemon {
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
         try? await group.shutdownGracefully()
-        try? await linkGroup?.shutdownGracefully()
+        try? await links.group?.shutdownGracefully()
         recordCleanStop(prepared, writer: writer, logger: logger)
         prepared.lock.release()
         prepared.sourceLock.release()
@@ -307,7 +293,7 @@ public enum ServeDaemon {
         return (try? f.zeroRange(at: 0, length: 4096)) ?? false
     }
 
-    static func announce(options: ServeOptions, mirror: Mirror, export: String, bound: [String], metrics: String?) {
+    static func announce(options: ServeOptions, mirror: Mirror, export: String, bound: [String], metrics: String?, verb: String = "serving") {
         let first = bound.first ?? ""
         let uri = first.hasPrefix("unix:") ? "nbd+unix:///\(export)?socket=\(first.dropFirst(5))" : "nbd://\(first)/\(export)"
         if options.json {
@@ -318,11 +304,33 @@ public enum ServeDaemon {
                 FileHandle.standardOutput.write(data + Data("\n".utf8))
             }
         } else {
-            var text = "rewind: serving \(options.source) (\(mirror.volumeSize) bytes) with mirror \(mirror.path)\n"
+            var text = "rewind: \(verb) \(options.source) (\(mirror.volumeSize) bytes) with mirror \(mirror.path)\n"
             for b in bound { text += "  listening on \(b)\n" }
             if let metrics { text += "  metrics on http://\(metrics)/metrics\n" }
             text += "  connect with: nbdinfo '\(uri)'\n"
             FileHandle.standardOutput.write(Data(text.utf8))
+        }
+    }
+}
+
+/// The links of `--replicate-to` (and `--ack sync`'s gate on the writer), with their event
+/// loop: nothing when there are no peers.
+struct ReplicationSetup {
+    var group: MultiThreadedEventLoopGroup?
+    var replication: Replication?
+    var gate: SyncGate?
+
+    init(_ options: ServeOptions, identity: UnitIdentity?, mirror: Mirror, writer: ServePipeline, logger: Logger) throws {
+        guard let identity else { return }
+        let g = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        group = g
+        let replication = try Replication(mirror: mirror, peers: options.replicateTo, identity: identity, group: g, logger: logger,
+                                          keepBytes: options.peerKeepBytes, minFreeBytes: options.peerMinFreeBytes)
+        self.replication = replication
+        if options.ackSync, let first = replication.senders.first {
+            let g = SyncGate(sender: first, mirror: mirror, timeoutSeconds: options.syncTimeoutSeconds, logger: logger)
+            writer.syncGate = { seq, release in g.hold(seq, release) }
+            gate = g
         }
     }
 }

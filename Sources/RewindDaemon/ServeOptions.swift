@@ -73,11 +73,19 @@ public struct ServeOptions: Sendable {
     /// Below this much free space on the journal's file system, peers hold no records.
     public var peerMinFreeBytes: UInt64?
 
+    /// `rewind tap`: the upstream's NBD URI (`upstream` in a tap's config file).
+    public var upstream: String?
+    /// `rewind tap --check`: what the start compares with the upstream.
+    public var check: TapDaemon.Check = .auto
+
     public init(source: String) { self.source = source }
 
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
-                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size", "peer-min-free"]
+                                                 "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size", "peer-min-free", "upstream", "check"]
+    /// Keys that belong to one command only: `serve`'s, `tap`'s.
+    public static let serveOnlyKeys: Set<String> = ["source", "size"]
+    public static let tapOnlyKeys: Set<String> = ["upstream", "check"]
 
     /// `--ack`: true for sync, nil when neither.
     public static func parseAck(_ text: String) -> Bool? {
@@ -192,6 +200,7 @@ public struct ServeOptions: Sendable {
         if fromFile("sync-timeout") { syncTimeoutSeconds = c.syncTimeoutSeconds }
         if fromFile("peer-keep-size") { peerKeepBytes = c.peerKeepBytes }
         if fromFile("peer-min-free") { peerMinFreeBytes = c.peerMinFreeBytes }
+        if fromFile("check") { check = c.check }
     }
 
     /// Set the option a config key names from its value, checked; false when no option has
@@ -199,6 +208,11 @@ public struct ServeOptions: Sendable {
     private mutating func take(configKey key: String, _ value: any TOMLValueConvertible) throws -> Bool {
         switch key {
         case "source": source = try ConfigValue.path(value)
+        case "upstream": upstream = try ConfigValue.string(value)
+        case "check":
+            let text = try ConfigValue.string(value)
+            guard let c = TapDaemon.Check(rawValue: text) else { throw ConfigValueError("invalid check \"\(text)\" (use auto, full or none)") }
+            check = c
         case "mirror": mirror = try ConfigValue.path(value)
         case "size": size = try ConfigValue.size(value)
         case "listen": listen = try ConfigValue.addresses(value)

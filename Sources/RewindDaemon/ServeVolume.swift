@@ -30,20 +30,7 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
     }
 
     private func submit(_ kind: VolumeOp.Kind, offset: UInt64, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
-        let promise = loop.makePromise(of: Void.self)
-        let op = VolumeOp(kind, offset: offset, fua: fua) { failure in
-            guard let failure else { return promise.succeed(()) }
-            switch failure {
-            case .io: promise.fail(NBDErrno.io)
-            case .noSpace: promise.fail(NBDErrno.nospc)
-            case .shutdown: promise.fail(NBDErrno.shutdown)
-            }
-        }
-        // The writer is woken at the group's deadline by this loop's timer (`ServePipeline.submit`).
-        writer.submit(op) { nanoseconds, fire in
-            loop.scheduleTask(in: .nanoseconds(Int64(nanoseconds))) { fire() }
-        }
-        return promise.futureResult
+        writer.submit(kind, offset: offset, fua: fua, on: loop)
     }
 
     func write(offset: UInt64, data: [UInt8], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {

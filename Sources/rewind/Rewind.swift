@@ -9,7 +9,7 @@ struct Rewind: AsyncParsableCommand {
         commandName: "rewind",
         abstract: "Continuous data protection for block volumes: a mirror (base image + LMDB journal) you can bring back to any moment.",
         version: "0.1.0",
-        subcommands: [ServeCommand.self, InitCommand.self, TimelineCommand.self, BookmarkCommand.self, BookmarksCommand.self,
+        subcommands: [ServeCommand.self, TapCommand.self, InitCommand.self, TimelineCommand.self, BookmarkCommand.self, BookmarksCommand.self,
                       RestoreCommand.self, RollbackCommand.self, ExportCommand.self, CompactCommand.self, VerifyCommand.self,
                       StatusCommand.self, IdCommand.self, ReceiveCommand.self, PromoteCommand.self, ResyncCommand.self,
                       ForgetPeerCommand.self])

@@ -125,7 +125,7 @@ public final class ServePipeline: @unchecked Sendable {
     private let mirror: Mirror
     /// Used by the writer thread only.
     private let journal: JournalWriter
-    private let source: BlockFile
+    private let source: any PipelineSource
     private weak var observer: (any ServePipelineObserver)?
     /// One mutex; each thread waits on a condition of its own (`PipelineLock`).
     private let cond = PipelineLock()
@@ -187,7 +187,7 @@ public final class ServePipeline: @unchecked Sendable {
 
     /// `sourceSyncedSeq`: the seq the source is known fdatasynced through (the mirror's
     /// `sourceSyncedSeq` once recovery has brought the source up to the journal).
-    public init(mirror: Mirror, source: BlockFile, sourceSyncedSeq: UInt64, tuning: Tuning = .serve,
+    public init(mirror: Mirror, source: any PipelineSource, sourceSyncedSeq: UInt64, tuning: Tuning = .serve,
                 onFull: FullPolicy = .compact, observer: (any ServePipelineObserver)?) {
         self.mirror = mirror
         self.onFull = onFull
@@ -640,7 +640,7 @@ public final class ServePipeline: @unchecked Sendable {
             cond.unlock()
             var failure: String?
             do {
-                for batch in taken { for op in batch.ops { try op.apply(to: source, pieceBytes: Self.sourceWritePieceBytes) } }
+                for batch in taken { for op in batch.ops { try source.apply(op, pieceBytes: Self.sourceWritePieceBytes) } }
             } catch {
                 failure = "source write failed: \(error)"
             }

@@ -119,6 +119,9 @@ public final class NBDClient: Sendable {
         return channel.writeAndFlush(request).flatMap { self.channel.close() }.recover { _ in }
     }
 
+    /// The loop the connection runs on (its futures complete there).
+    public var eventLoop: EventLoop { channel.eventLoop }
+
     /// Completes when the connection closes, for whatever reason.
     public var closeFuture: EventLoopFuture<Void> { channel.closeFuture }
 }

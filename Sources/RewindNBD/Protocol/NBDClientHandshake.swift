@@ -9,12 +9,7 @@ public struct NBDExportInfo: Sendable, Equatable {
     /// The id the server gave `base:allocation` (nil: not offered, no BLOCK_STATUS).
     public var baseAllocationID: UInt32?
     /// NBD_INFO_BLOCK_SIZE: minimum, preferred, maximum (nil: not sent; 1, 4096, 32 MiB assumed).
-    public var blockSizes: (minimum: UInt32, preferred: UInt32, maximum: UInt32)?
-
-    public static func == (a: Self, b: Self) -> Bool {
-        a.size == b.size && a.flags == b.flags && a.structuredReplies == b.structuredReplies
-            && a.baseAllocationID == b.baseAllocationID && a.blockSizes.map { [$0.minimum, $0.preferred, $0.maximum] } == b.blockSizes.map { [$0.minimum, $0.preferred, $0.maximum] }
-    }
+    public var blockSizes: NBDBlockSizes?
 }
 
 /// A client's side of the fixed-newstyle handshake, as a state machine: it is given the
@@ -172,7 +167,7 @@ public struct NBDClientHandshake {
                     guard minimum >= 1, minimum <= 65536, minimum.nonzeroBitCount == 1, preferred >= minimum, maximum >= minimum else {
                         throw NBDHandshakeError("block sizes \(minimum)/\(preferred)/\(maximum) that break the protocol's rules")
                     }
-                    info.blockSizes = (minimum, preferred, maximum)
+                    info.blockSizes = NBDBlockSizes(minimum: minimum, preferred: preferred, maximum: maximum)
                 default:
                     break  // name, description, and types this client does not know
                 }

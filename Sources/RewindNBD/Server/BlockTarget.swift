@@ -22,6 +22,11 @@ public protocol BlockTarget: AnyObject, Sendable {
     var readOnly: Bool { get }
     /// Whether FAST_ZERO can be honoured (zeroing without writing data).
     var canFastZero: Bool { get }
+    /// Of TRIM, WRITE_ZEROES and FAST_ZERO, the ones this target offers (nil: all it can). A
+    /// tap offers what its upstream does.
+    var offeredFlags: NBDTransmissionFlags? { get }
+    /// The block size constraints announced with NBD_INFO_BLOCK_SIZE (nil: 1, 4 KiB, 32 MiB).
+    var blockSizes: NBDBlockSizes? { get }
 
     func read(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[ReadExtent]>
     func write(offset: UInt64, data: [UInt8], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void>
@@ -36,6 +41,18 @@ public protocol BlockTarget: AnyObject, Sendable {
 
 extension BlockTarget {
     public func detach() {}
+    public var offeredFlags: NBDTransmissionFlags? { nil }
+    public var blockSizes: NBDBlockSizes? { nil }
+}
+
+/// NBD_INFO_BLOCK_SIZE's three sizes.
+public struct NBDBlockSizes: Sendable, Equatable {
+    public var minimum: UInt32
+    public var preferred: UInt32
+    public var maximum: UInt32
+    public init(minimum: UInt32, preferred: UInt32, maximum: UInt32) {
+        (self.minimum, self.preferred, self.maximum) = (minimum, preferred, maximum)
+    }
 }
 
 /// Per-request observations for metrics, reported by the connection handler.

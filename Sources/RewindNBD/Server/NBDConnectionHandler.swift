@@ -344,9 +344,10 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
             replyOption(context, raw, .info, data: info)
             var sizes = ByteBuffer()
             sizes.writeInteger(NBDInfo.blockSize.rawValue)
-            sizes.writeInteger(UInt32(1))
-            sizes.writeInteger(NBD.preferredBlockSize)
-            sizes.writeInteger(UInt32(NBD.maxPayloadBytes))
+            let b = export.target.blockSizes ?? NBDBlockSizes(minimum: 1, preferred: NBD.preferredBlockSize, maximum: UInt32(NBD.maxPayloadBytes))
+            sizes.writeInteger(b.minimum)
+            sizes.writeInteger(b.preferred)
+            sizes.writeInteger(b.maximum)
             replyOption(context, raw, .info, data: sizes)
             if request.infos.contains(NBDInfo.name.rawValue) {
                 var b = ByteBuffer(); b.writeInteger(NBDInfo.name.rawValue); b.writeString(export.name)

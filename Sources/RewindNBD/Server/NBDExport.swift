@@ -21,6 +21,9 @@ public struct NBDExport: Sendable {
         } else {
             flags.formUnion([.sendTrim, .sendWriteZeroes])
             if target.canFastZero { flags.insert(.sendFastZero) }
+            if let offered = target.offeredFlags {
+                flags.subtract(NBDTransmissionFlags([.sendTrim, .sendWriteZeroes, .sendFastZero]).subtracting(offered))
+            }
         }
         if structuredReplies { flags.insert(.sendDF) }
         return flags
