@@ -11,7 +11,8 @@ import RewindNBD
 public final class NBDVolumeSource: VolumeSource {
     public let name: String
     private let client: NBDClient
-    private let group: MultiThreadedEventLoopGroup
+    /// Set when this source made the connection (and closes it when done).
+    private let group: MultiThreadedEventLoopGroup?
     private var ahead: [(offset: UInt64, length: Int, data: EventLoopFuture<ByteBuffer>)] = []
     private var next: UInt64 = 0
     static let window = 8
@@ -20,17 +21,28 @@ public final class NBDVolumeSource: VolumeSource {
     public init(uri text: String) throws {
         let uri: NBDURI
         do { uri = try NBDURI(text) } catch let e as NBDURIError { throw RewindError.invalidArgument(e.description) }
-        group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
+        let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         do {
             client = try NBDClient.connect(uri, group: group).wait()
         } catch {
             try? group.syncShutdownGracefully()
             throw RewindError.invalidArgument("\(text): \(error)")
         }
+        self.group = group
         name = text
     }
 
+    /// Read through a connection someone else keeps (a tap's upstream link: a server that
+    /// takes one connection at a time, as qemu-nbd by default, has no room for a second).
+    /// Not to be used from that connection's event loop (reads wait).
+    public init(client: NBDClient) {
+        self.client = client
+        group = nil
+        name = client.uri.description
+    }
+
     deinit {
+        guard let group else { return }
         try? client.close().wait()
         try? group.syncShutdownGracefully()
     }

@@ -6,6 +6,7 @@ REWIND=${REWIND:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/.build/debu
 T=$(mktemp -d /tmp/rewind-interop.XXXXXX)
 PIDS=()
 cleanup() {
+    [ -s "$T/nbd-server.pid" ] && kill -9 -- "-$(cat "$T/nbd-server.pid")" 2>/dev/null || true
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && kill "$p" 2>/dev/null || true; done
     for p in "${PIDS[@]:-}"; do [ -n "$p" ] && wait "$p" 2>/dev/null || true; done
     rm -rf "$T"
@@ -46,12 +47,27 @@ eventually() { local i; for i in $(seq 50); do "$@" && return 0; sleep 0.2; done
 
 # start_server SOURCE [serve options...] — starts `rewind serve` on a Unix socket and a free
 # TCP port; sets SERVER_PID, SOCK, PORT, UNIX_URI, TCP_URI, SERVER_JSON (its --json line). Waits until it listens.
+# With TAP_UPSTREAM=qemu-nbd, nbdkit or nbd-server, SOURCE is served by that server instead
+# (created sparse with --size N) and `rewind tap` stands in front of it with the mirror
+# SOURCE.rewind and the export name SOURCE's file name, so a script of serve's checks runs
+# through tap unchanged.
 start_server() {
     local source=$1; shift
     SOCK="$T/nbd-$RANDOM.sock"
     local log="$T/serve-$RANDOM.json"
     SERVER_JSON=$log
-    "$REWIND" serve "$source" --listen "unix:$SOCK" --listen 127.0.0.1:0 --json "$@" >"$log" 2>>"$T/serve.log" &
+    if [ -n "${TAP_UPSTREAM:-}" ]; then
+        local args=() size=""
+        while [ $# -gt 0 ]; do
+            if [ "$1" = --size ]; then size=$2; shift 2; else args+=("$1"); shift; fi
+        done
+        [ -e "$source" ] || truncate -s "$size" "$source"
+        start_upstream "$source"
+        "$REWIND" tap --upstream "$UPSTREAM_URI" --mirror "$source.rewind" --export "$(basename "$source")" \
+            --listen "unix:$SOCK" --listen 127.0.0.1:0 --json "${args[@]}" >"$log" 2>>"$T/serve.log" &
+    else
+        "$REWIND" serve "$source" --listen "unix:$SOCK" --listen 127.0.0.1:0 --json "$@" >"$log" 2>>"$T/serve.log" &
+    fi
     SERVER_PID=$!
     PIDS+=("$SERVER_PID")
     for _ in $(seq 1 300); do
@@ -66,12 +82,53 @@ start_server() {
     TCP_URI="nbd://127.0.0.1:$PORT/$name"
 }
 
-# stop_server — SIGTERM and wait: a clean stop (drain, sync, close the journal).
+# start_upstream IMAGE — serve IMAGE with $TAP_UPSTREAM (qemu-nbd, nbdkit's file plugin or
+# nbd-server) as tap's upstream; sets UPSTREAM_PID and UPSTREAM_URI. Waits until it answers.
+start_upstream() {
+    local image=$1
+    case "$TAP_UPSTREAM" in
+    qemu-nbd)
+        # (-e 2: the tap's connection, and nbdinfo's when a check asks the upstream itself.)
+        local sock="$T/up-$RANDOM.sock"
+        qemu-nbd -f raw -t -e 2 -k "$sock" -x up --discard=unmap --aio=threads "$image" 2>>"$T/upstream.log" &
+        UPSTREAM_PID=$!
+        UPSTREAM_URI="nbd+unix:///up?socket=$sock" ;;
+    nbdkit)
+        local sock="$T/up-$RANDOM.sock"
+        nbdkit -f -U "$sock" file "$image" 2>>"$T/upstream.log" &
+        UPSTREAM_PID=$!
+        UPSTREAM_URI="nbd+unix:///?socket=$sock" ;;
+    nbd-server)
+        # It forks a process per client and daemonizes: its pid file names the listener, and
+        # stop_upstream ends its process group (setsid), clients and all.
+        local port=$(( 20000 + RANDOM % 30000 ))
+        printf '[generic]\n    listenaddr = 127.0.0.1\n    port = %s\n    user = %s\n[up]\n    exportname = %s\n    flush = true\n    fua = true\n    trim = true\n' \
+            "$port" "$(id -un)" "$(cd "$(dirname "$image")" && pwd)/$(basename "$image")" > "$T/nbd-server.conf"
+        rm -f "$T/nbd-server.pid"
+        nbd-server -C "$T/nbd-server.conf" -p "$T/nbd-server.pid" 2>>"$T/upstream.log" || fail "nbd-server did not start"
+        for _ in $(seq 100); do [ -s "$T/nbd-server.pid" ] && break; sleep 0.05; done
+        UPSTREAM_PID=-$(cat "$T/nbd-server.pid")
+        UPSTREAM_URI="nbd://127.0.0.1:$port/up" ;;
+    *) fail "unknown TAP_UPSTREAM $TAP_UPSTREAM" ;;
+    esac
+    [ "$TAP_UPSTREAM" = nbd-server ] || PIDS+=("$UPSTREAM_PID")
+    for _ in $(seq 200); do nbdinfo --size "$UPSTREAM_URI" >/dev/null 2>&1 && return 0; sleep 0.05; done
+    cat "$T/upstream.log" >&2; fail "$TAP_UPSTREAM did not answer at $UPSTREAM_URI"
+}
+
+stop_upstream() {
+    kill -9 -- "$UPSTREAM_PID" 2>/dev/null || true
+    wait "$UPSTREAM_PID" 2>/dev/null || true
+}
+
+# stop_server — SIGTERM and wait: a clean stop (drain, sync, close the journal); a tap's
+# upstream after it.
 stop_server() {
     kill -TERM "$SERVER_PID" 2>/dev/null || true
     local status=0
     wait "$SERVER_PID" || status=$?
     [ $status = 0 ] || fail "rewind serve exited $status on SIGTERM"
+    [ -z "${TAP_UPSTREAM:-}" ] || stop_upstream
 }
 
 # Debian's python3 (python3-libnbd's `nbd` module lives there, not in the first python3 on PATH).

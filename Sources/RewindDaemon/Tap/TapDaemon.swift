@@ -150,7 +150,8 @@ public enum TapDaemon {
                 throw RewindError.invalidArgument("upstream \(uri) is \(size) bytes, not a positive multiple of the block size \(o.blockSize) (give --block-size 512, or a size that is)")
             }
             logger.info("creating mirror \(path) from upstream \(uri)")
-            let source = try NBDVolumeSource(uri: uri.description)
+            guard let client = link.client else { throw RewindError.invalidArgument("upstream \(uri) dropped before the mirror was copied") }
+            let source = NBDVolumeSource(client: client)
             try Mirror.create(at: path, copying: source, blockSize: o.blockSize, progress: progress)
             created = true
         }
@@ -189,7 +190,8 @@ public enum TapDaemon {
                 logger.notice(cleanAt == nil ? "no clean stop of a tap of \(uri) recorded in \(path): comparing the mirror with the upstream"
                                              : "comparing the mirror with the upstream (--check full)")
                 let started = monotonicNanoseconds()
-                let report = try mirror.reconcile(with: NBDVolumeSource(uri: uri.description), progress: progress)
+                guard let client = link.client else { throw RewindError.invalidArgument("upstream \(uri) dropped before the mirror was compared with it") }
+                let report = try mirror.reconcile(with: NBDVolumeSource(client: client), progress: progress)
                 let seconds = String(format: "%.1f", Double(monotonicNanoseconds() - started) / 1e9)
                 if let records = report.records {
                     logger.warning("the upstream differed from the mirror's seq:\(report.comparedAt) in \(report.differingBlocks) blocks (writes that bypassed the tap, or were unjournalled at a crash): journalled as seq:\(records.lowerBound)...seq:\(records.upperBound) (\(seconds) s)")

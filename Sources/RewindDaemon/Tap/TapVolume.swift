@@ -39,6 +39,8 @@ final class TapVolume: BlockTarget, Sendable {
     private let logger: Logger
     /// Ranges read back per request when settling doubts.
     static let settlePieceBytes: UInt64 = 4 << 20
+    /// A zero or trim covering blocks in part is journalled as one write up to this size.
+    static let zeroAsWriteMaxBytes = 1 << 20
 
     init(link: UpstreamLink, writer: ServePipeline, blockSize: Int, logger: Logger) {
         let info = link.info
@@ -91,8 +93,9 @@ final class TapVolume: BlockTarget, Sendable {
     func read(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[ReadExtent]> {
         guard length > 0 else { return loop.makeSucceededFuture([]) }
         guard let client = link.client else { return loop.makeFailedFuture(NBDErrno.io) }
+        // Runs of zeros go back as holes (fewer bytes to the host), as serve's reads do.
         return client.read(offset: offset, length: length)
-            .map { [.data(offset: offset, bytes: $0)] }
+            .map { length > ServeVolume.holeDetectionMinBytes ? ServeVolume.splitZeroRuns($0, at: offset) : [.data(offset: offset, bytes: $0)] }
             .flatMapErrorThrowing { throw Self.errno($0) }
     }
 
@@ -126,11 +129,7 @@ final class TapVolume: BlockTarget, Sendable {
         }, journal: { edges in
             guard !edges.isEmpty else { return [(.write(data), offset)] }
             let whole = self.widened(range)
-            var bytes = [UInt8](repeating: 0, count: whole.count)
-            for (block, content) in edges {
-                let at = Int(block * self.blockSize - whole.lowerBound)
-                content.withUnsafeReadableBytes { src in bytes.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[at..<at + src.count]).copyMemory(from: src) } }
-            }
+            var bytes = self.widenedBytes(whole, edges: edges)
             let at = Int(offset - whole.lowerBound)
             bytes.replaceSubrange(at..<at + data.count, with: data)
             return [(.write(bytes), whole.lowerBound)]
@@ -153,12 +152,22 @@ final class TapVolume: BlockTarget, Sendable {
         }
     }
 
-    /// A zero (`noHole` given) or a trim (nil): whole blocks journalled as the zeroing, the
-    /// partial ones at either end as writes of what the upstream then holds.
+    /// A zero (`noHole` given) or a trim (nil). Over whole blocks: one zero or trim record.
+    /// Covering blocks in part and up to `zeroAsWriteMaxBytes` widened: one write record of
+    /// the widened range, the edges as the upstream holds them and zeros between. Larger: the
+    /// whole blocks as the zeroing and each partial end as a write of what the upstream holds
+    /// (up to three records for the one request).
     private func zeroing(_ range: Range<UInt64>, fua: Bool, on loop: EventLoop, noHole: Bool?,
                          forward: @escaping @Sendable (NBDClient) -> EventLoopFuture<Void>) -> EventLoopFuture<Void> {
         change(range, fua: fua, on: loop, forward: forward) { edges in
             let bs = self.blockSize
+            let whole = self.widened(range)
+            if !edges.isEmpty && whole.count <= Self.zeroAsWriteMaxBytes {
+                var bytes = self.widenedBytes(whole, edges: edges)
+                let at = Int(range.lowerBound - whole.lowerBound)
+                bytes.replaceSubrange(at..<at + range.count, with: repeatElement(0, count: range.count))
+                return [(.write(bytes), whole.lowerBound)]
+            }
             var ops: [(VolumeOp.Kind, UInt64)] = edges.map { block, content in
                 (.write(content.getBytes(at: content.readerIndex, length: content.readableBytes) ?? []), block * bs)
             }
@@ -212,6 +221,18 @@ final class TapVolume: BlockTarget, Sendable {
             }
         }
         return promise.futureResult
+    }
+
+    /// `whole` (block-aligned) as zeros with the partial blocks read back laid in.
+    private func widenedBytes(_ whole: Range<UInt64>, edges: [UInt64: ByteBuffer]) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: whole.count)
+        for (block, content) in edges {
+            let at = Int(block * blockSize - whole.lowerBound)
+            content.withUnsafeReadableBytes { src in
+                bytes.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[at..<at + src.count]).copyMemory(from: src) }
+            }
+        }
+        return bytes
     }
 
     /// The content of the blocks `range` covers only in part, read from the upstream.
