@@ -29,6 +29,16 @@ expect_error() {
     ok
 }
 
+# Like expect_error, on the last line of stderr (a long comparison prints progress first; a
+# daemon logs before it refuses).
+expect_last_error() {
+    local want_status=$1 want=$2; shift 2
+    local err status=0
+    err=$("$@" 2>&1 >/dev/null) || status=$?
+    [ "$status" = "$want_status" ] || fail "$* exited $status, expected $want_status (stderr: $err)"
+    [ "$(printf '%s\n' "$err" | tail -n 1)" = "$want" ] || fail "$*: stderr ended [$(printf '%s\n' "$err" | tail -n 1)], expected [$want]"
+    ok
+}
 # expect_output "exact stdout" command...
 expect_output() {
     local want=$1; shift

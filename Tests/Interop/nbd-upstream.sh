@@ -16,15 +16,6 @@ cleanup_peers() {
     cleanup
 }
 trap cleanup_peers EXIT
-# Like expect_error, on the last line of stderr (a long comparison prints progress first).
-expect_last_error() {
-    local want_status=$1 want=$2; shift 2
-    local err status=0
-    err=$("$@" 2>&1 >/dev/null) || status=$?
-    [ "$status" = "$want_status" ] || fail "$* exited $status, expected $want_status (stderr: $err)"
-    [ "$(printf '%s\n' "$err" | tail -n 1)" = "$want" ] || fail "$*: stderr ended [$(printf '%s\n' "$err" | tail -n 1)], expected [$want]"
-    ok
-}
 wait_socket() { local i; for i in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; fail "no socket at $1"; }
 
 # A mirror of 24 MiB of random data with a few writes after, and its newest point as a file.

@@ -40,18 +40,23 @@ public enum TapDaemon {
         let addresses = try DaemonSupport.listenAddresses(options.listen)
         let identity = options.replicateTo.isEmpty ? nil : try Replication.context(home: options.home).0
 
+        // An existing mirror's owner first: a second tap stops here, before it takes the
+        // upstream's connection (qemu-nbd takes one at a time by default).
+        let mirrorPath = options.mirror ?? defaultMirror(for: uri)
+        let existingLock = access(mirrorPath, F_OK) == 0 ? try ownerLock(mirrorPath) : nil
         let upstreamGroup = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         let link: UpstreamLink
         do {
             link = try UpstreamLink.connect(uri, group: upstreamGroup, logger: logger)
         } catch {
+            existingLock?.release()
             try? await upstreamGroup.shutdownGracefully()
             throw RewindError.invalidArgument("upstream \(uri): \(error)")
         }
         logger.info("upstream \(uri): \(link.info.size) bytes, flags 0x\(String(link.info.flags.rawValue, radix: 16))\(link.info.structuredReplies ? ", structured replies" : "")\(link.info.baseAllocationID != nil ? ", base:allocation" : "")")
         let prepared: Prepared
         do {
-            prepared = try prepare(options, uri: uri, link: link, check: options.check, logger: logger, progress: progress)
+            prepared = try prepare(mirrorPath, options, uri: uri, link: link, lock: existingLock, logger: logger, progress: progress)
         } catch {
             _ = try? await link.stop().get()
             try? await upstreamGroup.shutdownGracefully()
@@ -140,9 +145,17 @@ public enum TapDaemon {
     /// journal's last seq then. Deleted at start, so only a clean stop leaves it.
     static func stopStatePath(_ mirror: String) -> String { mirror + "/tap.clean" }
 
-    static func prepare(_ o: ServeOptions, uri: NBDURI, link: UpstreamLink, check: Check, logger: Logger,
-                        progress: ProgressObserver?) throws -> Prepared {
-        let path = o.mirror ?? defaultMirror(for: uri)
+    static func ownerLock(_ path: String) throws -> FileLock {
+        try FileLock(path: path + "/owner.lock", kind: .exclusive, waitSeconds: 3,
+                     holder: "another rewind process (serve, tap, receive or rollback) owns this mirror")
+    }
+
+    /// The mirror at `path`, created from the upstream if missing, owned (`lock`, when the
+    /// mirror existed, is its owner lock already), checked, and compared with the upstream as
+    /// `--check` says.
+    static func prepare(_ path: String, _ o: ServeOptions, uri: NBDURI, link: UpstreamLink, lock existingLock: FileLock?,
+                        logger: Logger, progress: ProgressObserver?) throws -> Prepared {
+        let check = o.check
         let size = link.info.size
         var created = false
         if access(path, F_OK) != 0 {
@@ -155,8 +168,7 @@ public enum TapDaemon {
             try Mirror.create(at: path, copying: source, blockSize: o.blockSize, progress: progress)
             created = true
         }
-        let lock = try FileLock(path: path + "/owner.lock", kind: .exclusive, waitSeconds: 3,
-                                holder: "another rewind process (serve, tap, receive or rollback) owns this mirror")
+        let lock = try existingLock ?? ownerLock(path)
         do {
             let mirror = try Mirror.open(at: path, recover: true, ownerLockHeld: true)
             try mirror.refuseIfReplica()
