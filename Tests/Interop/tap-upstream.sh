@@ -139,6 +139,46 @@ stop_tap
 # Requests in doubt were journalled as the upstream holds them: the mirror equals it.
 "$REWIND" verify k.rewind --against k.img >/dev/null 2>&1 || fail "mirror differs from the upstream after the reconnection: $("$REWIND" verify k.rewind --against k.img 2>&1 | tail -1)"; ok
 
+# --- a misbehaving upstream (fake_nbd_upstream.py): a reply of garbage, one with a cookie
+# no request has, a short read, a chunk of 64 MiB never negotiated. The host gets EIO for the
+# request it hit (and for what it sends while the tap reconnects), never a hang; the tap
+# reconnects; acknowledged writes are there, and the mirror equals the upstream's file ---
+for mode in garbage cookie short oversize; do
+    head -c 4M /dev/urandom > f.img
+    rm -rf f.rewind "$T/f.sock"; : > tap.log
+    "$PY" "$HERE/fake_nbd_upstream.py" "$T/f.sock" f.img $mode 5 2>>fake.log & FAKE=$!; PIDS+=($FAKE)
+    for _ in $(seq 100); do [ -S "$T/f.sock" ] && break; sleep 0.05; done
+    [ -S "$T/f.sock" ] || { cat fake.log >&2; fail "fake_nbd_upstream.py did not start"; }
+    start_tap f.rewind "nbd+unix:///?socket=$T/f.sock"
+    "$PY" - "$TAP_URI" <<'EOF2' || fail "the host's requests through a misbehaving upstream ($mode)"
+import nbd, sys, time
+h = nbd.NBD(); h.connect_uri(sys.argv[1])
+acked, failures = {}, 0
+for i in range(20):
+    data = bytes([i + 1]) * 4096
+    try:
+        h.pwrite(data, i * 8192); acked[i * 8192] = data
+        assert h.pread(4096, i * 8192) == data
+    except nbd.Error as e:
+        assert e.errno == "EIO", e.errno
+        failures += 1; time.sleep(0.3)
+t0 = time.time()
+while True:
+    try: h.flush(); break
+    except nbd.Error:
+        assert time.time() - t0 < 10, "the tap did not come back"
+        time.sleep(0.1)
+for off, data in acked.items(): assert h.pread(4096, off) == data, off
+assert failures >= 1 and len(acked) >= 10, (failures, len(acked))
+EOF2
+    ok
+    grep -q "upstream nbd+unix:///?socket=$T/f.sock dropped" tap.log || fail "$mode: no drop logged"; ok
+    grep -q "is back after" tap.log || fail "$mode: no reconnection logged"; ok
+    stop_tap
+    "$REWIND" verify f.rewind --against f.img >/dev/null 2>&1 || fail "$mode: the mirror differs from the upstream: $("$REWIND" verify f.rewind --against f.img 2>&1 | tail -1)"; ok
+    kill $FAKE; wait $FAKE 2>/dev/null || true
+done
+
 # --- a write that bypassed the tap: found after a crash, trusted after a clean stop ---
 start_tap k.rewind "nbd+unix:///?socket=$T/k.sock"
 grep -q "the last tap of nbd+unix:///?socket=$T/k.sock stopped cleanly at seq:" tap.log || fail "a start after a clean stop compared"; ok
