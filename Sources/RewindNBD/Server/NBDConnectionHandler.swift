@@ -1,14 +1,16 @@
 import Logging
 import NIOCore
 
-/// One NBD connection: the fixed-newstyle handshake, then the transmission phase.
+/// One NBD connection: a thin handler that performs what the protocol core decides.
 ///
-/// Bytes accumulate in `input` and are parsed by `process()` according to `phase`, except a
-/// validated WRITE's payload that has not all arrived with its header: that is copied from
-/// each socket read straight into the array the volume takes (`receivePayload`). Every
-/// request is validated once here (`validate`), so the target only sees well-formed ones.
-/// Requests are dispatched as they arrive and answered as they complete (out of order, by
-/// cookie); at most `maxInflight` at once, after which reads from the socket pause.
+/// Bytes go to `NBDServerFramer`, which returns typed messages (a WRITE's payload copied once,
+/// straight into the array the volume takes). During the handshake each message goes to the
+/// `NBDServerHandshake` state machine and its actions (replies, the chosen export, a close)
+/// are performed here. In transmission each request joins `pending` and is validated once
+/// (`validate`: the target only sees well-formed requests) and dispatched while fewer than
+/// `maxInflight` requests and `maxInflightBytes` payload bytes are in flight; past that, reads
+/// from the socket pause. Requests are answered as they complete (out of order, by cookie); a
+/// completion dispatches what waits in `pending`, and never parses.
 public final class NBDConnectionHandler: ChannelDuplexHandler {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundIn = ByteBuffer
@@ -22,37 +24,17 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     /// The handshake must finish within this (qemu uses 10 s: CVE-2024-7409).
     static let handshakeDeadline = TimeAmount.seconds(10)
 
-    private enum Phase {
-        case clientFlags
-        case options
-        /// Discarding the rest of an oversized option, then answering it ERR_TOO_BIG.
-        case discardOption(option: UInt32, remaining: UInt64)
-        case transmission
-        /// Discarding a refused WRITE's payload, then answering it.
-        case discardPayload(cookie: UInt64, remaining: UInt64, error: NBDErrno)
-        /// Receiving a validated WRITE's payload straight into `payload` (see `receivePayload`).
-        case receivePayload(header: NBDRequestHeader, command: NBDValidatedCommand)
-        case closing
-    }
-
-    private let catalog: any NBDExportCatalog
+    private var framer = NBDServerFramer()
+    private var handshake: NBDServerHandshake
     /// The export chosen by NBD_OPT_GO / NBD_OPT_EXPORT_NAME (set on entering transmission).
     private var selected: NBDExport?
-    /// Exports looked up during the handshake, by requested name, so INFO then GO of one name
-    /// opens it once; all but the chosen one are detached when transmission starts.
-    private var lookedUp: [String: NBDExport] = [:]
+    private var closing = false
     private let observer: (any NBDObserver)?
     private let logger: Logger
-    private var phase = Phase.clientFlags
     private var input = ByteBuffer()
-    /// The payload of the WRITE being received (`Phase.receivePayload`), and how much of it
-    /// has arrived. Kept out of `phase` so it is filled in place, never copied.
-    private var payload: [UInt8] = []
-    private var payloadFilled = 0
-    private var noZeroes = false
-    private var structuredReplies = false
-    private var metaContextSelected = false
-    private var optionsSeen = 0
+    /// Requests decoded and not yet dispatched (the connection is saturated), in order.
+    private var pending = CircularBuffer<(NBDRequestHeader, [UInt8]?)>()
+    private var structuredReplies: Bool { handshake.structuredReplies }
     private var inflight = 0
     private var inflightBytes = 0
     private var saturated: Bool {
@@ -77,7 +59,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     public init(catalog: any NBDExportCatalog, observer: (any NBDObserver)?, logger: Logger,
                 budget: InflightBudget = InflightBudget(limit: maxInflightBytes)) {
-        self.catalog = catalog
+        handshake = NBDServerHandshake(catalog: catalog)
         self.budget = budget
         self.observer = observer
         self.logger = logger
@@ -87,11 +69,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     public func channelActive(context: ChannelHandlerContext) {
         observer?.connectionOpened()
-        var greeting = context.channel.allocator.buffer(capacity: 18)
-        greeting.writeInteger(NBD.nbdMagic)
-        greeting.writeInteger(NBD.ihaveopt)
-        greeting.writeInteger(NBD.flagFixedNewstyle | NBD.flagNoZeroes)
-        context.writeAndFlush(wrapOutboundOut(greeting), promise: nil)
+        context.writeAndFlush(wrapOutboundOut(NBDServerHandshake.greeting), promise: nil)
         let channel = context.channel
         let logger = self.logger
         // Holds the channel until it fires or is cancelled (handshake done, or channelInactive).
@@ -107,34 +85,87 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     public func channelInactive(context: ChannelHandlerContext) {
         deadline?.cancel()
         observer?.connectionClosed()
-        phase = .closing
-        for e in lookedUp.values { e.target.detach() }
-        lookedUp.removeAll()
+        closing = true
+        pending.removeAll()
+        handshake.detachAll()
         selected?.target.detach()
         context.fireChannelInactive()
     }
 
     public func channelRead(context: ChannelHandlerContext, data: NIOAny) {
         var bytes = unwrapInboundIn(data)
+        guard !closing else { return }
         batchingReplies = true
         defer {
             batchingReplies = false
             if flushOwed { flushOwed = false; context.flush() }
         }
-        if case let .receivePayload(header, command) = phase {
-            guard receivePayload(from: &bytes) else { return }
-            phase = .transmission
-            let data = payload
-            payload = []
-            dispatch(context, header, command, payload: data)
-        }
-        input.writeBuffer(&bytes)
+        // Taken as it is when nothing is left over (a payload's bytes are then copied once,
+        // into its array); appended to the few bytes of a partial header otherwise.
+        if input.readableBytes == 0 { input = bytes } else { input.writeBuffer(&bytes) }
         do {
-            try process(context: context)
+            while !closing, let message = try framer.next(&input) {
+                try receive(message, context)
+            }
         } catch {
             logger.info("closing connection: \(error)")
-            phase = .closing
-            context.close(promise: nil)
+            close(context)
+            return
+        }
+        if input.readerIndex > 1 << 20 { input.discardReadBytes() }
+        dispatchPending(context)
+    }
+
+    private func receive(_ message: NBDServerFramer.Message, _ context: ChannelHandlerContext) throws {
+        switch message {
+        case let .clientFlags(flags):
+            try handshake.clientFlags(flags)
+        case let .option(option, data):
+            perform(try handshake.option(option, data: data), context)
+        case let .oversizedOption(option):
+            perform(try handshake.oversizedOption(option), context)
+        case let .request(header, payload):
+            pending.append((header, payload))
+        }
+    }
+
+    private func perform(_ actions: [NBDServerHandshake.Action], _ context: ChannelHandlerContext) {
+        for action in actions {
+            switch action {
+            case let .send(bytes):
+                context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
+            case let .enterTransmission(export):
+                selected = export
+                deadline?.cancel()
+                deadline = nil
+                framer.phase = .transmission
+            case .close:
+                close(context)
+            }
+        }
+    }
+
+    private func close(_ context: ChannelHandlerContext) {
+        closing = true
+        pending.removeAll()
+        input.clear()
+        context.close(promise: nil)
+    }
+
+    /// Validate and dispatch the requests waiting, while the connection has room.
+    private func dispatchPending(_ context: ChannelHandlerContext) {
+        while !closing, !disconnecting, !saturated, let (header, payload) = pending.popFirst() {
+            guard let export = selected else { close(context); return }
+            let validated = validate(header, NBDValidationContext(
+                size: export.target.size, readOnly: export.target.readOnly,
+                structuredReplies: structuredReplies, metaContextNegotiated: handshake.metaContextSelected))
+            switch validated {
+            case .failure(let error):
+                if let kind = NBDCommand(rawValue: header.type) { observer?.requestStarted(kind) }
+                sendError(context, header, error, message: "invalid request")
+            case .success(let command):
+                dispatch(context, header, command, payload: payload)
+            }
         }
     }
 
@@ -167,7 +198,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func budgetAvailable(_ context: ChannelHandlerContext) {
         waitingForBudget = false
-        if case .closing = phase { return }
+        if closing { return }
+        dispatchPending(context)
         resumeReading(context)
     }
 
@@ -175,238 +207,6 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private func resumeReading(_ context: ChannelHandlerContext) {
         guard readHeld else { return }
         if !saturated { readHeld = false; context.read() } else if budget.exhausted { waitForBudget(context) }
-    }
-
-    // MARK: parsing
-
-    private func process(context: ChannelHandlerContext) throws {
-        parsing: while true {
-            switch phase {
-            case .closing:
-                input.clear()
-                return
-            case .clientFlags:
-                guard let flags: UInt32 = input.readInteger() else { break parsing }
-                guard flags & ~(NBD.clientFixedNewstyle | NBD.clientNoZeroes) == 0 else {
-                    throw NBDProtocolError.unknownClientFlags(flags)
-                }
-                noZeroes = flags & NBD.clientNoZeroes != 0
-                phase = .options
-            case .options:
-                guard let header = try peekOptionHeader() else { break parsing }
-                optionsSeen += 1
-                guard optionsSeen <= NBD.maxOptions else { throw NBDProtocolError.tooManyOptions }
-                if header.length > UInt32(NBD.maxOptionBytes) {
-                    input.moveReaderIndex(forwardBy: NBDOptionHeader.size)
-                    phase = .discardOption(option: header.option, remaining: UInt64(header.length))
-                    continue
-                }
-                guard input.readableBytes >= NBDOptionHeader.size + Int(header.length) else { break parsing }
-                input.moveReaderIndex(forwardBy: NBDOptionHeader.size)
-                guard let data = input.readSlice(length: Int(header.length)) else { break parsing }
-                try handleOption(header.option, data: data, context: context)
-            case let .discardOption(option, remaining):
-                let n = min(UInt64(input.readableBytes), remaining)
-                input.moveReaderIndex(forwardBy: Int(n))
-                if n < remaining { phase = .discardOption(option: option, remaining: remaining - n); break parsing }
-                phase = .options
-                replyOption(context, option, .errTooBig, message: "option data longer than \(NBD.maxOptionBytes) bytes")
-            case .transmission:
-                if disconnecting || saturated { break parsing }
-                guard input.readableBytes >= NBDRequestHeader.size else { break parsing }
-                var peek = input
-                guard let header = try NBDRequestHeader.read(from: &peek) else { break parsing }
-                guard let export = selected else { throw NBDProtocolError.abort }
-                let validated = validate(header, NBDValidationContext(
-                    size: export.target.size, readOnly: export.target.readOnly,
-                    structuredReplies: structuredReplies, metaContextNegotiated: metaContextSelected))
-                if header.hasPayload {
-                    if case .failure(let error) = validated {
-                        // A refused WRITE's payload is read and discarded, never buffered whole.
-                        input = peek
-                        phase = .discardPayload(cookie: header.cookie, remaining: UInt64(header.length), error: error)
-                        continue
-                    }
-                    if peek.readableBytes < Int(header.length), case .success(let command) = validated {
-                        // A large WRITE arrives over many socket reads: its payload goes
-                        // straight into the array the volume takes, one copy, not three
-                        // (into `input`, the compaction of `input`, out of `input`).
-                        input = peek
-                        payload = [UInt8](unsafeUninitializedCapacity: Int(header.length)) { _, n in n = Int(header.length) }
-                        payloadFilled = 0
-                        phase = .receivePayload(header: header, command: command)
-                        _ = receivePayload(from: &input)
-                        input.clear()
-                        break parsing
-                    }
-                }
-                input = peek
-                switch validated {
-                case .failure(let error):
-                    if let kind = NBDCommand(rawValue: header.type) { observer?.requestStarted(kind) }
-                    sendError(context, header, error, message: "invalid request")
-                case .success(let command):
-                    dispatch(context, header, command)
-                }
-            case .receivePayload:
-                break parsing  // channelRead fills the payload
-            case let .discardPayload(cookie, remaining, error):
-                let n = min(UInt64(input.readableBytes), remaining)
-                input.moveReaderIndex(forwardBy: Int(n))
-                if n < remaining { phase = .discardPayload(cookie: cookie, remaining: remaining - n, error: error); break parsing }
-                phase = .transmission
-                var reply = context.channel.allocator.buffer(capacity: 16)
-                reply.writeSimpleReply(cookie: cookie, error: error.rawValue)
-                context.writeAndFlush(wrapOutboundOut(reply), promise: nil)
-                observer?.requestStarted(.write)
-                observer?.requestFinished(.write, bytes: 0, nanoseconds: 0, error: error)
-            }
-        }
-        if input.readerIndex > 1 << 20 { input.discardReadBytes() }
-    }
-
-    private func peekOptionHeader() throws -> NBDOptionHeader? {
-        var peek = input
-        return try NBDOptionHeader.read(from: &peek)
-    }
-
-    // MARK: handshake
-
-    private func replyOption(_ context: ChannelHandlerContext, _ option: UInt32, _ type: NBDOptionReply,
-                             data: ByteBuffer? = nil, message: String? = nil) {
-        var out = context.channel.allocator.buffer(capacity: 32)
-        if let message { out.writeOptionError(option: option, type: type, message: message) } else {
-            out.writeOptionReply(option: option, type: type, data: data)
-        }
-        context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-    }
-
-    private func handleOption(_ raw: UInt32, data: ByteBuffer, context: ChannelHandlerContext) throws {
-        guard let option = NBDOption(rawValue: raw) else {
-            replyOption(context, raw, .errUnsupported, message: "option \(raw) is not supported")
-            return
-        }
-        switch option {
-        case .exportName:
-            var d = data
-            guard let name = d.readValidUTF8(length: d.readableBytes), let export = lookup(name).export else {
-                throw NBDProtocolError.abort  // NBD_OPT_EXPORT_NAME has no error reply: close
-            }
-            var out = context.channel.allocator.buffer(capacity: 134)
-            out.writeInteger(export.target.size)
-            out.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
-            if !noZeroes { out.writeRepeatingByte(0, count: 124) }
-            context.writeAndFlush(wrapOutboundOut(out), promise: nil)
-            enterTransmission(name)
-        case .abort:
-            replyOption(context, raw, .ack)
-            context.close(promise: nil)
-            phase = .closing
-        case .list:
-            guard data.readableBytes == 0 else {
-                replyOption(context, raw, .errInvalid, message: "NBD_OPT_LIST takes no data"); return
-            }
-            for (name, description) in catalog.list() {
-                var entry = ByteBuffer()
-                entry.writeInteger(UInt32(name.utf8.count))
-                entry.writeString(name)
-                entry.writeString(description)
-                replyOption(context, raw, .server, data: entry)
-            }
-            replyOption(context, raw, .ack)
-        case .startTLS:
-            if data.readableBytes != 0 {
-                replyOption(context, raw, .errInvalid, message: "NBD_OPT_STARTTLS takes no data")
-            } else {
-                replyOption(context, raw, .errUnsupported, message: "TLS is not offered on this port")
-            }
-        case .structuredReply:
-            if data.readableBytes != 0 {
-                replyOption(context, raw, .errInvalid, message: "NBD_OPT_STRUCTURED_REPLY takes no data")
-            } else if structuredReplies {
-                replyOption(context, raw, .errInvalid, message: "structured replies already negotiated")
-            } else {
-                structuredReplies = true
-                replyOption(context, raw, .ack)
-            }
-        case .info, .go:
-            guard let request = NBDInfoRequest.parse(data) else {
-                replyOption(context, raw, .errInvalid, message: "malformed NBD_OPT_INFO/GO request"); return
-            }
-            let found = lookup(request.name)
-            guard let export = found.export else {
-                replyOption(context, raw, .errUnknown, message: found.message); return
-            }
-            var info = ByteBuffer()
-            info.writeInteger(NBDInfo.export.rawValue)
-            info.writeInteger(export.target.size)
-            info.writeInteger(export.transmissionFlags(structuredReplies: structuredReplies).rawValue)
-            replyOption(context, raw, .info, data: info)
-            var sizes = ByteBuffer()
-            sizes.writeInteger(NBDInfo.blockSize.rawValue)
-            let b = export.target.blockSizes ?? NBDBlockSizes(minimum: 1, preferred: NBD.preferredBlockSize, maximum: UInt32(NBD.maxPayloadBytes))
-            sizes.writeInteger(b.minimum)
-            sizes.writeInteger(b.preferred)
-            sizes.writeInteger(b.maximum)
-            replyOption(context, raw, .info, data: sizes)
-            if request.infos.contains(NBDInfo.name.rawValue) {
-                var b = ByteBuffer(); b.writeInteger(NBDInfo.name.rawValue); b.writeString(export.name)
-                replyOption(context, raw, .info, data: b)
-            }
-            if request.infos.contains(NBDInfo.description.rawValue) {
-                var b = ByteBuffer(); b.writeInteger(NBDInfo.description.rawValue); b.writeString(export.description)
-                replyOption(context, raw, .info, data: b)
-            }
-            replyOption(context, raw, .ack)
-            if option == .go { enterTransmission(request.name) }
-        case .listMetaContext, .setMetaContext:
-            guard let request = NBDMetaContextRequest.parse(data) else {
-                replyOption(context, raw, .errInvalid, message: "malformed meta context request"); return
-            }
-            if option == .setMetaContext && !structuredReplies {
-                replyOption(context, raw, .errInvalid, message: "negotiate structured replies first"); return
-            }
-            let found = lookup(request.exportName)
-            guard found.export != nil else {
-                replyOption(context, raw, .errUnknown, message: found.message); return
-            }
-            let matches: Bool
-            if option == .listMetaContext {
-                matches = request.queries.isEmpty || request.queries.contains { $0 == baseAllocationContext || $0 == "base:" }
-            } else {
-                matches = request.queries.contains(baseAllocationContext)
-                metaContextSelected = matches
-            }
-            if matches {
-                var b = ByteBuffer()
-                b.writeInteger(option == .setMetaContext ? baseAllocationContextID : 0)
-                b.writeString(baseAllocationContext)
-                replyOption(context, raw, .metaContext, data: b)
-            }
-            replyOption(context, raw, .ack)
-        }
-    }
-
-    /// The export `name` names, looked up once per connection.
-    private func lookup(_ name: String) -> (export: NBDExport?, message: String) {
-        if let e = lookedUp[name] { return (e, "") }
-        switch catalog.lookup(name) {
-        case let .found(e):
-            lookedUp[name] = e
-            return (e, "")
-        case let .unknown(message):
-            return (nil, message)
-        }
-    }
-
-    /// Start transmission on the export looked up as `name`; the others are let go.
-    private func enterTransmission(_ name: String) {
-        selected = lookedUp.removeValue(forKey: name)
-        for e in lookedUp.values { e.target.detach() }
-        lookedUp.removeAll()
-        deadline?.cancel()
-        deadline = nil
-        phase = .transmission
     }
 
     // MARK: transmission
@@ -424,27 +224,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         }
     }
 
-    /// Move what `bytes` holds of the payload being received into `payload`; true once it is
-    /// all there.
-    private func receivePayload(from bytes: inout ByteBuffer) -> Bool {
-        let n = min(bytes.readableBytes, payload.count - payloadFilled)
-        if n > 0 {
-            bytes.readWithUnsafeReadableBytes { src in
-                payload.withUnsafeMutableBytes { dst in
-                    UnsafeMutableRawBufferPointer(rebasing: dst[payloadFilled..<payloadFilled + n])
-                        .copyMemory(from: UnsafeRawBufferPointer(rebasing: src[0..<n]))
-                }
-                return n
-            }
-            payloadFilled += n
-        }
-        return payloadFilled == payload.count
-    }
-
-    /// `payload`: a WRITE's data when it was received by `receivePayload`; otherwise it is
-    /// read from `input`.
+    /// `payload`: a WRITE's data, whole (`NBDServerFramer`).
     private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand,
-                          payload received: [UInt8]? = nil) {
+                          payload received: [UInt8]?) {
         guard let target = selected?.target else { return }
         let loop = context.eventLoop
         let started = NIODeadline.now()
@@ -467,8 +249,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 return [head] + Self.flat(allocator, extents)
             }
         case let .write(offset, fua):
-            // process() waited for the whole payload; a short buffer here is a bug, answered EIO.
-            guard let data = received ?? input.readBytes(length: Int(h.length)) else { sendError(context, h, .io, message: "payload missing"); return }
+            // The framer gives a WRITE its payload, or nil over the maximum (refused by validate).
+            guard let data = received else { sendError(context, h, .io, message: "payload missing"); return }
             track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
@@ -531,14 +313,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 sendError(context, h, errno, message: "\(kind.name) failed")
             }
             if disconnecting && inflight == 0 { context.close(promise: nil); return }
+            dispatchPending(context)
             resumeReading(context)
-            if case .transmission = phase, input.readableBytes > 0 {
-                do { try process(context: context) } catch {
-                    logger.info("closing connection: \(error)")
-                    phase = .closing
-                    context.close(promise: nil)
-                }
-            }
         }
     }
 
