@@ -189,34 +189,47 @@ final class TapVolume: BlockTarget, Sendable {
         // A fenced journal refuses the write: nothing goes upstream that it could not hold.
         guard writer.fenceReason == nil else { return loop.makeFailedFuture(NBDErrno.io) }
         let promise = loop.makePromise(of: Void.self)
+        let needsFlush = fua && !upstreamFlags.contains(.sendFUA) && upstreamFlags.contains(.sendFlush)
+        let partial = partialBlocks(of: range)
         order.enter(range) { [self] id in
             guard let client = link.client else {
                 order.leave(id)
                 return promise.fail(NBDErrno.io)
             }
-            let done = NIOLockedValueBox(false)  // the upstream completed the request
-            forward(client).flatMap { [self] () -> EventLoopFuture<Void> in
-                done.withLockedValue { $0 = true }
-                // FUA where the upstream offers no FUA: its FLUSH instead (where it has one).
-                guard fua, !upstreamFlags.contains(.sendFUA), upstreamFlags.contains(.sendFlush) else { return client.eventLoop.makeSucceededVoidFuture() }
-                return client.flush()
-            }.flatMap { [self] in
-                readPartialBlocks(of: range, from: client)
-            }.whenComplete { [self] result in
-                switch result {
-                case let .success(edges):
-                    let queued = journal(edges).map { kind, offset in writer.submit(kind, offset: offset, fua: fua, on: loop) }
-                    order.leave(id)
+            // Queue the journal's part, let the next request on these blocks go, answer.
+            @Sendable func journalled(_ edges: [UInt64: ByteBuffer]) {
+                let ops = journal(edges)
+                if ops.count == 1 {
+                    writer.submit(ops[0].0, offset: ops[0].1, fua: fua, on: loop).cascade(to: promise)
+                } else {
+                    let queued = ops.map { kind, offset in writer.submit(kind, offset: offset, fua: fua, on: loop) }
                     EventLoopFuture.andAllSucceed(queued, on: loop).cascade(to: promise)
-                case let .failure(error):
-                    if done.withLockedValue({ $0 }) || Self.leavesDoubt(error) {
-                        doubts.withLockedValue { $0.append(range) }
-                        logger.warning("a write at \(range.lowerBound)+\(range.count) may or may not be upstream (\(error)); it is journalled as the upstream holds it once the connection is back")
-                        // Settled on the next connection: end this one if it is still up.
-                        if done.withLockedValue({ $0 }) { _ = client.close() }
+                }
+                order.leave(id)
+            }
+            @Sendable func failed(_ error: Error, upstreamDone: Bool) {
+                if upstreamDone || Self.leavesDoubt(error) {
+                    doubts.withLockedValue { $0.append(range) }
+                    logger.warning("a write at \(range.lowerBound)+\(range.count) may or may not be upstream (\(error)); it is journalled as the upstream holds it once the connection is back")
+                    // Settled on the next connection: end this one if it is still up.
+                    if upstreamDone { _ = client.close() }
+                }
+                order.leave(id)
+                promise.fail(Self.errno(error))
+            }
+            forward(client).whenComplete { [self] result in
+                if case let .failure(error) = result { return failed(error, upstreamDone: false) }
+                // The common case: whole blocks, no FLUSH owed — no more round trips.
+                guard needsFlush || !partial.isEmpty else { return journalled([:]) }
+                // FUA where the upstream offers no FUA: its FLUSH instead (where it has one).
+                let flushed = needsFlush ? client.flush() : client.eventLoop.makeSucceededVoidFuture()
+                flushed.flatMap { [self] in
+                    readBlocks(partial, from: client)
+                }.whenComplete { result in
+                    switch result {
+                    case let .success(edges): journalled(edges)
+                    case let .failure(error): failed(error, upstreamDone: true)
                     }
-                    order.leave(id)
-                    promise.fail(Self.errno(error))
                 }
             }
         }
@@ -235,15 +248,21 @@ final class TapVolume: BlockTarget, Sendable {
         return bytes
     }
 
-    /// The content of the blocks `range` covers only in part, read from the upstream.
-    private func readPartialBlocks(of range: Range<UInt64>, from client: NBDClient) -> EventLoopFuture<[UInt64: ByteBuffer]> {
+    /// The blocks `range` covers only in part.
+    private func partialBlocks(of range: Range<UInt64>) -> [UInt64] {
         let bs = blockSize
         let head = range.lowerBound / bs, last = (range.upperBound - 1) / bs
         var partial: [UInt64] = []
         if range.lowerBound % bs != 0 || range.upperBound < (head + 1) * bs { partial.append(head) }
         if last != head && range.upperBound % bs != 0 { partial.append(last) }
-        guard !partial.isEmpty else { return client.eventLoop.makeSucceededFuture([:]) }
-        let reads = partial.map { block in
+        return partial
+    }
+
+    /// `blocks`' content, read from the upstream.
+    private func readBlocks(_ blocks: [UInt64], from client: NBDClient) -> EventLoopFuture<[UInt64: ByteBuffer]> {
+        let bs = blockSize
+        guard !blocks.isEmpty else { return client.eventLoop.makeSucceededFuture([:]) }
+        let reads = blocks.map { block in
             client.read(offset: block * bs, length: UInt32(min(bs, size - block * bs))).map { (block, $0) }
         }
         return EventLoopFuture.whenAllSucceed(reads, on: client.eventLoop).map { Dictionary(uniqueKeysWithValues: $0) }

@@ -12,11 +12,14 @@ public final class NBDClient: Sendable {
     public let info: NBDExportInfo
     public let uri: NBDURI
     let channel: Channel
+    /// A flush of the channel is queued on its loop (`send`).
+    private let flushQueued: NIOLoopBoundBox<Bool>
 
     init(info: NBDExportInfo, uri: NBDURI, channel: Channel) {
         self.info = info
         self.uri = uri
         self.channel = channel
+        flushQueued = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
     }
 
     /// Connect to `uri` and negotiate its export (at most `timeout` for both).
@@ -63,10 +66,24 @@ public final class NBDClient: Sendable {
 
     private func send(_ command: NBDCommand, flags: NBDCommandFlags = [], offset: UInt64 = 0, length: UInt32 = 0,
                       payload: ByteBuffer? = nil) -> EventLoopFuture<NBDClientResult> {
-        let promise = channel.eventLoop.makePromise(of: NBDClientResult.self)
+        let loop = channel.eventLoop
+        let promise = loop.makePromise(of: NBDClientResult.self)
         let request = NBDClientRequest(command: command, flags: flags, offset: offset, length: length, payload: payload, promise: promise)
-        channel.writeAndFlush(request).cascadeFailure(to: promise)
+        if loop.inEventLoop { enqueue(request, promise) } else { loop.execute { self.enqueue(request, promise) } }
         return promise.futureResult
+    }
+
+    /// Write the request, and flush once for every request written in this turn of the loop:
+    /// a burst of requests (a host's queue depth, read from one socket read) goes out in one
+    /// `writev`, and the server wakes once for it.
+    private func enqueue(_ request: NBDClientRequest, _ promise: EventLoopPromise<NBDClientResult>) {
+        channel.write(request).cascadeFailure(to: promise)
+        guard !flushQueued.value else { return }
+        flushQueued.value = true
+        channel.eventLoop.execute { [channel, flushQueued] in
+            flushQueued.value = false
+            channel.flush()
+        }
     }
 
     /// `length` bytes at `offset`; holes come back as zeros.
