@@ -21,9 +21,10 @@ public final class NBDVolumeSource: VolumeSource {
     public init(uri text: String) throws {
         let uri: NBDURI
         do { uri = try NBDURI(text) } catch let e as NBDURIError { throw RewindError.invalidArgument(e.description) }
+        let tls = try NBDClientTLS.factory(for: uri)
         let group = MultiThreadedEventLoopGroup(numberOfThreads: 1)
         do {
-            client = try NBDClient.connect(uri, group: group).wait()
+            client = try NBDClient.connect(uri, group: group, tls: tls).wait()
         } catch {
             try? group.syncShutdownGracefully()
             throw RewindError.invalidArgument("\(text): \(error)")

@@ -208,6 +208,35 @@ grep -q "in 1 blocks" tap.log || fail "--check full: $(grep -E 'differed|equals'
 stop_tap
 "$REWIND" verify k.rewind --against "nbd+unix:///?socket=$T/k.sock" >/dev/null 2>&1 || fail "verify after --check full"; ok
 
+# --- a TLS upstream: nbdkit with X.509 certificates (nbds+unix://…&tls-certificates=DIR) ---
+mkdir pki
+( cd pki
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout ca-key.pem -out ca-cert.pem -days 2 -subj "/CN=rewind test CA" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -keyout server-key.pem -out server.csr -subj "/CN=localhost" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' > ext.cnf
+  openssl x509 -req -in server.csr -CA ca-cert.pem -CAkey ca-key.pem -CAcreateserial -out server-cert.pem -days 2 -extfile ext.cnf 2>/dev/null
+) || fail "openssl could not make the test certificates"
+truncate -s 8M t.img
+nbdkit -f -U "$T/t.sock" --tls=require --tls-certificates="$T/pki" file t.img 2>>nbdkit.log & NBDKIT_PID=$!; PIDS+=($NBDKIT_PID)
+for _ in $(seq 100); do [ -S "$T/t.sock" ] && break; sleep 0.05; done
+TLS_URI="nbds+unix:///?socket=$T/t.sock&tls-certificates=$T/pki"
+: > tap.log
+start_tap t.rewind "$TLS_URI"
+"$PY" -c "import nbd; h = nbd.NBD(); h.connect_uri('$TAP_URI'); h.pwrite(b'\x5e' * 65536, 1 << 20); h.flush(); assert h.pread(65536, 1 << 20) == b'\x5e' * 65536"
+stop_tap
+[ "$(records t.rewind | grep -c '^write 1048576 65536$')" = 1 ] || fail "the write through a TLS upstream was not journalled: $(records t.rewind)"; ok
+"$REWIND" verify t.rewind --against "$TLS_URI" >/dev/null 2>&1 || fail "verify --against the TLS upstream: $("$REWIND" verify t.rewind --against "$TLS_URI" 2>&1 | tail -1)"; ok
+cmp <(head -c $(( (1 << 20) + 65536 )) t.img | tail -c 65536) <(head -c 65536 /dev/zero | tr '\0' '\136') || fail "the TLS upstream's image lacks the write"; ok
+# Without TLS, or trusting another CA, the upstream is refused with the reason.
+expect_last_error 1 "rewind: error: upstream nbd+unix:///?socket=$T/t.sock: the server refused export \"\": NBD_REP_ERR_TLS_REQD" \
+    "$REWIND" tap --upstream "nbd+unix:///?socket=$T/t.sock" --mirror t2.rewind
+mkdir other && openssl req -x509 -newkey rsa:2048 -nodes -keyout other/k.pem -out other/ca-cert.pem -days 2 -subj "/CN=other" 2>/dev/null
+OUT=$("$REWIND" tap --upstream "nbds+unix:///?socket=$T/t.sock&tls-certificates=$T/other" --mirror t2.rewind 2>&1 >/dev/null) && fail "a server the CA did not sign was trusted"
+printf '%s\n' "$OUT" | tail -n 1 | grep -q "^rewind: error: upstream nbds+unix:///?socket=$T/t.sock&tls-certificates=$T/other: .*" \
+    || fail "an untrusted server's refusal: $OUT"; ok
+[ ! -e t2.rewind ] || fail "a refused TLS start left a mirror"; ok
+kill -9 "$NBDKIT_PID"; wait "$NBDKIT_PID" 2>/dev/null || true
+
 # --- operator mistakes ---
 start_tap k.rewind "nbd+unix:///?socket=$T/k.sock"
 expect_error 1 "rewind: error: k.rewind/owner.lock is busy: another rewind process (serve, tap, receive or rollback) owns this mirror" \

@@ -19,6 +19,7 @@ final class UpstreamLink: Sendable {
     let uri: NBDURI
     /// What the first connection negotiated: what the tap offers its hosts.
     let info: NBDExportInfo
+    private let tls: NBDClient.TLSHandlerFactory?
     private let group: EventLoopGroup
     private let logger: Logger
     private let state: NIOLockedValueBox<State>
@@ -33,14 +34,16 @@ final class UpstreamLink: Sendable {
 
     /// Connect once (a failure is the caller's: tap does not start without its upstream).
     static func connect(_ uri: NBDURI, group: EventLoopGroup, logger: Logger) throws -> UpstreamLink {
-        let client = try NBDClient.connect(uri, group: group).wait()
-        let link = UpstreamLink(uri: uri, client: client, group: group, logger: logger)
+        let tls = try NBDClientTLS.factory(for: uri)
+        let client = try NBDClient.connect(uri, group: group, tls: tls).wait()
+        let link = UpstreamLink(uri: uri, client: client, tls: tls, group: group, logger: logger)
         link.watch(client)
         return link
     }
 
-    private init(uri: NBDURI, client: NBDClient, group: EventLoopGroup, logger: Logger) {
+    private init(uri: NBDURI, client: NBDClient, tls: NBDClient.TLSHandlerFactory?, group: EventLoopGroup, logger: Logger) {
         self.uri = uri
+        self.tls = tls
         self.info = client.info
         self.group = group
         self.logger = logger
@@ -82,7 +85,7 @@ final class UpstreamLink: Sendable {
     private func attempt(backoff: TimeAmount) {
         guard case let .down(since, attempts) = state.withLockedValue({ $0 }) else { return }
         let next = TimeAmount.nanoseconds(min(backoff.nanoseconds * 2, Self.maxBackoff.nanoseconds))
-        NBDClient.connect(uri, group: group, timeout: .seconds(5)).flatMap { [self] client -> EventLoopFuture<NBDClient> in
+        NBDClient.connect(uri, group: group, timeout: .seconds(5), tls: tls).flatMap { [self] client -> EventLoopFuture<NBDClient> in
             guard client.info.size == info.size, client.info.flags == info.flags else {
                 _ = client.close()
                 return client.eventLoop.makeFailedFuture(NBDClientError.unsupported(

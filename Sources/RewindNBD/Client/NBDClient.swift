@@ -22,19 +22,26 @@ public final class NBDClient: Sendable {
         flushQueued = NIOLoopBoundBox(false, eventLoop: channel.eventLoop)
     }
 
-    /// Connect to `uri` and negotiate its export (at most `timeout` for both).
-    public static func connect(_ uri: NBDURI, group: EventLoopGroup, timeout: TimeAmount = .seconds(10)) -> EventLoopFuture<NBDClient> {
+    /// Makes the TLS client handler for an `nbds` URI (on the connection's loop). RewindNBD
+    /// has no TLS library of its own: the caller brings one (RewindDaemon's `NBDClientTLS`).
+    public typealias TLSHandlerFactory = @Sendable () throws -> any ChannelHandler
+
+    /// Connect to `uri` and negotiate its export (at most `timeout` for both). An `nbds` URI
+    /// needs `tls`: NBD_OPT_STARTTLS first, then the handshake over TLS.
+    public static func connect(_ uri: NBDURI, group: EventLoopGroup, timeout: TimeAmount = .seconds(10),
+                               tls: TLSHandlerFactory? = nil) -> EventLoopFuture<NBDClient> {
         let loop = group.next()
-        guard !uri.tls else {
-            return loop.makeFailedFuture(NBDClientError.unsupported("\(uri): TLS upstreams are not supported yet"))
+        guard !uri.tls || tls != nil else {
+            return loop.makeFailedFuture(NBDClientError.unsupported("\(uri): TLS is not available here"))
         }
+        let makeTLS = uri.tls ? tls : nil
         let ready = loop.makePromise(of: NBDExportInfo.self)
         let bootstrap = ClientBootstrap(group: loop)
             .connectTimeout(timeout)
             .channelOption(.socketOption(.so_keepalive), value: 1)
             .channelInitializer { channel in
                 channel.eventLoop.makeCompletedFuture {
-                    try channel.pipeline.syncOperations.addHandler(NBDClientHandshakeHandler(exportName: uri.exportName, ready: ready))
+                    try channel.pipeline.syncOperations.addHandler(NBDClientHandshakeHandler(exportName: uri.exportName, ready: ready, makeTLS: makeTLS))
                 }
             }
         let connected: EventLoopFuture<Channel>

@@ -40,10 +40,13 @@ final class NBDClientHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
     private var machine: NBDClientHandshake
     private let ready: EventLoopPromise<NBDExportInfo>
     private var input = ByteBuffer()
+    /// Makes the TLS handler put under the connection once NBD_OPT_STARTTLS is accepted.
+    private let makeTLS: NBDClient.TLSHandlerFactory?
 
-    init(exportName: String, ready: EventLoopPromise<NBDExportInfo>) {
-        machine = NBDClientHandshake(exportName: exportName)
+    init(exportName: String, ready: EventLoopPromise<NBDExportInfo>, makeTLS: NBDClient.TLSHandlerFactory? = nil) {
+        machine = NBDClientHandshake(exportName: exportName, tls: makeTLS != nil)
         self.ready = ready
+        self.makeTLS = makeTLS
     }
 
     func channelRead(context: ChannelHandlerContext, data: NIOAny) {
@@ -56,6 +59,9 @@ final class NBDClientHandshakeHandler: ChannelInboundHandler, RemovableChannelHa
                 switch action {
                 case let .send(out):
                     context.writeAndFlush(wrapOutboundOut(out), promise: nil)
+                case .startTLS:
+                    guard let makeTLS else { throw NBDHandshakeError("TLS started without a TLS configuration") }
+                    try context.pipeline.syncOperations.addHandler(try makeTLS(), position: .first)
                 case let .ready(info):
                     let table = NBDCookieTable()
                     table.simpleReads = !info.structuredReplies

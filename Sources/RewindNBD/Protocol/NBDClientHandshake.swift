@@ -20,11 +20,14 @@ public struct NBDExportInfo: Sendable, Equatable {
 public struct NBDClientHandshake {
     public enum Action: Equatable {
         case send(ByteBuffer)
+        /// NBD_OPT_STARTTLS was accepted: put TLS under the connection before sending more.
+        case startTLS
         case ready(NBDExportInfo)
     }
 
     private enum State {
         case greeting
+        case startTLS
         case structuredReply
         case metaContext
         case go
@@ -32,6 +35,8 @@ public struct NBDClientHandshake {
     }
 
     let exportName: String
+    /// Ask for TLS first (NBD_OPT_STARTTLS), before any other option.
+    let tls: Bool
     private var state = State.greeting
     private var info = NBDExportInfo(size: 0, flags: [], structuredReplies: false, baseAllocationID: nil, blockSizes: nil)
     private var exportSeen = false
@@ -42,8 +47,9 @@ public struct NBDClientHandshake {
     /// Option replies longer than this are refused (a name or a description at most, here).
     static let maxReplyBytes = 64 * 1024
 
-    public init(exportName: String) {
+    public init(exportName: String, tls: Bool = false) {
         self.exportName = exportName
+        self.tls = tls
     }
 
     /// Consume what `buffer` holds of the server's handshake; returns what to do, in order.
@@ -64,9 +70,31 @@ public struct NBDClientHandshake {
                 guard flags & NBD.flagFixedNewstyle != 0 else { throw NBDHandshakeError("the server does not speak fixed-newstyle NBD") }
                 var out = ByteBuffer()
                 out.writeInteger(NBD.clientFixedNewstyle | (flags & NBD.flagNoZeroes != 0 ? NBD.clientNoZeroes : 0))
+                if tls {
+                    Self.writeOption(&out, .startTLS, data: ByteBuffer())
+                    actions.append(.send(out))
+                    state = .startTLS
+                    continue
+                }
                 Self.writeOption(&out, .structuredReply, data: ByteBuffer())
                 actions.append(.send(out))
                 state = .structuredReply
+            case .startTLS:
+                guard let reply = try Self.readOptionReply(&buffer) else { return actions }
+                replies += 1
+                guard reply.option == NBDOption.startTLS.rawValue else {
+                    throw NBDHandshakeError("a reply to option \(reply.option) while waiting for NBD_OPT_STARTTLS")
+                }
+                guard !reply.isError else { throw NBDHandshakeError("the server refused TLS: \(reply.errorText)") }
+                guard reply.type == NBDOptionReply.ack.rawValue else { throw NBDHandshakeError("an unexpected reply \(reply.type) to NBD_OPT_STARTTLS") }
+                // What follows goes through TLS; the server sends nothing before the client's hello.
+                guard buffer.readableBytes == 0 else { throw NBDHandshakeError("data after NBD_OPT_STARTTLS's acknowledgement, before TLS") }
+                var out = ByteBuffer()
+                Self.writeOption(&out, .structuredReply, data: ByteBuffer())
+                actions.append(.startTLS)
+                actions.append(.send(out))
+                state = .structuredReply
+                return actions
             case .structuredReply, .metaContext, .go:
                 guard let reply = try Self.readOptionReply(&buffer) else { return actions }
                 try handle(reply, &actions)
@@ -177,7 +205,7 @@ public struct NBDClientHandshake {
             guard exportSeen else { throw NBDHandshakeError("NBD_OPT_GO acknowledged without NBD_INFO_EXPORT") }
             state = .ready
             actions.append(.ready(info))
-        case .greeting, .ready:
+        case .greeting, .startTLS, .ready:
             break
         }
     }

@@ -10,6 +10,13 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
     public var transport: Transport
     public var exportName: String
     public var tls: Bool
+    /// TLS (`nbds`): `tls-certificates=DIR`, a directory holding `ca-cert.pem` (the CA to trust;
+    /// else the system's) and, for a client certificate, `client-cert.pem` and `client-key.pem`,
+    /// as libnbd and qemu read it; `tls-verify-peer=false` to skip the server's certificate
+    /// check; `tls-hostname=NAME`, the name to check it against (else the URI's host).
+    public var tlsCertificates: String?
+    public var tlsVerifyPeer = true
+    public var tlsHostname: String?
     /// As given.
     public let text: String
 
@@ -44,6 +51,12 @@ public struct NBDURI: Sendable, Equatable, CustomStringConvertible {
                 throw NBDURIError(text, "its query has a bad %-escape")
             }
             parameters[key] = value
+        }
+        tlsCertificates = parameters["tls-certificates"]
+        tlsHostname = parameters["tls-hostname"]
+        if let verify = parameters["tls-verify-peer"] {
+            guard verify == "true" || verify == "false" else { throw NBDURIError(text, "tls-verify-peer is true or false") }
+            tlsVerifyPeer = verify == "true"
         }
         switch scheme {
         case "nbd", "nbds":
