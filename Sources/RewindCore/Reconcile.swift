@@ -12,6 +12,22 @@ public struct ReconcileReport: Sendable, Equatable {
 }
 
 extension Mirror {
+    /// The volume as `snapshot` reads it beside `source`'s bytes, 1 MiB at a time from the
+    /// start: `body(offset, mine, theirs)` (shared by `verify --against` and `reconcile`).
+    func forEachChunk(of snapshot: Snapshot, beside source: any VolumeSource,
+                      _ body: (UInt64, ArraySlice<UInt8>, ArraySlice<UInt8>) throws -> Void) throws {
+        let chunk = 1 << 20
+        var mine = [UInt8](repeating: 0, count: chunk), theirs = mine
+        var at: UInt64 = 0
+        while at < volumeSize {
+            let n = Int(min(UInt64(chunk), volumeSize - at))
+            try mine.withUnsafeMutableBytes { try snapshot.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            try theirs.withUnsafeMutableBytes { try source.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
+            try body(at, mine[0..<n], theirs[0..<n])
+            at += UInt64(n)
+        }
+    }
+
     /// Runs of differing blocks are joined into writes of at most this many bytes.
     static let reconcileWriteBytes = 4 << 20
     /// Differences are appended once this much is pending.
@@ -26,8 +42,6 @@ extension Mirror {
         }
         var report = ReconcileReport()
         let bs = blockSize
-        let chunk = 1 << 20
-        var mine = [UInt8](repeating: 0, count: chunk), theirs = mine
         // Differing blocks, joined into writes of consecutive blocks, appended every
         // `reconcileBatchBytes` (bounded memory whatever the difference). The open snapshot
         // reads at its own seq, so records appended meanwhile do not change what it compares.
@@ -49,27 +63,23 @@ extension Mirror {
         defer { snapshot.close() }
         report.comparedAt = snapshot.seq
         progress?.begin(phase: "comparing with \(source.name)", total: volumeSize)
-        var at: UInt64 = 0
-        while at < volumeSize {
-            let n = Int(min(UInt64(chunk), volumeSize - at))
-            try mine.withUnsafeMutableBytes { try snapshot.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            try theirs.withUnsafeMutableBytes { try source.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            if mine[0..<n] != theirs[0..<n] {
-                for b in stride(from: 0, to: n, by: bs) where mine[b..<b + bs] != theirs[b..<b + bs] {
+        try forEachChunk(of: snapshot, beside: source) { at, mine, theirs in
+            if mine != theirs {
+                for b in stride(from: 0, to: mine.count, by: bs) where mine[mine.startIndex + b..<mine.startIndex + b + bs] != theirs[theirs.startIndex + b..<theirs.startIndex + b + bs] {
                     let offset = at + UInt64(b)
+                    let block = theirs[theirs.startIndex + b..<theirs.startIndex + b + bs]
                     report.differingBlocks += 1
                     if let r = run, r.offset + UInt64(r.bytes.count) == offset, r.bytes.count < Self.reconcileWriteBytes {
-                        run?.bytes += theirs[b..<b + bs]
+                        run?.bytes += block
                     } else {
                         endRun()
-                        run = (offset, Array(theirs[b..<b + bs]))
+                        run = (offset, Array(block))
                     }
                 }
             }
             if pendingBytes >= Self.reconcileBatchBytes { try appendPending() }
-            at += UInt64(n)
-            report.comparedBytes = at
-            progress?.update(done: at)
+            report.comparedBytes = at + UInt64(mine.count)
+            progress?.update(done: report.comparedBytes)
         }
         endRun()
         try appendPending()

@@ -198,22 +198,16 @@ extension Mirror {
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
         report.comparedAt = snapshot.seq
-        let chunk = 1 << 20
-        var mine = [UInt8](repeating: 0, count: chunk), theirs = mine
         progress?.begin(phase: "comparing with \(image)", total: volumeSize)
-        var at: UInt64 = 0
-        while at < volumeSize {
-            let n = Int(min(UInt64(chunk), volumeSize - at))
-            try mine.withUnsafeMutableBytes { try snapshot.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            try theirs.withUnsafeMutableBytes { try source.read(at: at, into: UnsafeMutableRawBufferPointer(rebasing: $0[0..<n])) }
-            if mine[0..<n] != theirs[0..<n] {
-                let i = (0..<n).first { mine[$0] != theirs[$0] } ?? 0
+        try forEachChunk(of: snapshot, beside: source) { at, mine, theirs in
+            if mine != theirs {
+                let i = (0..<mine.count).first { mine[mine.startIndex + $0] != theirs[theirs.startIndex + $0] } ?? 0
+                let (a, b) = (mine[mine.startIndex + i], theirs[theirs.startIndex + i])
                 throw RewindError.mismatch(offset: at + UInt64(i),
-                                           why: "the mirror at seq:\(snapshot.seq) has 0x\(String(mine[i], radix: 16)), \(image) has 0x\(String(theirs[i], radix: 16))")
+                                           why: "the mirror at seq:\(snapshot.seq) has 0x\(String(a, radix: 16)), \(image) has 0x\(String(b, radix: 16))")
             }
-            at += UInt64(n)
-            report.comparedBytes = at
-            progress?.update(done: at)
+            report.comparedBytes = at + UInt64(mine.count)
+            progress?.update(done: report.comparedBytes)
         }
         progress?.end()
     }
