@@ -83,9 +83,17 @@ public struct ServeOptions: Sendable {
     public static let configKeys: Set<String> = ["source", "mirror", "size", "listen", "export", "description", "block-size",
                                                  "keep-age", "keep-size", "metrics", "log-level", "max-connections",
                                                  "retention-interval", "accept-damage", "on-full", "replicate-to", "home", "ack", "sync-timeout", "peer-keep-size", "peer-min-free", "upstream", "check"]
-    /// Keys that belong to one command only: `serve`'s, `tap`'s.
-    public static let serveOnlyKeys: Set<String> = ["source", "size"]
-    public static let tapOnlyKeys: Set<String> = ["upstream", "check"]
+    /// The daemons that read a config file, and the keys each knows: `serve` has no upstream,
+    /// `tap` no source file.
+    public enum Command: String, Sendable {
+        case serve, tap
+        public var keys: Set<String> {
+            switch self {
+            case .serve: configKeys.subtracting(["upstream", "check"])
+            case .tap: configKeys.subtracting(["source", "size"])
+            }
+        }
+    }
 
     /// `--ack`: true for sync, nil when neither.
     public static func parseAck(_ text: String) -> Bool? {
@@ -131,7 +139,7 @@ public struct ServeOptions: Sendable {
     /// TOMLKit gives values without their place in the file, so a key's LINE comes from
     /// `TOMLKeyLines`, a scan of the text; a key it cannot place (a quoted key written with
     /// escapes) is reported as `FILE: K: ...`.
-    public static func readConfig(_ path: String) throws -> ServeConfig {
+    public static func readConfig(_ path: String, for command: Command = .serve) throws -> ServeConfig {
         let bytes = try readConfigBytes(path)
         if let offset = firstInvalidUTF8(bytes) {
             throw RewindError.invalidArgument("\(path):\(position(of: offset, in: bytes)): not UTF-8 text")
@@ -161,14 +169,14 @@ public struct ServeOptions: Sendable {
         var keys: Set<String> = []
         for (key, value) in entries {
             let place = lines.line(of: key).map { "\(path):\($0)" } ?? path
-            let known: Bool
+            var known = command.keys.contains(key)
             do {
-                known = try values.take(configKey: key, value)
+                if known { known = try values.take(configKey: key, value) }
             } catch let e as ConfigValueError {
                 throw RewindError.invalidArgument("\(place): \(key): \(e.why)")
             }
             guard known else {
-                throw RewindError.invalidArgument("\(place): unknown key \"\(key)\" (known: \(configKeys.sorted().joined(separator: ", ")))")
+                throw RewindError.invalidArgument("\(place): unknown key \"\(key)\" (known: \(command.keys.sorted().joined(separator: ", ")))")
             }
             keys.insert(key)
         }

@@ -35,14 +35,9 @@ struct DaemonOptionGroup: ParsableArguments {
     @Flag(help: "Print the listening addresses as one JSON line.") var json = false
 
     /// The config file, read and every value in it checked first: a bad one stops here,
-    /// before anything is created or opened. Keys of the other command are refused.
-    func readConfig(refusing other: Set<String>, command: String) throws -> ServeConfig? {
-        guard let config else { return nil }
-        let file = try ServeOptions.readConfig(config)
-        if let key = file.keys.intersection(other).sorted().first {
-            throw ValidationError("\(config): \"\(key)\" is not an option of rewind \(command)")
-        }
-        return file
+    /// before anything is created or opened. Only `command`'s keys are known.
+    func readConfig(for command: ServeOptions.Command) throws -> ServeConfig? {
+        try config.map { try ServeOptions.readConfig($0, for: command) }
     }
 
     /// Put the options given into `o`, noting each one's config key in `set`.

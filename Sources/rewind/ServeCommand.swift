@@ -14,7 +14,7 @@ struct ServeCommand: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingAsync {
-            let file = try common.readConfig(refusing: ServeOptions.tapOnlyKeys, command: "serve")
+            let file = try common.readConfig(for: .serve)
             guard let path = source ?? file?.source else {
                 throw ValidationError("give SOURCE (or `source = \"...\"` in the config file)")
             }

@@ -15,7 +15,7 @@ struct TapCommand: AsyncParsableCommand {
 
     func run() async throws {
         try await reportingAsync {
-            let file = try common.readConfig(refusing: ServeOptions.serveOnlyKeys, command: "tap")
+            let file = try common.readConfig(for: .tap)
             guard let uri = upstream ?? file?.values.upstream else {
                 throw ValidationError("give --upstream NBD-URI (or `upstream = \"...\"` in the config file)")
             }

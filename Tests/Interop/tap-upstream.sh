@@ -248,8 +248,21 @@ expect_error 1 "rewind: error: upstream nbd://127.0.0.1:1/x: cannot connect to 1
     "$REWIND" tap --upstream nbd://127.0.0.1:1/x
 [ ! -e x.rewind ] && [ ! -e upstream.rewind ] || fail "a refused start left a mirror"; ok
 expect_error 64 "Error: give --upstream NBD-URI (or \`upstream = \"...\"\` in the config file)" "$REWIND" tap
+# A config file: tap's keys; serve's source is not one of them.
 printf 'source = "v.img"\n' > bad.toml
-expect_error 64 "Error: bad.toml: \"source\" is not an option of rewind tap" "$REWIND" tap --upstream "nbd+unix:///?socket=$T/k.sock" --config bad.toml
+expect_error 1 "rewind: error: bad.toml:1: unknown key \"source\" (known: accept-damage, ack, block-size, check, description, export, home, keep-age, keep-size, listen, log-level, max-connections, metrics, mirror, on-full, peer-keep-size, peer-min-free, replicate-to, retention-interval, sync-timeout, upstream)" \
+    "$REWIND" tap --config bad.toml
+printf 'upstream = "nbd+unix:///?socket=%s/k.sock"\nmirror = "k.rewind"\nlisten = "unix:%s/cfg.sock"\ncheck = "full"\nexport = "cfg"\n' "$T" "$T" > tap.toml
+: > tap.log
+"$REWIND" tap --config tap.toml --json > cfg.json 2>>tap.log & CFG=$!; PIDS+=($CFG)
+for _ in $(seq 300); do [ -s cfg.json ] && break; sleep 0.1; done
+grep -q '"export":"cfg"' cfg.json || fail "tap --config: $(cat cfg.json tap.log)"; ok
+grep -q "comparing the mirror with the upstream (--check full)" tap.log || fail "check = \"full\" from the config file was not taken"; ok
+[ "$(nbdinfo --size "nbd+unix:///cfg?socket=$T/cfg.sock")" = 16777216 ] || fail "the tap from a config file does not serve"; ok
+kill -TERM $CFG; wait $CFG || fail "tap --config did not stop cleanly"
+printf 'check = "sometimes"\n' > bad2.toml
+expect_error 1 "rewind: error: bad2.toml:1: check: invalid check \"sometimes\" (use auto, full or none)" \
+    "$REWIND" tap --upstream "nbd+unix:///?socket=$T/k.sock" --config bad2.toml
 truncate -s 8M s.img
 "$REWIND" init s.rewind --from s.img >/dev/null
 "$REWIND" serve s.img --mirror s.rewind --listen "unix:$T/s.sock" > /dev/null 2>>serve.log & SP=$!

@@ -141,4 +141,47 @@ import Testing
         for _ in 0..<NBD.maxOptions { _ = try many.option(999, data: ByteBuffer()) }
         #expect(throws: NBDProtocolError.self) { _ = try many.option(999, data: ByteBuffer()) }
     }
+
+    /// The transmission machine: requests go while there is room (requests, payload bytes, the
+    /// server-wide budget) and wait in order otherwise; an invalid one is refused; after DISC
+    /// nothing more is served and the close comes once nothing is in flight.
+    @Test func transmissionLetsRequestsGoWhileThereIsRoom() {
+        var t = NBDTransmission(context: NBDValidationContext(size: 1 << 20, readOnly: false, structuredReplies: true, metaContextNegotiated: false),
+                                maxInflight: 3, maxInflightBytes: 8192)
+        func id(_ a: NBDTransmission.Action?) -> String {
+            switch a {
+            case let .dispatch(h, _, _, bytes)?: "go \(h.cookie) \(bytes)"
+            case let .refuse(h, e)?: "refuse \(h.cookie) \(e)"
+            case .close?: "close"
+            case nil: "nil"
+            }
+        }
+        for c in 1...3 { t.received(Self.header(.read, cookie: UInt64(c), length: 4096), payload: nil) }
+        #expect(id(t.next(budgetExhausted: false)) == "go 1 4096")
+        #expect(id(t.next(budgetExhausted: false)) == "go 2 4096")
+        #expect(id(t.next(budgetExhausted: false)) == "nil")  // 8 KiB of payload in flight
+        #expect(t.isSaturated(budgetExhausted: false))
+        #expect(id(t.completed(payloadBytes: 4096)) == "nil")
+        #expect(id(t.next(budgetExhausted: true)) == "nil")  // the server-wide budget
+        #expect(id(t.next(budgetExhausted: false)) == "go 3 4096")
+        t.received(Self.header(.read, cookie: 4, offset: 1 << 20, length: 1), payload: nil)
+        t.received(Self.header(.flush, cookie: 5, length: 0), payload: nil)
+        t.received(Self.header(.trim, cookie: 6, length: 1 << 20), payload: nil)
+        #expect(id(t.next(budgetExhausted: false)) == "nil")  // 8 KiB in flight again: even a refusal waits its turn
+        #expect(id(t.completed(payloadBytes: 4096)) == "nil")
+        #expect(id(t.next(budgetExhausted: false)) == "refuse 4 inval")  // past the end
+        #expect(id(t.next(budgetExhausted: false)) == "go 5 0")
+        #expect(id(t.next(budgetExhausted: false)) == "go 6 0")
+        #expect(id(t.next(budgetExhausted: false)) == "nil")  // nothing waits
+        t.received(Self.header(.disconnect, cookie: 7, length: 0), payload: nil)
+        t.received(Self.header(.read, cookie: 8, length: 512), payload: nil)
+        #expect(id(t.next(budgetExhausted: false)) == "nil")  // three in flight: DISC waits its turn
+        #expect(id(t.completed(payloadBytes: 4096)) == "nil")
+        #expect(id(t.next(budgetExhausted: false)) == "nil")  // DISC taken; 8 is never served
+        t.received(Self.header(.read, cookie: 9, length: 512), payload: nil)
+        #expect(id(t.next(budgetExhausted: false)) == "nil")
+        #expect(id(t.completed(payloadBytes: 0)) == "nil")
+        #expect(id(t.completed(payloadBytes: 0)) == "close")
+        #expect(t.inflight == 0 && t.inflightBytes == 0)
+    }
 }

@@ -6,11 +6,11 @@ import NIOCore
 /// Bytes go to `NBDServerFramer`, which returns typed messages (a WRITE's payload copied once,
 /// straight into the array the volume takes). During the handshake each message goes to the
 /// `NBDServerHandshake` state machine and its actions (replies, the chosen export, a close)
-/// are performed here. In transmission each request joins `pending` and is validated once
-/// (`validate`: the target only sees well-formed requests) and dispatched while fewer than
-/// `maxInflight` requests and `maxInflightBytes` payload bytes are in flight; past that, reads
-/// from the socket pause. Requests are answered as they complete (out of order, by cookie); a
-/// completion dispatches what waits in `pending`, and never parses.
+/// are performed here. In transmission each request goes to the `NBDTransmission` state
+/// machine, which validates it once (the target only sees well-formed requests) and hands it
+/// back to dispatch while fewer than `maxInflight` requests and `maxInflightBytes` payload
+/// bytes are in flight; past that, reads from the socket pause. Requests are answered as they
+/// complete (out of order, by cookie); a completion dispatches what waits, and never parses.
 public final class NBDConnectionHandler: ChannelDuplexHandler {
     public typealias InboundIn = ByteBuffer
     public typealias OutboundIn = ByteBuffer
@@ -32,18 +32,13 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     private let observer: (any NBDObserver)?
     private let logger: Logger
     private var input = ByteBuffer()
-    /// Requests decoded and not yet dispatched (the connection is saturated), in order.
-    private var pending = CircularBuffer<(NBDRequestHeader, [UInt8]?)>()
+    /// The transmission phase's state machine (set once an export is chosen).
+    private var transmission: NBDTransmission?
     private var structuredReplies: Bool { handshake.structuredReplies }
-    private var inflight = 0
-    private var inflightBytes = 0
-    private var saturated: Bool {
-        inflight >= Self.maxInflight || inflightBytes >= Self.maxInflightBytes || budget.exhausted
-    }
+    private var saturated: Bool { transmission?.isSaturated(budgetExhausted: budget.exhausted) ?? false }
     private var readHeld = false
     private var waitingForBudget = false
     private let budget: InflightBudget
-    private var disconnecting = false
     /// Inside `channelRead`: replies completed there (writes answered at once) are flushed
     /// together when it ends, one `writev` for many — each flush wakes the client, and on a
     /// small machine the woken client preempted this loop after every reply.
@@ -86,7 +81,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         deadline?.cancel()
         observer?.connectionClosed()
         closing = true
-        pending.removeAll()
+        transmission?.close()
         handshake.detachAll()
         selected?.target.detach()
         context.fireChannelInactive()
@@ -125,7 +120,8 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         case let .oversizedOption(option):
             perform(try handshake.oversizedOption(option), context)
         case let .request(header, payload):
-            pending.append((header, payload))
+            guard transmission != nil else { throw NBDProtocolError.abort }
+            transmission?.received(header, payload: payload)
         }
     }
 
@@ -136,6 +132,10 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 context.writeAndFlush(wrapOutboundOut(bytes), promise: nil)
             case let .enterTransmission(export):
                 selected = export
+                transmission = NBDTransmission(
+                    context: NBDValidationContext(size: export.target.size, readOnly: export.target.readOnly,
+                                                  structuredReplies: structuredReplies, metaContextNegotiated: handshake.metaContextSelected),
+                    maxInflight: Self.maxInflight, maxInflightBytes: Self.maxInflightBytes)
                 deadline?.cancel()
                 deadline = nil
                 framer.phase = .transmission
@@ -147,25 +147,27 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     private func close(_ context: ChannelHandlerContext) {
         closing = true
-        pending.removeAll()
+        transmission?.close()
         input.clear()
         context.close(promise: nil)
     }
 
-    /// Validate and dispatch the requests waiting, while the connection has room.
+    /// Dispatch what the transmission machine lets go now.
     private func dispatchPending(_ context: ChannelHandlerContext) {
-        while !closing, !disconnecting, !saturated, let (header, payload) = pending.popFirst() {
-            guard let export = selected else { close(context); return }
-            let validated = validate(header, NBDValidationContext(
-                size: export.target.size, readOnly: export.target.readOnly,
-                structuredReplies: structuredReplies, metaContextNegotiated: handshake.metaContextSelected))
-            switch validated {
-            case .failure(let error):
-                if let kind = NBDCommand(rawValue: header.type) { observer?.requestStarted(kind) }
-                sendError(context, header, error, message: "invalid request")
-            case .success(let command):
-                dispatch(context, header, command, payload: payload)
-            }
+        while !closing, let action = transmission?.next(budgetExhausted: budget.exhausted) {
+            perform(action, context)
+        }
+    }
+
+    private func perform(_ action: NBDTransmission.Action, _ context: ChannelHandlerContext) {
+        switch action {
+        case let .dispatch(header, command, payload, payloadBytes):
+            dispatch(context, header, command, payload: payload, payloadBytes: payloadBytes)
+        case let .refuse(header, error):
+            if let kind = NBDCommand(rawValue: header.type) { observer?.requestStarted(kind) }
+            sendError(context, header, error, message: "invalid request")
+        case .close:
+            close(context)
         }
     }
 
@@ -226,7 +228,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
 
     /// `payload`: a WRITE's data, whole (`NBDServerFramer`).
     private func dispatch(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ command: NBDValidatedCommand,
-                          payload received: [UInt8]?) {
+                          payload received: [UInt8]?, payloadBytes: Int) {
         guard let target = selected?.target else { return }
         let loop = context.eventLoop
         let started = NIODeadline.now()
@@ -235,11 +237,9 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         let bytes = UInt64(h.length)
         switch command {
         case .disconnect:
-            disconnecting = true
-            if inflight == 0 { context.close(promise: nil) }
-            return
+            return  // the transmission machine closes the connection
         case let .read(offset, length, df):
-            track(context, h, kind, started, bytes, target.read(offset: offset, length: length, on: loop)) { [structuredReplies] extents in
+            track(context, h, kind, started, payloadBytes, bytes, target.read(offset: offset, length: length, on: loop)) { [structuredReplies] extents in
                 let allocator = context.channel.allocator
                 if structuredReplies {
                     return Self.structuredRead(allocator, cookie: h.cookie, offset: offset, length: length, extents: extents, df: df)
@@ -251,29 +251,29 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
         case let .write(offset, fua):
             // The framer gives a WRITE its payload, or nil over the maximum (refused by validate).
             guard let data = received else { sendError(context, h, .io, message: "payload missing"); return }
-            track(context, h, kind, started, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
+            track(context, h, kind, started, payloadBytes, bytes, target.write(offset: offset, data: data, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .writeZeroes(offset, length, fua, noHole, fastZero):
             if fastZero && !target.canFastZero { sendError(context, h, .notsup, message: "zeroing is not fast here"); return }
-            track(context, h, kind, started, bytes, target.writeZeroes(offset: offset, length: length, noHole: noHole,
+            track(context, h, kind, started, payloadBytes, bytes, target.writeZeroes(offset: offset, length: length, noHole: noHole,
                                                                       fastZero: fastZero, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .trim(offset, length, fua):
-            track(context, h, kind, started, bytes, target.trim(offset: offset, length: length, fua: fua, on: loop)) { _ in
+            track(context, h, kind, started, payloadBytes, bytes, target.trim(offset: offset, length: length, fua: fua, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case .flush:
-            track(context, h, kind, started, 0, target.flush(on: loop)) { _ in
+            track(context, h, kind, started, payloadBytes, 0, target.flush(on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .cache(offset, length):
-            track(context, h, kind, started, bytes, target.cache(offset: offset, length: length, on: loop)) { _ in
+            track(context, h, kind, started, payloadBytes, bytes, target.cache(offset: offset, length: length, on: loop)) { _ in
                 var out = context.channel.allocator.buffer(capacity: 16); out.writeSimpleReply(cookie: h.cookie); return [out]
             }
         case let .blockStatus(offset, length, reqOne):
-            track(context, h, kind, started, 0, target.blockStatus(offset: offset, length: length, on: loop)) { extents in
+            track(context, h, kind, started, payloadBytes, 0, target.blockStatus(offset: offset, length: length, on: loop)) { extents in
                 var list = extents.filter { $0.length > 0 }
                 if reqOne { list = Array(list.prefix(1)) }
                 var out = context.channel.allocator.buffer(capacity: 32 + 8 * list.count)
@@ -286,19 +286,14 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
     }
 
     /// Count a request in flight until its future completes, then write its reply.
+    /// `payload`: what the transmission machine counts of it in flight, held in the budget too.
     private func track<T: Sendable>(_ context: ChannelHandlerContext, _ h: NBDRequestHeader, _ kind: NBDCommand, _ started: NIODeadline,
-                          _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> [ByteBuffer]) {
-        inflight += 1
-        // Only reads and writes hold their payload in memory; a trim's length costs nothing.
-        let payload = kind == .read || kind == .write ? Int(min(bytes, UInt64(NBD.maxPayloadBytes))) : 0
-        inflightBytes += payload
+                                    _ payload: Int, _ bytes: UInt64, _ future: EventLoopFuture<T>, reply: @escaping (T) -> [ByteBuffer]) {
         budget.take(payload)
         // The completion runs on this channel's loop (hop), where the handler and its context
         // live: isolated there, it may touch both without crossing threads (checked in debug
         // builds; every request's completion passes here).
         future.hop(to: context.eventLoop).assumeIsolatedUnsafeUnchecked().whenComplete { [self] result in
-            inflight -= 1
-            inflightBytes -= payload
             budget.give(payload)
             let elapsed = UInt64(max(0, (NIODeadline.now() - started).nanoseconds))
             switch result {
@@ -312,7 +307,7 @@ public final class NBDConnectionHandler: ChannelDuplexHandler {
                 if errno == .io { logger.warning("\(kind.name) at \(h.offset)+\(h.length) failed: \(error)") }
                 sendError(context, h, errno, message: "\(kind.name) failed")
             }
-            if disconnecting && inflight == 0 { context.close(promise: nil); return }
+            if let action = transmission?.completed(payloadBytes: payload) { perform(action, context); return }
             dispatchPending(context)
             resumeReading(context)
         }
