@@ -6,6 +6,8 @@ want=(liblmdb-dev libxxhash-dev pkg-config)
 if [ "${1:-build}" = test ]; then
     # Real NBD clients and peers for the interop tests and benchmarks.
     want+=(qemu-utils libnbd-bin python3-libnbd nbdkit nbd-server fio rsync lmdb-utils curl e2fsprogs time)
+    # openssl: the TLS upstream test makes its own CA and server certificate.
+    want+=(openssl)
     # A Linux guest for the ext4 crash-consistency test (about 1 GiB).
     want+=(libguestfs-tools linux-image-amd64)
 fi
