@@ -10,7 +10,7 @@
 # - operator mistakes: no upstream, a bad URI, an unreachable one, a second tap of a mirror, a
 #   serve's mirror, a mirror of another size, a serve-only config key.
 . "$(dirname "$0")/functions.sh"
-for tool in nbdkit nbdinfo; do requires $tool; done
+for tool in nbdkit nbdinfo openssl curl; do requires $tool; done
 [ -x "$PY" ] && "$PY" -c 'import nbd' 2>/dev/null || { echo "SKIP: python3-libnbd not installed" >&2; exit 77; }
 cd "$T"
 
