@@ -12,6 +12,14 @@ public struct ReconcileReport: Sendable, Equatable {
 }
 
 extension Mirror {
+    /// `source` is as large as the volume, or the comparison cannot start.
+    func checkSameSize(as source: any VolumeSource) throws {
+        let size = try source.size()
+        guard size == volumeSize else {
+            throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(source.name) is \(size) bytes, the volume is \(volumeSize)")
+        }
+    }
+
     /// The volume as `snapshot` reads it beside `source`'s bytes, 1 MiB at a time from the
     /// start: `body(offset, mine, theirs)` (shared by `verify --against` and `reconcile`).
     func forEachChunk(of snapshot: Snapshot, beside source: any VolumeSource,
@@ -36,10 +44,7 @@ extension Mirror {
     /// Compare the latest point with `source` block by block and journal what differs.
     /// The caller owns the mirror (`owner.lock`) and nothing else appends meanwhile.
     public func reconcile(with source: any VolumeSource, progress: ProgressObserver? = nil) throws -> ReconcileReport {
-        let size = try source.size()
-        guard size == volumeSize else {
-            throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(source.name) is \(size) bytes, the volume is \(volumeSize)")
-        }
+        try checkSameSize(as: source)
         var report = ReconcileReport()
         let bs = blockSize
         // Differing blocks, joined into writes of consecutive blocks, appended every

@@ -191,10 +191,7 @@ extension Mirror {
     /// Compare the volume as of `point` with `source`, 1 MiB at a time.
     private func compare(at point: Point, with source: any VolumeSource, report: inout VerifyReport, progress: ProgressObserver?) throws {
         let image = source.name
-        let size = try source.size()
-        guard size == volumeSize else {
-            throw RewindError.mismatch(offset: min(size, volumeSize), why: "\(image) is \(size) bytes, the volume is \(volumeSize)")
-        }
+        try checkSameSize(as: source)
         let snapshot = try Snapshot(mirror: self, point: point)
         defer { snapshot.close() }
         report.comparedAt = snapshot.seq

@@ -85,20 +85,8 @@ public enum ServeDaemon {
         let servingStatus = "serving \(options.source) on \(bound.joined(separator: ", "))"
         notifier?.notify([.ready, .status(servingStatus), .mainPID(getpid())])
 
-        var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
-                                       PinWatchService(mirror: prepared.mirror, options: options, metrics: metrics, logger: logger)]
-        if let replication = links.replication { services.append(ReplicationService(replication: replication, gate: links.gate)) }
-        if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
-            services.append(RetentionService(mirror: prepared.mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
-        }
-        if let notifier {
-            // Last: the group shuts services down in reverse order, so STOPPING=1 precedes the drain.
-            services.append(SystemdNotifyService(notifier: notifier, probe: LivenessProbe(group: group, pool: pool, writer: writer),
-                                                 servingStatus: servingStatus, logger: logger))
-        }
-        let group2 = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
-                                                       gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
-        try await group2.run()
+        try await runServices(server: server, writer: writer, mirror: prepared.mirror, options: options, metrics: metrics,
+                              pool: pool, group: group, links: links, notifier: notifier, servingStatus: servingStatus, logger: logger)
         control?.stop()
         try? await metricsChannel?.close()
         try? await pool.shutdownGracefully()
@@ -115,6 +103,28 @@ public enum ServeDaemon {
         let syncs = writer.syncs
         logger.info("stopped cleanly; journal at seq:\(lastSeq); syncs: \(ServePipeline.SyncKind.allCases.map { "\($0.rawValue) \(syncs[$0] ?? 0)" }.joined(separator: ", "))")
         return true
+    }
+
+    /// Run a serving daemon's services (serve's and tap's alike) until SIGTERM/SIGINT: the NBD
+    /// server and its writer, the pin watch, the replication links, retention, systemd's
+    /// notifications.
+    static func runServices(server: NBDServer, writer: ServePipeline, mirror: Mirror, options: ServeOptions, metrics: ServeMetrics,
+                            pool: NIOThreadPool, group: any EventLoopGroup, links: ReplicationSetup, notifier: SystemdNotifier?,
+                            servingStatus: String, logger: Logger) async throws {
+        var services: [any Service] = [ServeService(server: server, writer: writer, logger: logger),
+                                       PinWatchService(mirror: mirror, options: options, metrics: metrics, logger: logger)]
+        if let replication = links.replication { services.append(ReplicationService(replication: replication, gate: links.gate)) }
+        if options.keepAgeNanoseconds != nil || options.keepBytes != nil {
+            services.append(RetentionService(mirror: mirror, writer: writer, options: options, pool: pool, metrics: metrics, logger: logger))
+        }
+        if let notifier {
+            // Last: the group shuts services down in reverse order, so STOPPING=1 precedes the drain.
+            services.append(SystemdNotifyService(notifier: notifier, probe: LivenessProbe(group: group, pool: pool, writer: writer),
+                                                 servingStatus: servingStatus, logger: logger))
+        }
+        let serviceGroup = ServiceGroup(configuration: .init(services: services.map { .init(service: $0) },
+                                                             gracefulShutdownSignals: [.sigterm, .sigint], logger: logger))
+        try await serviceGroup.run()
     }
 
     /// The control socket (`ControlSocket`); a failure to bind it is logged, not fatal: other

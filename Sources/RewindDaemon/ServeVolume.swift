@@ -29,27 +29,23 @@ final class ServeVolume: BlockTarget, @unchecked Sendable {
         self.canFastZero = canFastZero
     }
 
-    private func submit(_ kind: VolumeOp.Kind, offset: UInt64, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
-        writer.submit(kind, offset: offset, fua: fua, on: loop)
-    }
-
     func write(offset: UInt64, data: [UInt8], fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         guard !data.isEmpty else { return loop.makeSucceededVoidFuture() }
-        return submit(.write(data), offset: offset, fua: fua, on: loop)
+        return writer.submit(.write(data), offset: offset, fua: fua, on: loop)
     }
 
     func writeZeroes(offset: UInt64, length: UInt32, noHole: Bool, fastZero: Bool, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         guard length > 0 else { return loop.makeSucceededVoidFuture() }
-        return submit(.zero(length: UInt64(length), noHole: noHole), offset: offset, fua: fua, on: loop)
+        return writer.submit(.zero(length: UInt64(length), noHole: noHole), offset: offset, fua: fua, on: loop)
     }
 
     func trim(offset: UInt64, length: UInt32, fua: Bool, on loop: EventLoop) -> EventLoopFuture<Void> {
         guard length > 0 else { return loop.makeSucceededVoidFuture() }
-        return submit(.trim(length: UInt64(length)), offset: offset, fua: fua, on: loop)
+        return writer.submit(.trim(length: UInt64(length)), offset: offset, fua: fua, on: loop)
     }
 
     func flush(on loop: EventLoop) -> EventLoopFuture<Void> {
-        submit(.flush, offset: 0, fua: false, on: loop)
+        writer.submit(.flush, offset: 0, fua: false, on: loop)
     }
 
     func read(offset: UInt64, length: UInt32, on loop: EventLoop) -> EventLoopFuture<[ReadExtent]> {

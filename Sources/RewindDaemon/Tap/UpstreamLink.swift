@@ -61,8 +61,6 @@ final class UpstreamLink: Sendable {
         state.withLockedValue { if case let .up(c) = $0 { return c } else { return nil } }
     }
 
-    var isUp: Bool { client != nil }
-
     private func watch(_ client: NBDClient) {
         client.closeFuture.whenComplete { [self] _ in
             let wasUp = state.withLockedValue { s -> Bool in
